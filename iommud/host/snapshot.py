@@ -1,0 +1,522 @@
+"""A frozen snapshot of the host's PCI devices and IOMMU groups, read from sysfs.
+
+Everything is read from a ``sys_root`` and a ``dev_root`` passed in (defaults /sys and
+/dev); nothing else in the daemon names those paths. This module only *reads*: it never
+writes sysfs, opens /dev nodes or decides anything (viability and policy are pure
+functions over the snapshot, in :mod:`iommud.host.viability` and :mod:`iommud.policy`).
+
+sysfs facts relied on (Documentation/ABI/testing/sysfs-bus-pci,
+Documentation/ABI/testing/sysfs-kernel-iommu_groups, drivers/vfio/vfio_main.c):
+
+- ``kernel/iommu_groups/N/devices/<name>`` are links to the member devices, and
+  ``kernel/iommu_groups/N/type`` holds the default domain type;
+- ``bus/pci/devices/<bdf>`` links to the device directory, which holds ``vendor``,
+  ``device`` and ``class`` as hex text, ``driver`` (a link, absent when driver-less),
+  ``driver_override`` (``(null)`` when unset), ``iommu_group`` (a link) and, when bound
+  to vfio-pci with the cdev interface, ``vfio-dev/vfioN``.
+
+Hot unplug races: a device or group whose directory disappears while it is being read
+is *skipped* by :func:`read_snapshot` and :func:`read_group` (the udev layer will see the
+``remove`` uevent and refresh); :func:`read_device` raises NotFoundError for it. A file
+missing or garbled in a directory that still exists is a SnapshotError naming the path.
+
+Costs: :func:`read_snapshot` is O(host); :func:`read_group` reads one group directory
+and its members only; :meth:`HostSnapshot.with_group` is O(group size) plus an
+amortised O(sqrt(host)) for keeping its copy-on-write maps compact (see
+:class:`_OverlayMap`).
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import os
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final, Generic, TypeVar
+
+from iommud.errors import NotFoundError, SnapshotError
+
+__all__ = [
+    "PCI_CLASS_BRIDGE_PCI",
+    "HostSnapshot",
+    "IommuGroup",
+    "OtherMember",
+    "PciDevice",
+    "group_of",
+    "read_device",
+    "read_group",
+    "read_snapshot",
+]
+
+DEFAULT_SYS_ROOT: Final = Path("/sys")
+DEFAULT_DEV_ROOT: Final = Path("/dev")
+
+# include/linux/pci_ids.h: PCI_CLASS_BRIDGE_PCI 0x0604 (class code bits 23..8).
+PCI_CLASS_BRIDGE_PCI: Final = 0x0604
+
+_BDF_RE: Final = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
+
+
+@dataclass(frozen=True, slots=True)
+class PciDevice:
+    """One PCI function as sysfs showed it at read time.
+
+    A plain frozen dataclass rather than a pydantic model: snapshots of 10,000 devices
+    are rebuilt on every rescan and never cross the wire as such (the protocol layer
+    has its own DeviceEntry model).
+    """
+
+    bdf: str
+    vendor: int
+    device: int
+    class_code: int
+    driver: str | None
+    driver_override: str | None
+    group_id: int | None
+    vfio_cdev: str | None = None
+
+    @property
+    def is_bridge(self) -> bool:
+        """A PCI-to-PCI bridge (class 0x0604xx): never DMA-capable, never claimable."""
+        return (self.class_code >> 8) == PCI_CLASS_BRIDGE_PCI
+
+    @property
+    def vendor_device(self) -> str:
+        """``"1234:11e8"``: the form used by config selectors and lspci -n."""
+        return f"{self.vendor:04x}:{self.device:04x}"
+
+
+@dataclass(frozen=True, slots=True)
+class OtherMember:
+    """A non-PCI member of an IOMMU group (platform, ACPI...), kept for viability."""
+
+    name: str
+    driver: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class IommuGroup:
+    """An IOMMU group: the kernel's unit of isolation (and of VFIO ownership)."""
+
+    group_id: int
+    devices: tuple[str, ...]  # sorted PCI BDFs
+    type: str | None = None  # default domain type ("DMA", "identity", ...), if exposed
+    other_members: tuple[OtherMember, ...] = ()
+
+
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+
+class _Tombstone:
+    __slots__ = ()
+
+
+_GONE: Final = _Tombstone()
+
+
+class _OverlayMap(Mapping[_K, _V], Generic[_K, _V]):
+    """An immutable mapping: a shared base dict plus a small private overlay.
+
+    ``replace`` returns a new map sharing the (never mutated) base and copying only the
+    overlay, so one update costs O(changes + overlay size). When the overlay outgrows
+    ``max(64, sqrt(len(base)))`` entries it is folded into a fresh base (an O(host)
+    copy), which keeps lookups at two dict probes and makes the amortised cost of an
+    update O(changes + sqrt(host)). Iteration order is not meaningful.
+    """
+
+    __slots__ = ("_base", "_len", "_overlay")
+
+    def __init__(
+        self, base: dict[_K, _V], overlay: dict[_K, _V | _Tombstone] | None = None
+    ) -> None:
+        self._base = base
+        self._overlay: dict[_K, _V | _Tombstone] = overlay or {}
+        n = len(base)
+        for k, v in self._overlay.items():
+            in_base = k in base
+            if isinstance(v, _Tombstone):
+                n -= in_base
+            else:
+                n += not in_base
+        self._len = n
+
+    def __getitem__(self, key: _K) -> _V:
+        if key in self._overlay:
+            v = self._overlay[key]
+            if isinstance(v, _Tombstone):
+                raise KeyError(key)
+            return v
+        return self._base[key]
+
+    def __contains__(self, key: object) -> bool:
+        if key in self._overlay:
+            return not isinstance(self._overlay[key], _Tombstone)
+        return key in self._base
+
+    def __iter__(self) -> Iterator[_K]:
+        overlay = self._overlay
+        for k in self._base:
+            if k not in overlay:
+                yield k
+        for k, v in overlay.items():
+            if not isinstance(v, _Tombstone):
+                yield k
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __repr__(self) -> str:
+        return f"_OverlayMap({dict(self)!r})"
+
+    def replace(self, updates: Mapping[_K, _V], removals: Iterable[_K]) -> _OverlayMap[_K, _V]:
+        overlay: dict[_K, _V | _Tombstone] = dict(self._overlay)
+        for k in removals:
+            overlay[k] = _GONE
+        overlay.update(updates)
+        if len(overlay) > max(64, math.isqrt(len(self._base))):
+            base = {k: v for k, v in self._base.items() if k not in overlay}
+            base.update({k: v for k, v in overlay.items() if not isinstance(v, _Tombstone)})
+            return _OverlayMap(base)
+        return _OverlayMap(self._base, overlay)
+
+
+@dataclass(frozen=True, slots=True)
+class HostSnapshot:
+    """Devices by BDF and groups by id, plus which VFIO front doors exist."""
+
+    devices: Mapping[str, PciDevice]
+    groups: Mapping[int, IommuGroup]
+    has_iommufd: bool  # dev_root/iommu exists
+    has_legacy_container: bool  # dev_root/vfio/vfio exists
+
+    def group_devices(self, group_id: int) -> tuple[PciDevice, ...]:
+        """The PCI devices of one group, in BDF order (those present in ``devices``)."""
+        group = self.groups[group_id]
+        return tuple(self.devices[b] for b in group.devices if b in self.devices)
+
+    def with_group(self, group: IommuGroup, devices: Mapping[str, PciDevice]) -> HostSnapshot:
+        """A new snapshot with one group (as re-read by :func:`read_group`) replaced.
+
+        Devices that were in the old group and are not in ``devices`` are removed; a
+        device that moved here from another group is dropped from that group's member
+        list. Costs O(group size) plus the amortised compaction of :class:`_OverlayMap`.
+        """
+        for bdf, dev in devices.items():
+            if dev.group_id != group.group_id:
+                raise ValueError(f"{bdf} has group_id {dev.group_id}, not {group.group_id}")
+        return self._replace_group(group.group_id, group, devices)
+
+    def without_group(self, group_id: int) -> HostSnapshot:
+        """A new snapshot without one group and its devices (the group vanished)."""
+        return self._replace_group(group_id, None, {})
+
+    def _replace_group(
+        self, group_id: int, group: IommuGroup | None, devices: Mapping[str, PciDevice]
+    ) -> HostSnapshot:
+        old = self.groups.get(group_id)
+        old_members = set(old.devices) if old is not None else set()
+        removed = old_members - devices.keys()
+        group_updates: dict[int, IommuGroup] = {}
+        group_removals: list[int] = []
+        for bdf in devices:
+            prev = self.devices.get(bdf)
+            if prev is None or prev.group_id is None or prev.group_id == group_id:
+                continue
+            pg = group_updates.get(prev.group_id) or self.groups.get(prev.group_id)
+            if pg is None:
+                continue
+            rest = tuple(b for b in pg.devices if b != bdf)
+            if rest or pg.other_members:
+                group_updates[pg.group_id] = IommuGroup(
+                    pg.group_id, rest, pg.type, pg.other_members
+                )
+            else:
+                group_removals.append(pg.group_id)
+        if group is None:
+            group_removals.append(group_id)
+        else:
+            group_updates[group_id] = group
+        return HostSnapshot(
+            devices=_replace(self.devices, devices, removed),
+            groups=_replace(self.groups, group_updates, group_removals),
+            has_iommufd=self.has_iommufd,
+            has_legacy_container=self.has_legacy_container,
+        )
+
+
+def _replace(
+    m: Mapping[_K, _V], updates: Mapping[_K, _V], removals: Iterable[_K]
+) -> Mapping[_K, _V]:
+    if not isinstance(m, _OverlayMap):
+        m = _OverlayMap(dict(m))
+    return m.replace(updates, removals)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class _Vanished(Exception):
+    """The directory being read disappeared (hot unplug): the caller skips it."""
+
+
+def _read_text(path: Path, owner_dir: Path) -> str:
+    """Read a small sysfs attribute; missing because ``owner_dir`` vanished -> _Vanished."""
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            return f.read()
+    except FileNotFoundError as exc:
+        if not os.path.lexists(owner_dir):
+            raise _Vanished(str(owner_dir)) from exc
+        raise SnapshotError(
+            f"sysfs attribute missing: {path}", path=str(path), problem="missing"
+        ) from exc
+    except OSError as exc:
+        if exc.errno == errno.ENODEV:  # read on a device being torn down
+            raise _Vanished(str(owner_dir)) from exc
+        raise SnapshotError(
+            f"cannot read {path}: {exc.strerror}",
+            path=str(path),
+            problem=exc.strerror or "unreadable",
+            errno=exc.errno,
+        ) from exc
+
+
+def _read_hex(path: Path, owner_dir: Path, bits: int) -> int:
+    text = _read_text(path, owner_dir).strip()
+    try:
+        value = int(text, 16) if text[:2].lower() == "0x" else -1
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise SnapshotError(
+            f"expected a hex number in {path}, got {text[:40]!r}",
+            path=str(path),
+            problem="not a hex number",
+            value=text[:40],
+        ) from None
+    if value >= 1 << bits:
+        raise SnapshotError(
+            f"value {text!r} in {path} does not fit {bits} bits",
+            path=str(path),
+            problem=f"wider than {bits} bits",
+            value=text[:40],
+        )
+    return value
+
+
+def _link_name(path: Path, owner_dir: Path, *, optional: bool) -> str | None:
+    """The last component of a symlink's target; None when absent and ``optional``."""
+    try:
+        target = os.readlink(path)
+    except FileNotFoundError as exc:
+        if not os.path.lexists(owner_dir):
+            raise _Vanished(str(owner_dir)) from exc
+        if optional:
+            return None
+        raise SnapshotError(
+            f"sysfs link missing: {path}", path=str(path), problem="missing"
+        ) from exc
+    except OSError as exc:
+        problem = "not a symlink" if exc.errno == errno.EINVAL else (exc.strerror or "unreadable")
+        raise SnapshotError(
+            f"cannot read link {path}: {problem}", path=str(path), problem=problem
+        ) from exc
+    name = os.path.basename(target.rstrip("/"))
+    if not name:
+        raise SnapshotError(f"empty link target at {path}", path=str(path), problem="empty target")
+    return name
+
+
+def _parse_group_id(name: str, path: Path) -> int:
+    if not name.isdigit():
+        raise SnapshotError(
+            f"IOMMU group name {name!r} is not a number at {path}",
+            path=str(path),
+            problem="not a group number",
+        )
+    return int(name)
+
+
+def _listdir(path: Path, *, missing_ok: bool) -> list[str]:
+    try:
+        return os.listdir(path)
+    except FileNotFoundError:
+        if missing_ok:
+            return []
+        raise SnapshotError(
+            f"sysfs directory missing: {path}", path=str(path), problem="missing"
+        ) from None
+    except OSError as exc:
+        raise SnapshotError(
+            f"cannot list {path}: {exc.strerror}",
+            path=str(path),
+            problem=exc.strerror or "unreadable",
+        ) from exc
+
+
+def _check_bdf(bdf: str) -> None:
+    if not _BDF_RE.match(bdf):
+        raise NotFoundError(f"not a PCI address: {bdf!r}", bdf=bdf)
+
+
+_UNKNOWN_GROUP: Final = -1
+
+
+def _read_pci_device(dev_dir: Path, bdf: str, group_id: int | None = _UNKNOWN_GROUP) -> PciDevice:
+    """Read one device directory. Raises _Vanished if it disappears meanwhile."""
+    if not os.path.lexists(dev_dir):
+        raise _Vanished(str(dev_dir))
+    vendor = _read_hex(dev_dir / "vendor", dev_dir, 16)
+    device = _read_hex(dev_dir / "device", dev_dir, 16)
+    class_code = _read_hex(dev_dir / "class", dev_dir, 24)
+    driver = _link_name(dev_dir / "driver", dev_dir, optional=True)
+    override_text = _read_text(dev_dir / "driver_override", dev_dir).strip()
+    # drivers/pci/pci-sysfs.c driver_override_show prints "(null)" when unset.
+    override = None if override_text in ("", "(null)") else override_text
+    if group_id == _UNKNOWN_GROUP:
+        name = _link_name(dev_dir / "iommu_group", dev_dir, optional=True)
+        group_id = None if name is None else _parse_group_id(name, dev_dir / "iommu_group")
+    cdevs = sorted(
+        n for n in _listdir(dev_dir / "vfio-dev", missing_ok=True) if n.startswith("vfio")
+    )
+    return PciDevice(
+        bdf=bdf,
+        vendor=vendor,
+        device=device,
+        class_code=class_code,
+        driver=driver,
+        driver_override=override,
+        group_id=group_id,
+        vfio_cdev=cdevs[0] if cdevs else None,
+    )
+
+
+def read_device(sys_root: Path, bdf: str) -> PciDevice:
+    """Read one PCI device by BDF. NotFoundError when it does not exist (or vanished)."""
+    _check_bdf(bdf)
+    dev_dir = sys_root / "bus" / "pci" / "devices" / bdf
+    try:
+        return _read_pci_device(dev_dir, bdf)
+    except _Vanished:
+        raise NotFoundError(f"no PCI device {bdf}", bdf=bdf) from None
+
+
+def group_of(sys_root: Path, bdf: str) -> int | None:
+    """The IOMMU group id of one device (None when it has none). Reads one link."""
+    _check_bdf(bdf)
+    dev_dir = sys_root / "bus" / "pci" / "devices" / bdf
+    try:
+        name = _link_name(dev_dir / "iommu_group", dev_dir, optional=True)
+    except _Vanished:
+        raise NotFoundError(f"no PCI device {bdf}", bdf=bdf) from None
+    if name is None and not os.path.lexists(dev_dir):
+        raise NotFoundError(f"no PCI device {bdf}", bdf=bdf)
+    return None if name is None else _parse_group_id(name, dev_dir / "iommu_group")
+
+
+def _read_group_dir(
+    sys_root: Path, group_id: int
+) -> tuple[IommuGroup, dict[str, PciDevice]] | None:
+    """Read one group and its PCI members; None when the group directory is gone."""
+    gdir = sys_root / "kernel" / "iommu_groups" / str(group_id)
+    try:
+        names = os.listdir(gdir / "devices")
+    except FileNotFoundError:
+        if not os.path.lexists(gdir):
+            return None
+        raise SnapshotError(
+            f"sysfs directory missing: {gdir / 'devices'}",
+            path=str(gdir / "devices"),
+            problem="missing",
+        ) from None
+    except OSError as exc:
+        raise SnapshotError(
+            f"cannot list {gdir / 'devices'}: {exc.strerror}",
+            path=str(gdir / "devices"),
+            problem=exc.strerror or "unreadable",
+        ) from exc
+    try:
+        gtype: str | None = _read_text(gdir / "type", gdir).strip() or None
+    except SnapshotError as exc:
+        if exc.details.get("problem") != "missing":
+            raise
+        gtype = None  # kernels before 5.11 do not expose the type
+    except _Vanished:
+        return None
+    devices: dict[str, PciDevice] = {}
+    others: list[OtherMember] = []
+    for name in names:
+        member_dir = gdir / "devices" / name
+        try:
+            if _BDF_RE.match(name):
+                devices[name] = _read_pci_device(member_dir, name, group_id)
+            else:
+                # Non-PCI member: only its driver matters (for viability).
+                drv = _link_name(member_dir / "driver", member_dir, optional=True)
+                others.append(OtherMember(name, drv))
+        except _Vanished:
+            continue  # hot-unplugged while we read it: skip (module docstring)
+    group = IommuGroup(
+        group_id=group_id,
+        devices=tuple(sorted(devices)),
+        type=gtype,
+        other_members=tuple(sorted(others, key=lambda m: m.name)),
+    )
+    return group, devices
+
+
+def read_group(sys_root: Path, group_id: int) -> tuple[IommuGroup, dict[str, PciDevice]]:
+    """Re-read ONE group and its member devices; cost independent of host size.
+
+    NotFoundError when the group does not exist. Pair with
+    :meth:`HostSnapshot.with_group` to refresh a snapshot after a uevent.
+    """
+    result = _read_group_dir(sys_root, group_id)
+    if result is None:
+        raise NotFoundError(f"no IOMMU group {group_id}", group_id=group_id)
+    return result
+
+
+def read_snapshot(
+    sys_root: Path = DEFAULT_SYS_ROOT, dev_root: Path = DEFAULT_DEV_ROOT
+) -> HostSnapshot:
+    """Read every IOMMU group and every PCI device (O(host)).
+
+    Devices not in any group (no IOMMU, or IOMMU disabled) are included with
+    ``group_id=None``. Entries that vanish while being read are skipped.
+    """
+    groups: dict[int, IommuGroup] = {}
+    devices: dict[str, PciDevice] = {}
+    groups_dir = sys_root / "kernel" / "iommu_groups"
+    for name in _listdir(groups_dir, missing_ok=True):
+        gid = _parse_group_id(name, groups_dir / name)
+        result = _read_group_dir(sys_root, gid)
+        if result is None:
+            continue
+        groups[gid] = result[0]
+        devices.update(result[1])
+    pci_dir = sys_root / "bus" / "pci" / "devices"
+    for bdf in _listdir(pci_dir, missing_ok=True):
+        if bdf in devices:
+            continue
+        if not _BDF_RE.match(bdf):
+            raise SnapshotError(
+                f"unexpected entry {bdf!r} in {pci_dir}",
+                path=str(pci_dir / bdf),
+                problem="not a PCI address",
+            )
+        try:
+            dev = _read_pci_device(pci_dir / bdf, bdf, group_id=None)
+        except _Vanished:
+            continue
+        devices[bdf] = dev
+    return HostSnapshot(
+        devices=devices,
+        groups=groups,
+        has_iommufd=os.path.exists(dev_root / "iommu"),
+        has_legacy_container=os.path.exists(dev_root / "vfio" / "vfio"),
+    )
