@@ -1,0 +1,211 @@
+"""Datagram I/O on an AF_UNIX SOCK_SEQPACKET socket, with SCM_RIGHTS and peer credentials.
+
+This module moves bytes and fds between a socket and the event loop: one datagram in
+(``recv_datagram``: data plus an ``FdSet`` that owns every received fd from the moment
+the kernel installs it), one datagram out (``send_datagram``), and the peer's identity
+(``peer_credentials``, ``open_peer_pidfd``). It knows nothing of JSON, messages or the
+broker and must not: parsing belongs to ``iommud.protocol``, decisions to the broker.
+
+Receiving uses ``recvmsg`` on a non-blocking socket and waits for readability with the
+loop's reader callbacks, so it works the same on uvloop and on plain asyncio (neither
+offers ``sock_recvmsg``). SEQPACKET keeps message boundaries, so one ``recvmsg`` is one
+protocol message.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import os
+import socket
+import struct
+from dataclasses import dataclass, field
+
+from iommud.fds import FdSet, OwnedFd
+
+# Not exported by Python 3.11's socket module; values from include/uapi/asm-generic/socket.h.
+SO_PEERGROUPS = 59  # Linux 4.13
+SO_PEERPIDFD = 77  # Linux 6.5: a pidfd for the peer, race-free unlike pidfd_open(pid)
+
+_INT_SIZE = array.array("i").itemsize
+_MAX_GROUPS = 65536  # NGROUPS_MAX
+
+
+@dataclass(frozen=True, slots=True)
+class PeerCredentials:
+    """SO_PEERCRED of a connected peer, plus its supplementary groups (best effort)."""
+
+    uid: int
+    gid: int
+    pid: int
+    groups: tuple[int, ...] = ()
+
+
+@dataclass(slots=True)
+class Datagram:
+    """One received message. ``fds`` owns every fd that arrived with it.
+
+    ``truncated``: the payload did not fit the buffer (MSG_TRUNC, an oversized message).
+    ``ctrunc``: more fds (or control data) were sent than the buffer holds (MSG_CTRUNC);
+    the kernel dropped the excess, the ones that fit are in ``fds``.
+    ``foreign_cmsgs``: control messages other than SCM_RIGHTS, e.g. SCM_CREDENTIALS.
+    """
+
+    data: bytes
+    fds: FdSet
+    truncated: bool = False
+    ctrunc: bool = False
+    foreign_cmsgs: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def is_clean(self) -> bool:
+        return not (self.truncated or self.ctrunc or self.foreign_cmsgs)
+
+
+def _fds_from_cmsg(cmsg_data: bytes) -> list[int]:
+    fds = array.array("i")
+    usable = len(cmsg_data) - (len(cmsg_data) % _INT_SIZE)
+    fds.frombytes(cmsg_data[:usable])
+    return list(fds)
+
+
+def recv_datagram_nowait(sock: socket.socket, max_datagram: int, max_fds: int) -> Datagram | None:
+    """One non-blocking ``recvmsg``; ``None`` at end of stream.
+
+    Raises BlockingIOError when nothing is queued. Every fd found in SCM_RIGHTS goes into
+    the returned ``FdSet`` before anything else looks at the message; fds in a
+    malformed or foreign control message are collected the same way so none leak.
+    An empty datagram without fds is read as end of stream: on SEQPACKET the two are
+    indistinguishable to ``recvmsg``, and the protocol never sends empty datagrams.
+    """
+    ancbuf = socket.CMSG_SPACE(max_fds * _INT_SIZE)
+    data, ancdata, flags, _addr = sock.recvmsg(max_datagram, ancbuf, socket.MSG_CMSG_CLOEXEC)
+    fds = FdSet()
+    foreign: list[tuple[int, int]] = []
+    try:
+        for level, kind, cmsg_data in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                for fd in _fds_from_cmsg(cmsg_data):
+                    fds.append(OwnedFd(fd))
+            else:
+                foreign.append((level, kind))
+    except BaseException:
+        fds.close()
+        raise
+    if not data and not ancdata and not flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+        return None
+    return Datagram(
+        data=data,
+        fds=fds,
+        truncated=bool(flags & socket.MSG_TRUNC),
+        ctrunc=bool(flags & socket.MSG_CTRUNC),
+        foreign_cmsgs=foreign,
+    )
+
+
+async def _wait(loop: asyncio.AbstractEventLoop, sock: socket.socket, *, write: bool) -> None:
+    fut: asyncio.Future[None] = loop.create_future()
+
+    def ready() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    fd = sock.fileno()
+    if write:
+        loop.add_writer(fd, ready)
+    else:
+        loop.add_reader(fd, ready)
+    try:
+        await fut
+    finally:
+        if write:
+            loop.remove_writer(fd)
+        else:
+            loop.remove_reader(fd)
+
+
+async def recv_datagram(sock: socket.socket, max_datagram: int, max_fds: int) -> Datagram | None:
+    """Receive one datagram, waiting on the running loop; ``None`` at end of stream."""
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            return recv_datagram_nowait(sock, max_datagram, max_fds)
+        except (BlockingIOError, InterruptedError):
+            await _wait(loop, sock, write=False)
+
+
+def _rights(fds: list[int]) -> list[tuple[int, int, bytes]]:
+    if not fds:
+        return []
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+
+
+async def send_datagram(sock: socket.socket, data: bytes, fds: list[int]) -> None:
+    """Send one datagram with ``fds`` in SCM_RIGHTS (the caller keeps and closes its copies).
+
+    SEQPACKET sends are atomic: on EAGAIN nothing was sent, so retrying is safe.
+    """
+    loop = asyncio.get_running_loop()
+    anc = _rights(fds)
+    while True:
+        try:
+            sock.sendmsg([data], anc)
+        except (BlockingIOError, InterruptedError):
+            await _wait(loop, sock, write=True)
+        else:
+            return
+
+
+def send_datagram_blocking(sock: socket.socket, data: bytes, fds: list[int]) -> None:
+    """The blocking twin of ``send_datagram`` for plain (blocking) sockets."""
+    sock.sendmsg([data], _rights(fds))
+
+
+def _groups_from_proc(pid: int, proc_root: str) -> tuple[int, ...]:
+    try:
+        with open(os.path.join(proc_root, str(pid), "status"), encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    return tuple(int(g) for g in line.split()[1:])
+    except (OSError, ValueError):
+        pass
+    return ()
+
+
+def peer_credentials(sock: socket.socket, *, proc_root: str = "/proc") -> PeerCredentials:
+    """SO_PEERCRED, plus supplementary groups from SO_PEERGROUPS (or /proc as a fallback).
+
+    SO_PEERCRED is fixed at connect() time by the kernel, so it cannot be spoofed by a
+    later setuid in the peer. The groups are best effort: an empty tuple if unreadable.
+    """
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    groups: tuple[int, ...]
+    try:
+        buf = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, _MAX_GROUPS * 4)
+        groups = struct.unpack(f"{len(buf) // 4}I", buf[: len(buf) - len(buf) % 4])
+    except OSError:
+        groups = _groups_from_proc(pid, proc_root)
+    return PeerCredentials(uid=uid, gid=gid, pid=pid, groups=tuple(groups))
+
+
+def open_peer_pidfd(sock: socket.socket, pid: int) -> OwnedFd | None:
+    """A pidfd for the peer process, or ``None`` where the kernel offers none.
+
+    SO_PEERPIDFD (Linux 6.5) names exactly the process that connected; ``pidfd_open(pid)``
+    is the fallback and could in theory race with pid reuse, which is why it is second.
+    """
+    with contextlib.suppress(OSError):
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD, 4)
+        (fd,) = struct.unpack("i", raw)
+        if fd >= 0:
+            os.set_inheritable(fd, False)
+            return OwnedFd(fd)
+    pidfd_open = getattr(os, "pidfd_open", None)
+    if pidfd_open is None or pid <= 0:
+        return None
+    try:
+        return OwnedFd(pidfd_open(pid))
+    except OSError:
+        return None
