@@ -1,0 +1,185 @@
+"""Framing: messages to datagram bytes and back (protocol/PROTOCOL.md, "Framing").
+
+One datagram holds one UTF-8 JSON object, compact, keys in the models' field order;
+``nfds`` is the number of fds that travelled with it (SCM_RIGHTS). ``encode`` returns
+the bytes and the number of fds the caller must attach; ``decode_request`` and
+``decode_server`` take the bytes and the number of fds actually received and return a
+validated message or raise ``ProtocolError``. No other exception leaves this module
+for any input: pydantic and json errors are translated here.
+
+Pure: no sockets, no fds (only their count), no logging.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any, Final, TypeVar
+
+from pydantic import JsonValue, TypeAdapter, ValidationError
+from pydantic_core import PydanticSerializationError
+
+from iommud.protocol.errors import ErrorCode
+from iommud.protocol.exceptions import ProtocolError
+from iommud.protocol.limits import MAX_DATAGRAM, MAX_FDS, U32_MAX
+from iommud.protocol.messages import (
+    REPLY_TYPES,
+    REQUEST_TYPES,
+    Message,
+    Request,
+    ServerMessage,
+)
+
+_REQUEST: Final[TypeAdapter[Request]] = TypeAdapter(Request)
+_SERVER: Final[TypeAdapter[ServerMessage]] = TypeAdapter(ServerMessage)
+
+REQUEST_OPS: Final = frozenset(REQUEST_TYPES)
+SERVER_OPS: Final = frozenset(
+    {cls.model_fields["op"].default for cls in REPLY_TYPES.values()} | {"error", "event"}
+)
+
+_MAX_REPORTED_ERRORS: Final = 8
+_MAX_ECHO: Final = 64  # longest piece of peer input echoed back in error details
+
+_M = TypeVar("_M")
+
+
+def encode(msg: Message) -> tuple[bytes, int]:
+    """Serialize ``msg``; return the datagram and the number of fds to attach with it.
+
+    Raises ProtocolError(LIMIT_REACHED) if the datagram would exceed MAX_DATAGRAM.
+    """
+    try:
+        data = msg.__pydantic_serializer__.to_json(msg)
+    except PydanticSerializationError as exc:  # only reachable via model_construct()
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST, "message cannot be serialized", request_id=_id_of(msg)
+        ) from exc
+    if len(data) > MAX_DATAGRAM:
+        raise ProtocolError(
+            ErrorCode.LIMIT_REACHED,
+            "message exceeds the datagram limit",
+            request_id=_id_of(msg),
+            details={"size": len(data), "max_datagram": MAX_DATAGRAM},
+        )
+    return data, msg.fds
+
+
+def decode_request(data: bytes, nfds: int) -> Request:
+    """Decode a client datagram that arrived with ``nfds`` fds."""
+    return _decode(_REQUEST, REQUEST_OPS, data, nfds)
+
+
+def decode_server(data: bytes, nfds: int) -> ServerMessage:
+    """Decode a server datagram (reply, error or event) that arrived with ``nfds`` fds."""
+    return _decode(_SERVER, SERVER_OPS, data, nfds)
+
+
+def _decode(adapter: TypeAdapter[_M], ops: frozenset[str], data: bytes, nfds: int) -> _M:
+    if len(data) > MAX_DATAGRAM:
+        raise ProtocolError(
+            ErrorCode.LIMIT_REACHED,
+            "datagram exceeds the size limit",
+            details={"size": len(data), "max_datagram": MAX_DATAGRAM},
+        )
+    if nfds < 0:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "negative fd count")
+    obj = _parse(data)
+    request_id = _read_id(obj)
+    if nfds > MAX_FDS:
+        raise ProtocolError(
+            ErrorCode.LIMIT_REACHED,
+            "too many fds attached",
+            request_id=request_id,
+            details={"received": nfds, "max_fds": MAX_FDS},
+        )
+    op = obj.get("op")
+    if not isinstance(op, str):
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST, "missing or non-string 'op'", request_id=request_id
+        )
+    if op not in ops:
+        raise ProtocolError(
+            ErrorCode.UNKNOWN_OP,
+            "unknown op",
+            request_id=request_id,
+            details={"op": op[:_MAX_ECHO]},
+        )
+    if "fds" not in obj:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "missing 'fds'", request_id=request_id)
+    try:
+        msg = adapter.validate_python(obj)
+    except ValidationError as exc:
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST,
+            "invalid message",
+            request_id=request_id,
+            details={"errors": _describe(exc, op)},
+        ) from exc
+    declared = obj["fds"]
+    if declared != nfds:
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST,
+            "'fds' does not match the fds received",
+            request_id=request_id,
+            details={"fds": declared, "received": nfds},
+        )
+    return msg
+
+
+def _parse(data: bytes) -> dict[str, Any]:
+    try:
+        # Decode explicitly: json.loads(bytes) would also guess UTF-16 and UTF-32.
+        text = bytes(data).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "datagram is not UTF-8") from exc
+    try:
+        obj = json.loads(text, object_pairs_hook=_object, parse_constant=_constant)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "datagram is not valid JSON") from exc
+    if not isinstance(obj, dict):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "datagram is not a JSON object")
+    return obj
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # Duplicate keys are rejected: parsers disagree on which one wins, and a daemon
+    # that checks one value and uses another is a classic smuggling bug.
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise ValueError("duplicate key")
+    return obj
+
+
+def _constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _read_id(obj: Mapping[str, Any]) -> int | None:
+    value = obj.get("id")
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= U32_MAX:
+        return value
+    return None
+
+
+def _id_of(msg: Message) -> int | None:
+    value = getattr(msg, "id", None)
+    return value if isinstance(value, int) else None
+
+
+def _describe(exc: ValidationError, op: str) -> list[JsonValue]:
+    # loc starts with the union tags (the op, and for events the event name): drop them.
+    skip = 2 if op == "event" else 1
+    out: list[JsonValue] = []
+    for err in exc.errors(include_url=False, include_input=False, include_context=False):
+        loc = err["loc"][skip:]
+        out.append(
+            {
+                "loc": ".".join(str(part) for part in loc),
+                "type": err["type"],
+                "msg": err["msg"][:256],
+            }
+        )
+        if len(out) >= _MAX_REPORTED_ERRORS:
+            break
+    return out

@@ -1,0 +1,677 @@
+"""Every message of protocol v1 as a frozen pydantic model (protocol/PROTOCOL.md).
+
+One class per wire op: requests (client -> server), their ``<op>_reply`` replies,
+``error`` and the ``event`` family (server -> client). Two discriminated unions on
+``op`` tie them together: ``Request`` and ``ServerMessage``. Models validate what a
+peer could get wrong (bdf syntax, integer bounds, fd indexes against ``fds``); the
+broker decides everything that needs state (does the device exist, is the range
+allowed).
+
+Pure data: no I/O, no imports from the rest of the daemon. Encoding and decoding
+(and the translation of pydantic errors into ProtocolError) live in ``codec``.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Mapping
+from typing import Annotated, Any, Final, Literal
+
+from annotated_types import Ge, Le, MaxLen, MinLen
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    Strict,
+    StringConstraints,
+    model_validator,
+)
+
+from iommud.protocol.errors import ErrorCode
+from iommud.protocol.limits import MAX_FDS, MAX_RANGES, U32_MAX, U64_MAX, Limits
+
+# --------------------------------------------------------------------------- types
+
+BDF_PATTERN: Final = r"^[0-9a-f]{4}:[0-9a-f]{2}:[01][0-9a-f]\.[0-7]$"
+"""PCI address "DDDD:BB:DD.F", lowercase hex, device 0..1f, function 0..7."""
+
+# Scalars are strict: JSON "1" is not an int, 1.0 is not an int, 0 is not a bool.
+# Containers and enums stay lax so Python callers may pass lists and plain strings.
+Bdf = Annotated[str, Strict(), StringConstraints(pattern=BDF_PATTERN)]
+U16 = Annotated[int, Strict(), Ge(0), Le(0xFFFF)]
+U24 = Annotated[int, Strict(), Ge(0), Le(0xFFFFFF)]
+U32 = Annotated[int, Strict(), Ge(0), Le(U32_MAX)]
+U64 = Annotated[int, Strict(), Ge(0), Le(U64_MAX)]
+Length = Annotated[int, Strict(), Ge(1), Le(U64_MAX)]
+FdIndex = Annotated[int, Strict(), Ge(0), Le(MAX_FDS - 1)]
+FdCount = Annotated[int, Strict(), Ge(0), Le(MAX_FDS)]
+NoFds = Annotated[int, Strict(), Ge(0), Le(0)]
+"""``fds`` of a message that never carries fds: always 0."""
+Bool = Annotated[bool, Strict()]
+Seconds = Annotated[float, Strict(), Ge(0.0)]
+Name = Annotated[str, Strict(), MaxLen(256)]
+"""Short identifiers: driver names, client and server names, versions."""
+Text = Annotated[str, Strict(), MaxLen(4096)]
+"""Free text: reasons and error messages."""
+
+
+class Backend(enum.StrEnum):
+    """What a ``claim`` asks for."""
+
+    AUTO = "auto"
+    IOMMUFD = "iommufd"
+    LEGACY = "legacy"
+
+
+class BackendKind(enum.StrEnum):
+    """What a claim got, or what a whole-group claim would take."""
+
+    IOMMUFD = "iommufd"
+    LEGACY = "legacy"
+
+
+class EventName(enum.StrEnum):
+    """The ``event`` field of an ``event`` message."""
+
+    DRIVER_BOUND = "driver_bound"
+    DRIVER_UNBOUND = "driver_unbound"
+    DEVICE_ADDED = "device_added"
+    DEVICE_REMOVED = "device_removed"
+    VIABILITY_CHANGED = "viability_changed"
+    LEASE_REVOKED = "lease_revoked"
+    BIND_REFUSED = "bind_refused"
+
+
+def _require_wire_fields(schema: dict[str, Any]) -> None:
+    # op and fds have Python defaults for convenience, but a datagram must carry them
+    # (the codec checks it); say so in the JSON Schema too.
+    required = schema.setdefault("required", [])
+    for key in ("op", "fds"):
+        if key not in required:
+            required.append(key)
+
+
+class Struct(BaseModel):
+    """Base of nested wire objects: frozen, unknown fields rejected."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+
+class Message(Struct):
+    """Base of every datagram: carries ``op`` and ``fds`` (fds attached via SCM_RIGHTS)."""
+
+    model_config = ConfigDict(json_schema_extra=_require_wire_fields)
+
+    op: str
+    fds: FdCount = 0
+
+
+class RequestBase(Message):
+    """A client request: ``id`` is chosen by the client and echoed in the reply."""
+
+    id: U32
+    fds: NoFds = 0
+
+
+class ReplyBase(Message):
+    """A successful reply: ``op`` is the request's op + ``_reply``, same ``id``."""
+
+    id: U32
+    fds: NoFds = 0
+
+
+# --------------------------------------------------------------------------- nested
+
+
+class DeviceEntry(Struct):
+    bdf: Bdf
+    vendor: U16
+    device: U16
+    class_code: U24
+    driver: Name | None
+    driver_override: Name | None
+    group_id: U32 | None
+    is_bridge: Bool
+    vfio_cdev: Annotated[str, MaxLen(4096)] | None
+
+
+class Offender(Struct):
+    """A device whose driver makes its group unsafe for user DMA."""
+
+    bdf: Bdf
+    driver: Name
+
+
+class Owner(Struct):
+    uid: U32
+    pid: U32
+
+
+class GroupEntry(Struct):
+    group_id: U32
+    devices: tuple[Bdf, ...]
+    is_viable: Bool
+    offenders: tuple[Offender, ...]
+    path: BackendKind | None
+    owner: Owner | None
+
+
+class LeaseInfo(Struct):
+    lease_id: U32
+    group_id: U32
+    uid: U32
+    pid: U32
+    backend: BackendKind
+    devices: tuple[Bdf, ...]
+    ioas_id: U32
+
+
+class ClaimedDevice(Struct):
+    """One device of a claim reply; its fd is at ``fd_index`` in the SCM_RIGHTS array."""
+
+    bdf: Bdf
+    fd_index: FdIndex
+    devid: U32 | None
+
+
+class MapRange(Struct):
+    """One range of ``ioas_map``: ``length`` bytes at ``offset`` of fd ``fd_index``."""
+
+    fd_index: FdIndex
+    offset: U64
+    length: Length
+    iova: U64 | None = None
+    read: Bool = True
+    write: Bool = True
+
+
+class MappedRange(Struct):
+    """Where one ``ioas_map`` range landed."""
+
+    iova: U64
+    length: Length
+
+
+class IovaRange(Struct):
+    """An allowed IOVA range, inclusive at both ends (``last``), as the kernel reports."""
+
+    start: U64
+    last: U64
+
+    @model_validator(mode="after")
+    def _ordered(self) -> IovaRange:
+        if self.start > self.last:
+            raise ValueError("start must be <= last")
+        return self
+
+
+# --------------------------------------------------------------------------- requests
+
+
+class Hello(RequestBase):
+    op: Literal["hello"] = "hello"
+    version: U32
+    client: Name
+
+
+class Ping(RequestBase):
+    op: Literal["ping"] = "ping"
+
+
+class Status(RequestBase):
+    op: Literal["status"] = "status"
+
+
+class ListDevices(RequestBase):
+    op: Literal["list_devices"] = "list_devices"
+
+
+class ListGroups(RequestBase):
+    op: Literal["list_groups"] = "list_groups"
+
+
+class Claim(RequestBase):
+    """Claim devices (whole groups or part of one); the reply carries one fd per device."""
+
+    op: Literal["claim"] = "claim"
+    devices: Annotated[tuple[Bdf, ...], MinLen(1), MaxLen(MAX_FDS)]
+    backend: Backend = Backend.AUTO
+    ioas_id: U32 | None = None
+
+    @model_validator(mode="after")
+    def _distinct(self) -> Claim:
+        if len(set(self.devices)) != len(self.devices):
+            raise ValueError("devices must be distinct")
+        return self
+
+
+class Release(RequestBase):
+    op: Literal["release"] = "release"
+    lease_id: U32
+
+
+class IoasCreate(RequestBase):
+    op: Literal["ioas_create"] = "ioas_create"
+
+
+class IoasDestroy(RequestBase):
+    op: Literal["ioas_destroy"] = "ioas_destroy"
+    ioas_id: U32
+
+
+class IoasMap(RequestBase):
+    """Map ranges of the attached fds (memfds, files) into an IOAS.
+
+    ``fds`` defaults to the number the ranges reference; every attached fd must be
+    referenced by at least one range, and every ``fd_index`` must be below ``fds``.
+    """
+
+    op: Literal["ioas_map"] = "ioas_map"
+    fds: Annotated[int, Strict(), Ge(1), Le(MAX_FDS)]
+    ioas_id: U32
+    ranges: Annotated[tuple[MapRange, ...], MinLen(1), MaxLen(MAX_RANGES)]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_fds(cls, data: Any) -> Any:
+        return _fill_fds(data, "ranges")
+
+    @model_validator(mode="after")
+    def _fd_indexes(self) -> IoasMap:
+        used = {r.fd_index for r in self.ranges}
+        if max(used) >= self.fds:
+            raise ValueError("every ranges[].fd_index must be < fds")
+        if len(used) != self.fds:
+            raise ValueError("every attached fd must be referenced by a range")
+        return self
+
+
+class IoasUnmap(RequestBase):
+    op: Literal["ioas_unmap"] = "ioas_unmap"
+    ioas_id: U32
+    iova: U64
+    length: Length
+
+
+class IovaRanges(RequestBase):
+    op: Literal["iova_ranges"] = "iova_ranges"
+    ioas_id: U32
+
+
+class DeviceReset(RequestBase):
+    op: Literal["device_reset"] = "device_reset"
+    bdf: Bdf
+
+
+class Subscribe(RequestBase):
+    """Choose which events this connection receives; null means all. Replaces the last."""
+
+    op: Literal["subscribe"] = "subscribe"
+    events: tuple[EventName, ...] | None = None
+    groups: tuple[U32, ...] | None = None
+
+
+class Revoke(RequestBase):
+    """Admin only: revoke every lease on a group."""
+
+    op: Literal["revoke"] = "revoke"
+    group_id: U32
+    reason: Text
+
+
+# --------------------------------------------------------------------------- replies
+
+
+class HelloReply(ReplyBase):
+    op: Literal["hello_reply"] = "hello_reply"
+    version: U32
+    server: Name
+    capabilities: tuple[Name, ...]
+    limits: Limits
+
+
+class PingReply(ReplyBase):
+    op: Literal["ping_reply"] = "ping_reply"
+
+
+class StatusReply(ReplyBase):
+    op: Literal["status_reply"] = "status_reply"
+    version: Name
+    event_source: Name | None
+    clients: U32
+    leases: tuple[LeaseInfo, ...]
+    uptime_s: Seconds
+
+
+class ListDevicesReply(ReplyBase):
+    op: Literal["list_devices_reply"] = "list_devices_reply"
+    devices: tuple[DeviceEntry, ...]
+
+
+class ListGroupsReply(ReplyBase):
+    op: Literal["list_groups_reply"] = "list_groups_reply"
+    groups: tuple[GroupEntry, ...]
+
+
+class ClaimReply(ReplyBase):
+    """Carries one fd per claimed device; ``fds`` defaults to ``len(devices)``."""
+
+    op: Literal["claim_reply"] = "claim_reply"
+    fds: Annotated[int, Strict(), Ge(1), Le(MAX_FDS)]
+    lease_id: U32
+    group_id: U32
+    backend: BackendKind
+    ioas_id: U32
+    devices: Annotated[tuple[ClaimedDevice, ...], MinLen(1), MaxLen(MAX_FDS)]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_fds(cls, data: Any) -> Any:
+        return _fill_fds(data, "devices", dense=True)
+
+    @model_validator(mode="after")
+    def _fd_indexes(self) -> ClaimReply:
+        if self.fds != len(self.devices):
+            raise ValueError("fds must equal the number of devices")
+        if sorted(d.fd_index for d in self.devices) != list(range(self.fds)):
+            raise ValueError("devices[].fd_index must be 0..fds-1, each once")
+        return self
+
+
+class ReleaseReply(ReplyBase):
+    op: Literal["release_reply"] = "release_reply"
+
+
+class IoasCreateReply(ReplyBase):
+    op: Literal["ioas_create_reply"] = "ioas_create_reply"
+    ioas_id: U32
+
+
+class IoasDestroyReply(ReplyBase):
+    op: Literal["ioas_destroy_reply"] = "ioas_destroy_reply"
+
+
+class IoasMapReply(ReplyBase):
+    """``mappings`` are in the order of the request's ``ranges``."""
+
+    op: Literal["ioas_map_reply"] = "ioas_map_reply"
+    mappings: Annotated[tuple[MappedRange, ...], MinLen(1), MaxLen(MAX_RANGES)]
+
+
+class IoasUnmapReply(ReplyBase):
+    op: Literal["ioas_unmap_reply"] = "ioas_unmap_reply"
+    unmapped: U64
+
+
+class IovaRangesReply(ReplyBase):
+    op: Literal["iova_ranges_reply"] = "iova_ranges_reply"
+    ranges: tuple[IovaRange, ...]
+    alignment: U64
+
+
+class DeviceResetReply(ReplyBase):
+    op: Literal["device_reset_reply"] = "device_reset_reply"
+
+
+class SubscribeReply(ReplyBase):
+    op: Literal["subscribe_reply"] = "subscribe_reply"
+
+
+class RevokeReply(ReplyBase):
+    op: Literal["revoke_reply"] = "revoke_reply"
+    revoked_leases: tuple[U32, ...]
+
+
+class ErrorReply(Message):
+    """A failed request. ``id`` is null when the request's id could not be read."""
+
+    op: Literal["error"] = "error"
+    fds: NoFds = 0
+    id: U32 | None
+    code: ErrorCode
+    message: Text
+    details: dict[str, JsonValue] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _finite(self) -> ErrorReply:
+        if not _is_finite_json(self.details):
+            raise ValueError("details must not contain NaN or infinities")
+        return self
+
+
+# --------------------------------------------------------------------------- events
+
+
+class Event(Message):
+    """Base of every event: no ``id``; ``seq`` counts events daemon-wide, ``ts`` is unix time."""
+
+    op: Literal["event"] = "event"
+    fds: NoFds = 0
+    event: EventName
+    ts: Seconds
+    seq: U64
+
+    @property
+    def event_group(self) -> int | None:
+        """The group the event is about (for subscription filters), if any."""
+        value = getattr(self, "group_id", None)
+        return value if isinstance(value, int) else None
+
+
+class DriverBound(Event):
+    event: Literal[EventName.DRIVER_BOUND] = EventName.DRIVER_BOUND
+    bdf: Bdf
+    driver: Name
+    group_id: U32 | None
+
+
+class DriverUnbound(Event):
+    event: Literal[EventName.DRIVER_UNBOUND] = EventName.DRIVER_UNBOUND
+    bdf: Bdf
+    driver: Name | None
+    group_id: U32 | None
+
+
+class DeviceAdded(Event):
+    event: Literal[EventName.DEVICE_ADDED] = EventName.DEVICE_ADDED
+    bdf: Bdf
+    group_id: U32 | None
+
+
+class DeviceRemoved(Event):
+    event: Literal[EventName.DEVICE_REMOVED] = EventName.DEVICE_REMOVED
+    bdf: Bdf
+    group_id: U32 | None
+
+
+class ViabilityChanged(Event):
+    event: Literal[EventName.VIABILITY_CHANGED] = EventName.VIABILITY_CHANGED
+    group_id: U32
+    is_viable: Bool
+    offenders: tuple[Offender, ...]
+
+
+class LeaseRevoked(Event):
+    event: Literal[EventName.LEASE_REVOKED] = EventName.LEASE_REVOKED
+    lease_id: U32
+    group_id: U32
+    reason: Text
+
+
+class BindRefused(Event):
+    """An unsafe driver tried to bind to a device of an owned group."""
+
+    event: Literal[EventName.BIND_REFUSED] = EventName.BIND_REFUSED
+    bdf: Bdf
+    driver: Name
+    group_id: U32
+    reason: Text
+
+
+# --------------------------------------------------------------------------- unions
+
+AnyEvent = Annotated[
+    DriverBound
+    | DriverUnbound
+    | DeviceAdded
+    | DeviceRemoved
+    | ViabilityChanged
+    | LeaseRevoked
+    | BindRefused,
+    Field(discriminator="event"),
+]
+
+Request = Annotated[
+    Hello
+    | Ping
+    | Status
+    | ListDevices
+    | ListGroups
+    | Claim
+    | Release
+    | IoasCreate
+    | IoasDestroy
+    | IoasMap
+    | IoasUnmap
+    | IovaRanges
+    | DeviceReset
+    | Subscribe
+    | Revoke,
+    Field(discriminator="op"),
+]
+"""Everything a client may send."""
+
+Reply = (
+    HelloReply
+    | PingReply
+    | StatusReply
+    | ListDevicesReply
+    | ListGroupsReply
+    | ClaimReply
+    | ReleaseReply
+    | IoasCreateReply
+    | IoasDestroyReply
+    | IoasMapReply
+    | IoasUnmapReply
+    | IovaRangesReply
+    | DeviceResetReply
+    | SubscribeReply
+    | RevokeReply
+)
+"""A successful reply (not a union the codec decodes on its own)."""
+
+ServerMessage = Annotated[
+    HelloReply
+    | PingReply
+    | StatusReply
+    | ListDevicesReply
+    | ListGroupsReply
+    | ClaimReply
+    | ReleaseReply
+    | IoasCreateReply
+    | IoasDestroyReply
+    | IoasMapReply
+    | IoasUnmapReply
+    | IovaRangesReply
+    | DeviceResetReply
+    | SubscribeReply
+    | RevokeReply
+    | ErrorReply
+    | AnyEvent,
+    Field(discriminator="op"),
+]
+"""Everything a server may send: replies, errors and events."""
+
+REQUEST_TYPES: Final[Mapping[str, type[RequestBase]]] = {
+    cls.model_fields["op"].default: cls
+    for cls in (
+        Hello,
+        Ping,
+        Status,
+        ListDevices,
+        ListGroups,
+        Claim,
+        Release,
+        IoasCreate,
+        IoasDestroy,
+        IoasMap,
+        IoasUnmap,
+        IovaRanges,
+        DeviceReset,
+        Subscribe,
+        Revoke,
+    )
+}
+"""Request op -> request class."""
+
+REPLY_TYPES: Final[Mapping[str, type[ReplyBase]]] = {
+    cls.model_fields["op"].default.removesuffix("_reply"): cls
+    for cls in (
+        HelloReply,
+        PingReply,
+        StatusReply,
+        ListDevicesReply,
+        ListGroupsReply,
+        ClaimReply,
+        ReleaseReply,
+        IoasCreateReply,
+        IoasDestroyReply,
+        IoasMapReply,
+        IoasUnmapReply,
+        IovaRangesReply,
+        DeviceResetReply,
+        SubscribeReply,
+        RevokeReply,
+    )
+}
+"""Request op -> the class of its successful reply."""
+
+EVENT_TYPES: Final[Mapping[EventName, type[Event]]] = {
+    cls.model_fields["event"].default: cls
+    for cls in (
+        DriverBound,
+        DriverUnbound,
+        DeviceAdded,
+        DeviceRemoved,
+        ViabilityChanged,
+        LeaseRevoked,
+        BindRefused,
+    )
+}
+"""Event name -> event class."""
+
+
+def _fill_fds(data: Any, field: str, *, dense: bool = False) -> Any:
+    """Default ``fds`` from the fd indexes a message references (Python callers only).
+
+    The codec separately requires ``fds`` on the wire, so this never relaxes decoding.
+    """
+    if not isinstance(data, dict) or "fds" in data:
+        return data
+    items = data.get(field)
+    if not isinstance(items, list | tuple) or not items:
+        return data
+    if dense:
+        return {**data, "fds": len(items)}
+    indexes = [
+        item.fd_index if isinstance(item, MapRange) else item.get("fd_index")
+        for item in items
+        if isinstance(item, MapRange | dict)
+    ]
+    ints = [i for i in indexes if isinstance(i, int) and not isinstance(i, bool)]
+    if len(ints) != len(items):
+        return data
+    return {**data, "fds": max(ints) + 1}
+
+
+def _is_finite_json(value: JsonValue) -> bool:
+    """False if a NaN or an infinity hides anywhere in ``value`` (JSON has neither)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_is_finite_json(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_is_finite_json(v) for v in value)
+    return True
