@@ -1,0 +1,131 @@
+"""Access policy: who may claim which device, with what quota, and what may be rebound.
+
+Pure functions of (config, identity, device): no I/O, no clocks, no globals. The
+identity comes from SO_PEERCRED on the connection (the server fills it in).
+
+Rules (``[[access]]`` in the config) are read in order:
+
+- uid 0 may claim anything (root could open /dev/vfio itself anyway);
+- a rule *applies* to a peer when its uid (if given) equals the peer's uid and its gid
+  (if given) is the peer's primary or a supplementary group;
+- a claim is allowed by the first applying rule whose device selectors match the
+  device. Rules only grant, so order matters just for which rule is reported;
+- otherwise the denial names the applying rules that did not cover the device, or says
+  that no rule matched the peer at all.
+
+The quota of a peer is the quota of the first rule that applies to it (root and peers
+without a rule get the "default" quota).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from iommud.config import DEFAULT_QUOTA, AccessRule, Config, Quota
+from iommud.errors import PermissionDeniedError
+from iommud.host.snapshot import PciDevice
+from iommud.host.viability import dma_capable
+
+__all__ = [
+    "Decision",
+    "Identity",
+    "check_claim",
+    "may_rebind",
+    "quota_for",
+    "selector_matches",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """A peer's credentials (SO_PEERCRED plus its supplementary groups)."""
+
+    uid: int
+    gid: int
+    groups: frozenset[int] = frozenset()
+    pid: int = 0
+
+    @property
+    def is_root(self) -> bool:
+        return self.uid == 0
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The outcome of a policy check: ``rule_index`` is the rule that decided, if any."""
+
+    allowed: bool
+    rule_index: int | None
+    reason: str
+
+    def raise_if_denied(self, identity: Identity, device: PciDevice) -> None:
+        """PermissionDeniedError with the device, the peer and the rule that applied."""
+        if self.allowed:
+            return
+        details: dict[str, Any] = {
+            "bdf": device.bdf,
+            "uid": identity.uid,
+            "gid": identity.gid,
+            "rule": self.rule_index,
+            "reason": self.reason,
+        }
+        raise PermissionDeniedError(f"claim of {device.bdf} denied: {self.reason}", **details)
+
+
+def selector_matches(selector: str, device: PciDevice) -> bool:
+    """Match one normalised selector (see iommud.config) against a device."""
+    if selector == "*":
+        return True
+    if len(selector) == 9:  # "vvvv:dddd"
+        return selector == device.vendor_device
+    return selector == device.bdf
+
+
+def _applies(rule: AccessRule, identity: Identity) -> bool:
+    if rule.uid is not None and rule.uid != identity.uid:
+        return False
+    return rule.gid is None or rule.gid == identity.gid or rule.gid in identity.groups
+
+
+def check_claim(config: Config, identity: Identity, device: PciDevice) -> Decision:
+    """May ``identity`` claim ``device``? (Viability and ownership are decided elsewhere.)"""
+    if identity.is_root:
+        return Decision(True, None, "uid 0 may claim any device")
+    applying: list[int] = []
+    for i, rule in enumerate(config.access):
+        if not _applies(rule, identity):
+            continue
+        if any(selector_matches(s, device) for s in rule.devices):
+            return Decision(True, i, f"allowed by {rule.describe(i)}")
+        applying.append(i)
+    if not applying:
+        return Decision(False, None, f"no rule matched uid {identity.uid} gid {identity.gid}")
+    rules = "; ".join(config.access[i].describe(i) for i in applying)
+    return Decision(
+        False,
+        applying[0],
+        f"{device.bdf} ({device.vendor_device}) is not covered by {rules}",
+    )
+
+
+def quota_for(config: Config, identity: Identity) -> Quota:
+    """The quota of the first rule that applies to the peer, else the default quota."""
+    if not identity.is_root:
+        for rule in config.access:
+            if _applies(rule, identity):
+                return config.quotas[rule.quota]
+    return config.quotas[DEFAULT_QUOTA]
+
+
+def may_rebind(config: Config, device: PciDevice) -> bool:
+    """May the daemon move ``device`` to vfio-pci? Never for bridges and ports.
+
+    vfio-pci refuses bridges (drivers/vfio/pci/vfio_pci_core.c, vfio_pci_core_register_device:
+    only PCI_HEADER_TYPE_NORMAL), and
+    unbinding pcieport from a port would tear down hotplug/AER for everything below it,
+    so no selector (not even "*") can ask for that.
+    """
+    if not dma_capable(device):
+        return False
+    return any(selector_matches(s, device) for s in config.manage.rebind)
