@@ -121,10 +121,10 @@ def quota_for(config: Config, identity: Identity) -> Quota:
 def may_rebind(config: Config, device: PciDevice) -> bool:
     """May the daemon move ``device`` to vfio-pci? Never for bridges and ports.
 
-    vfio-pci refuses bridges (drivers/vfio/pci/vfio_pci_core.c, vfio_pci_core_register_device:
-    only PCI_HEADER_TYPE_NORMAL), and
-    unbinding pcieport from a port would tear down hotplug/AER for everything below it,
-    so no selector (not even "*") can ask for that.
+    vfio-pci refuses bridges (drivers/vfio/pci/vfio_pci_core.c,
+    vfio_pci_core_register_device accepts only PCI_HEADER_TYPE_NORMAL), and unbinding
+    pcieport from a port would tear down hotplug/AER for everything below it, so no
+    selector (not even "*") can ask for that.
     """
     if not dma_capable(device):
         return False
