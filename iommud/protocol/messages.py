@@ -85,11 +85,11 @@ class EventName(enum.StrEnum):
 
 
 def _require_wire_fields(schema: dict[str, Any]) -> None:
-    # op and fds have Python defaults for convenience, but a datagram must carry them
+    # op, fds (and an event's name) have Python defaults, but a datagram must carry them
     # (the codec checks it); say so in the JSON Schema too.
     required = schema.setdefault("required", [])
-    for key in ("op", "fds"):
-        if key not in required:
+    for key in ("op", "fds", "event"):
+        if key in schema.get("properties", {}) and key not in required:
             required.append(key)
 
 
@@ -269,7 +269,7 @@ class IoasMap(RequestBase):
     """
 
     op: Literal["ioas_map"] = "ioas_map"
-    fds: Annotated[int, Strict(), Ge(1), Le(MAX_FDS)]
+    fds: Annotated[int, Strict(), Ge(1), Le(MAX_FDS)] = 0  # computed when omitted
     ioas_id: U32
     ranges: Annotated[tuple[MapRange, ...], MinLen(1), MaxLen(MAX_RANGES)]
 
@@ -359,7 +359,7 @@ class ClaimReply(ReplyBase):
     """Carries one fd per claimed device; ``fds`` defaults to ``len(devices)``."""
 
     op: Literal["claim_reply"] = "claim_reply"
-    fds: Annotated[int, Strict(), Ge(1), Le(MAX_FDS)]
+    fds: Annotated[int, Strict(), Ge(1), Le(MAX_FDS)] = 0  # computed when omitted
     lease_id: U32
     group_id: U32
     backend: BackendKind
