@@ -29,7 +29,7 @@ import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Final, Literal, Protocol
 
 import structlog
 
@@ -43,6 +43,7 @@ from iommud.host.snapshot import (
     read_group,
     read_snapshot,
 )
+from iommud.host.viability import Viability, group_viability
 
 log = structlog.get_logger(__name__)
 
@@ -57,6 +58,8 @@ _RCVBUF_BYTES = 128 * 1024 * 1024
 _DRAIN_BATCH = 256
 # After this many consecutive receive failures the source gives up (no busy loop).
 _MAX_CONSECUTIVE_ERRORS = 16
+# Devices remembered between vanishing from sysfs and their remove uevent.
+_VANISHED_MAX = 4096
 
 
 class HostAction(enum.StrEnum):
@@ -330,16 +333,66 @@ class HostChange:
     """What one uevent (or one rescan) did to one IOMMU group.
 
     ``events`` say what happened, in order (on unbind ``driver`` is filled in from the
-    previous snapshot, since the kernel's uevent no longer carries it); ``before`` are
-    the group's devices as they were; ``snapshot`` is the view after the change.
-    ``snapshot.groups`` lacks ``group_id`` when the group vanished.
+    previous snapshot, since the kernel's uevent no longer carries it). ``previous`` and
+    ``snapshot`` are the views before and after (snapshots share structure, so keeping
+    both is cheap); either lacks ``group_id`` when the group did not exist then.
     """
 
     group_id: int
     events: tuple[HostEvent, ...]
-    before: tuple[PciDevice, ...]
+    previous: HostSnapshot
     snapshot: HostSnapshot
     resync: str | None = None  # the rescan reason, when this change came from a rescan
+
+    def viability(self) -> tuple[Viability | None, Viability | None]:
+        """The group's viability before and after (None where the group did not exist)."""
+        return _viability(self.previous, self.group_id), _viability(self.snapshot, self.group_id)
+
+    def wire_events(self) -> list[dict[str, Any]]:
+        """The protocol events this change implies, as ``{"event": name, **fields}``.
+
+        One per host event (driver_bound, driver_unbound, device_added,
+        device_removed; nothing for change) and a viability_changed when the group's
+        viability or its offenders changed (none when the group vanished). The broker
+        stamps ``ts``/``seq`` and publishes them; it alone decides about leases
+        (bind_refused, lease_revoked).
+        """
+        gid = self.group_id
+        out: list[dict[str, Any]] = []
+        for ev in self.events:
+            name = _WIRE_NAMES.get(ev.action)
+            if name is None or (ev.action is HostAction.BIND and ev.driver is None):
+                continue
+            fields: dict[str, Any] = {"event": name, "bdf": ev.bdf, "group_id": gid}
+            if ev.action in (HostAction.BIND, HostAction.UNBIND):
+                fields["driver"] = ev.driver
+            out.append(fields)
+        before, after = self.viability()
+        if after is not None and (
+            before is None
+            or (before.is_viable, before.offenders) != (after.is_viable, after.offenders)
+        ):
+            out.append(
+                {
+                    "event": "viability_changed",
+                    "group_id": gid,
+                    "is_viable": after.is_viable,
+                    "offenders": [o.as_dict() for o in after.offenders],
+                }
+            )
+        return out
+
+
+_WIRE_NAMES: Final[Mapping[HostAction, str]] = {
+    HostAction.BIND: "driver_bound",
+    HostAction.UNBIND: "driver_unbound",
+    HostAction.ADD: "device_added",
+    HostAction.REMOVE: "device_removed",
+}
+
+
+def _viability(snapshot: HostSnapshot, group_id: int) -> Viability | None:
+    return group_viability(snapshot, group_id) if group_id in snapshot.groups else None
 
 
 HostChangeSink = Callable[[HostChange], Awaitable[None]]
@@ -373,6 +426,8 @@ class HostWatcher:
         self.events_handled = 0
         self.rescans = 0
         self.is_stale = snapshot is None
+        # Devices seen vanishing before their remove uevent arrived: bdf -> group id.
+        self._vanished: collections.OrderedDict[str, int] = collections.OrderedDict()
 
     async def run(self, source: AsyncIterator[SourceItem]) -> None:
         """Consume ``source`` until it ends (or the task is cancelled)."""
@@ -392,6 +447,7 @@ class HostWatcher:
             log.exception("udev.rescan_failed", reason=reason, code=exc.code, **exc.details)
             return
         self.is_stale = False
+        self._vanished.clear()  # the diff below reports every removal
         old, self.snapshot = self.snapshot, new
         self.rescans += 1
         changed = 0
@@ -401,7 +457,7 @@ class HostWatcher:
             if before == after and old.groups.get(gid) == new.groups.get(gid):
                 continue
             changed += 1
-            change = HostChange(gid, diff_events(before, after), before, new, resync=reason)
+            change = HostChange(gid, diff_events(before, after), old, new, resync=reason)
             await self._deliver(change)
         log.info("udev.rescanned", reason=reason, devices=len(new.devices), groups_changed=changed)
 
@@ -415,11 +471,17 @@ class HostWatcher:
         prev = old.devices.get(event.bdf)
         old_gid = prev.group_id if prev is not None else None
         new_gid: int | None = None
-        if event.action is not HostAction.REMOVE:
+        if event.action is HostAction.REMOVE:
+            if prev is None:  # it vanished while we handled an earlier event
+                old_gid = self._vanished.pop(event.bdf, None)
+        else:
             try:
                 new_gid = group_of(self.sys_root, event.bdf)
             except NotFoundError:
-                new_gid = None  # gone already: its remove uevent follows
+                # Gone already (the kernel sends unbind, then removes the directory,
+                # then sends remove): remember its group for the remove uevent.
+                if old_gid is not None:
+                    self._remember_vanished(event.bdf, old_gid)
             except IommudError as exc:
                 log.warning("udev.event_unreadable", bdf=event.bdf, code=exc.code, **exc.details)
                 await self.rescan("unreadable_device")
@@ -431,7 +493,6 @@ class HostWatcher:
         if event.action is HostAction.UNBIND and event.driver is None and prev is not None:
             event = replace(event, driver=prev.driver)
         for gid in gids:
-            before = _members(old, gid)
             try:
                 group, devices = read_group(self.sys_root, gid)
                 self.snapshot = self.snapshot.with_group(group, devices)
@@ -441,7 +502,13 @@ class HostWatcher:
                 log.warning("udev.group_unreadable", group_id=gid, error=repr(exc))
                 await self.rescan("unreadable_group")
                 return
-            await self._deliver(HostChange(gid, (event,), before, self.snapshot))
+            await self._deliver(HostChange(gid, (event,), old, self.snapshot))
+
+    def _remember_vanished(self, bdf: str, group_id: int) -> None:
+        self._vanished[bdf] = group_id
+        self._vanished.move_to_end(bdf)
+        while len(self._vanished) > _VANISHED_MAX:
+            self._vanished.popitem(last=False)
 
     async def _deliver(self, change: HostChange) -> None:
         try:
