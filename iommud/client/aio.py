@@ -1,0 +1,197 @@
+"""``AsyncClient``: the asyncio client of the iommud protocol, for async VMMs and tools.
+
+One reader task owns the socket's receive side: it decodes every datagram with the
+sans-I/O ``ClientConnection`` (received fds owned in an ``FdSet`` from arrival), hands
+replies to the waiting call by id and queues events for ``events()``. Requests from
+concurrent tasks pipeline up to the server's in-flight limit. Methods and their results
+are defined once in ``iommud.client.calls``; this module only moves datagrams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import TypeVar
+
+from iommud.client import calls
+from iommud.client.calls import Call, ClaimResult, ClientClosedError, MapSpec
+from iommud.fds import FdSet
+from iommud.protocol import messages as m
+from iommud.protocol.connection import ClientConnection
+from iommud.protocol.exceptions import ProtocolError
+from iommud.protocol.limits import MAX_DATAGRAM, MAX_FDS
+from iommud.server.transport import recv_datagram, send_datagram
+
+T = TypeVar("T")
+
+DEFAULT_SOCKET = "/run/iommud/iommud.sock"
+
+
+class AsyncClient:
+    """A connection to iommud. Create with ``await AsyncClient.connect(path, name)``."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._conn = ClientConnection()
+        self._waiting: dict[int, asyncio.Future[tuple[m.ServerMessage, FdSet]]] = {}
+        self._events: asyncio.Queue[m.Event | None] = asyncio.Queue()
+        self._send_lock = asyncio.Lock()
+        self._slots = asyncio.Semaphore(1)  # until hello_reply tells the server's limit
+        self._reader: asyncio.Task[None] | None = None
+        self._closed: BaseException | None = None
+        self.hello: m.HelloReply | None = None
+
+    @classmethod
+    async def connect(cls, path: str = DEFAULT_SOCKET, name: str = "iommud-client") -> AsyncClient:
+        """Connect and do the handshake; the server's hello_reply is in ``.hello``."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, path)
+        except BaseException:
+            sock.close()
+            raise
+        client = cls(sock)
+        client._reader = asyncio.create_task(client._read_loop())
+        try:
+            client.hello = await client._call(calls.hello(client._conn, name))
+        except BaseException:
+            await client.aclose()
+            raise
+        client._slots = asyncio.Semaphore(client._conn.limits.max_inflight)
+        return client
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connection; calls still waiting fail with ClientClosedError."""
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+            self._reader = None
+        self._shutdown(ClientClosedError("client closed"))
+        self._sock.close()
+
+    # ---------------------------------------------------------------- transport
+
+    async def _read_loop(self) -> None:
+        reason: BaseException = ClientClosedError("daemon closed the connection")
+        try:
+            while True:
+                dgram = await recv_datagram(self._sock, MAX_DATAGRAM, MAX_FDS)
+                if dgram is None:
+                    break
+                with contextlib.ExitStack() as stack:
+                    stack.callback(dgram.fds.close)
+                    msg = self._conn.receive(dgram.data, len(dgram.fds))
+                    if isinstance(msg, m.Event):
+                        self._events.put_nowait(msg)
+                        continue
+                    fut = self._waiting.pop(msg.id, None) if msg.id is not None else None
+                    if fut is not None and not fut.done():
+                        fut.set_result((msg, dgram.fds))
+                        stack.pop_all()  # the call owns the fds now
+        except ProtocolError as exc:
+            reason = ClientClosedError(f"daemon broke the protocol: {exc.message}")
+        except OSError as exc:
+            reason = ClientClosedError(f"connection failed: {exc}")
+        finally:
+            self._shutdown(reason)
+
+    def _shutdown(self, reason: BaseException) -> None:
+        if self._closed is None:
+            self._closed = reason
+            self._conn.close()
+            self._events.put_nowait(None)
+        waiting, self._waiting = self._waiting, {}
+        for fut in waiting.values():
+            if not fut.done():
+                fut.set_exception(reason)
+
+    async def _call(self, call: Call[T]) -> T:
+        if self._closed is not None:
+            raise ClientClosedError(str(self._closed))
+        fut = asyncio.get_running_loop().create_future()
+        self._waiting[call.request.id] = fut
+        try:
+            async with self._send_lock:
+                await send_datagram(self._sock, call.data, call.fds)
+            msg, fds = await fut
+        finally:
+            self._waiting.pop(call.request.id, None)
+        return calls.finish(call, msg, fds)
+
+    async def _limited(self, build: Callable[[ClientConnection], Call[T]]) -> T:
+        if self._closed is not None:
+            raise ClientClosedError(str(self._closed))
+        async with self._slots:
+            return await self._call(build(self._conn))
+
+    # ---------------------------------------------------------------- API
+
+    async def ping(self) -> None:
+        await self._limited(calls.ping)
+
+    async def status(self) -> m.StatusReply:
+        return await self._limited(calls.status)
+
+    async def list_devices(self) -> tuple[m.DeviceEntry, ...]:
+        return await self._limited(calls.list_devices)
+
+    async def list_groups(self) -> tuple[m.GroupEntry, ...]:
+        return await self._limited(calls.list_groups)
+
+    async def claim(
+        self,
+        devices: Sequence[str],
+        backend: m.Backend | str = m.Backend.AUTO,
+        ioas_id: int | None = None,
+    ) -> ClaimResult:
+        return await self._limited(lambda c: calls.claim(c, devices, backend, ioas_id))
+
+    async def release(self, lease_id: int) -> None:
+        await self._limited(lambda c: calls.release(c, lease_id))
+
+    async def ioas_create(self) -> int:
+        return await self._limited(calls.ioas_create)
+
+    async def ioas_destroy(self, ioas_id: int) -> None:
+        await self._limited(lambda c: calls.ioas_destroy(c, ioas_id))
+
+    async def ioas_map(self, ioas_id: int, ranges: Sequence[MapSpec]) -> tuple[m.MappedRange, ...]:
+        return await self._limited(lambda c: calls.ioas_map(c, ioas_id, ranges))
+
+    async def ioas_unmap(self, ioas_id: int, iova: int, length: int) -> int:
+        return await self._limited(lambda c: calls.ioas_unmap(c, ioas_id, iova, length))
+
+    async def iova_ranges(self, ioas_id: int) -> m.IovaRangesReply:
+        return await self._limited(lambda c: calls.iova_ranges(c, ioas_id))
+
+    async def device_reset(self, bdf: str) -> None:
+        await self._limited(lambda c: calls.device_reset(c, bdf))
+
+    async def subscribe(
+        self,
+        events: Sequence[m.EventName | str] | None = None,
+        groups: Sequence[int] | None = None,
+    ) -> None:
+        await self._limited(lambda c: calls.subscribe(c, events, groups))
+
+    async def revoke(self, group_id: int, reason: str) -> tuple[int, ...]:
+        return await self._limited(lambda c: calls.revoke(c, group_id, reason))
+
+    async def events(self) -> AsyncIterator[m.Event]:
+        """Events as they arrive (after ``subscribe``); ends when the connection closes."""
+        while True:
+            event = await self._events.get()
+            if event is None:
+                self._events.put_nowait(None)  # wake other iterators too
+                return
+            yield event

@@ -1,0 +1,253 @@
+"""The client's requests as I/O-free ``Call`` objects, shared by the async and blocking APIs.
+
+A ``Call`` holds the encoded request, the fds to attach, and how to turn the reply (and
+the fds that came with it) into the caller's result. ``AsyncClient`` and ``Client`` only
+move bytes; every method is written once, here. Error replies become ``IommudError``
+subclasses carrying the server's code, message and details. No sockets, no asyncio.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from iommud import errors
+from iommud.fds import FdSet, OwnedFd
+from iommud.protocol import messages as m
+from iommud.protocol.connection import ClientConnection
+from iommud.protocol.errors import ErrorCode
+
+T = TypeVar("T")
+
+_ERRORS: dict[ErrorCode, type[errors.IommudError]] = {
+    ErrorCode.BAD_REQUEST: errors.BadRequestError,
+    ErrorCode.UNSUPPORTED_VERSION: errors.UnsupportedVersionError,
+    ErrorCode.UNKNOWN_OP: errors.UnknownOpError,
+    ErrorCode.PERMISSION_DENIED: errors.PermissionDeniedError,
+    ErrorCode.NOT_FOUND: errors.NotFoundError,
+    ErrorCode.NOT_VIABLE: errors.NotViableError,
+    ErrorCode.BUSY: errors.BusyError,
+    ErrorCode.GROUP_SPLIT: errors.GroupSplitError,
+    ErrorCode.QUOTA_EXCEEDED: errors.QuotaExceededError,
+    ErrorCode.INVALID_RANGE: errors.InvalidRangeError,
+    ErrorCode.OVERLAP: errors.OverlapError,
+    ErrorCode.REVOKED: errors.RevokedError,
+    ErrorCode.LIMIT_REACHED: errors.LimitReachedError,
+    ErrorCode.INVALID_STATE: errors.InvalidStateError,
+}
+
+
+class ClientClosedError(ConnectionError):
+    """The connection to the daemon is closed (by us, or the daemon went away)."""
+
+
+def error_from_reply(reply: m.ErrorReply) -> errors.IommudError:
+    """The ``IommudError`` subclass for ``reply.code``, with its message and details."""
+    details: dict[str, Any] = dict(reply.details)
+    if reply.code is ErrorCode.KERNEL_ERROR:
+        op = str(details.pop("op", "?"))
+        err = details.pop("errno", _errno.EIO)
+        details.pop("errno_name", None)
+        return errors.KernelError(
+            op, err if isinstance(err, int) else _errno.EIO, reply.message, **details
+        )
+    return _ERRORS[reply.code](reply.message, **details)
+
+
+@dataclass(slots=True)
+class ClaimedDeviceFd:
+    """A claimed device and its fd (an ``OwnedFd``: steal it, or it closes with the result)."""
+
+    bdf: str
+    devid: int | None
+    fd: OwnedFd
+
+
+@dataclass(slots=True)
+class ClaimResult:
+    lease_id: int
+    group_id: int
+    backend: m.BackendKind
+    ioas_id: int
+    devices: list[ClaimedDeviceFd] = field(default_factory=list)
+
+    def close(self) -> None:
+        """Close every device fd the caller did not steal."""
+        for dev in self.devices:
+            dev.fd.close()
+
+    def __enter__(self) -> ClaimResult:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass(frozen=True, slots=True)
+class MapSpec:
+    """One range to map: ``length`` bytes at ``offset`` of ``fd`` (memfd), at ``iova``."""
+
+    fd: OwnedFd | int
+    offset: int
+    length: int
+    iova: int | None = None
+    read: bool = True
+    write: bool = True
+
+
+@dataclass(slots=True)
+class Call(Generic[T]):
+    """One request ready to send, and how to read its reply."""
+
+    request: m.Request
+    data: bytes
+    fds: list[int]
+    parse: Callable[[m.ServerMessage, FdSet], T]
+
+
+def finish(call: Call[T], reply: m.ServerMessage, fds: FdSet) -> T:
+    """The call's result; raises the mapped IommudError for an error reply.
+
+    ``fds`` are closed unless ``parse`` moved them into the result.
+    """
+    with fds:
+        if isinstance(reply, m.ErrorReply):
+            raise error_from_reply(reply)
+        return call.parse(reply, fds)
+
+
+def _expect(reply: m.ServerMessage, cls: type[T]) -> T:
+    if not isinstance(reply, cls):  # ClientConnection already matched op to id
+        raise errors.BadRequestError("unexpected reply", op=getattr(reply, "op", None))
+    return reply
+
+
+def _make(conn: ClientConnection, request: m.Request, fds: Sequence[int], parse: Any) -> Call[Any]:
+    data, nfds = conn.send(request)
+    if nfds != len(fds):
+        conn.close()  # unreachable unless a model disagrees with its own fd count
+        raise errors.BadRequestError("fd count mismatch", declared=nfds, attached=len(fds))
+    return Call(request, data, list(fds), parse)
+
+
+def _none(cls: type[Any]) -> Callable[[m.ServerMessage, FdSet], None]:
+    def parse(reply: m.ServerMessage, _fds: FdSet) -> None:
+        _expect(reply, cls)
+
+    return parse
+
+
+def hello(conn: ClientConnection, name: str) -> Call[m.HelloReply]:
+    return _make(conn, conn.hello(name), [], lambda r, _f: _expect(r, m.HelloReply))
+
+
+def ping(conn: ClientConnection) -> Call[None]:
+    return _make(conn, conn.build(m.Ping), [], _none(m.PingReply))
+
+
+def status(conn: ClientConnection) -> Call[m.StatusReply]:
+    return _make(conn, conn.build(m.Status), [], lambda r, _f: _expect(r, m.StatusReply))
+
+
+def list_devices(conn: ClientConnection) -> Call[tuple[m.DeviceEntry, ...]]:
+    return _make(
+        conn, conn.build(m.ListDevices), [], lambda r, _f: _expect(r, m.ListDevicesReply).devices
+    )
+
+
+def list_groups(conn: ClientConnection) -> Call[tuple[m.GroupEntry, ...]]:
+    return _make(
+        conn, conn.build(m.ListGroups), [], lambda r, _f: _expect(r, m.ListGroupsReply).groups
+    )
+
+
+def claim(
+    conn: ClientConnection,
+    devices: Sequence[str],
+    backend: m.Backend | str = m.Backend.AUTO,
+    ioas_id: int | None = None,
+) -> Call[ClaimResult]:
+    def parse(reply: m.ServerMessage, fds: FdSet) -> ClaimResult:
+        r = _expect(reply, m.ClaimReply)
+        result = ClaimResult(r.lease_id, r.group_id, r.backend, r.ioas_id)
+        for dev in r.devices:
+            result.devices.append(
+                ClaimedDeviceFd(dev.bdf, dev.devid, OwnedFd(fds[dev.fd_index].steal()))
+            )
+        return result
+
+    req = conn.build(m.Claim, devices=tuple(devices), backend=m.Backend(backend), ioas_id=ioas_id)
+    return _make(conn, req, [], parse)
+
+
+def release(conn: ClientConnection, lease_id: int) -> Call[None]:
+    return _make(conn, conn.build(m.Release, lease_id=lease_id), [], _none(m.ReleaseReply))
+
+
+def ioas_create(conn: ClientConnection) -> Call[int]:
+    return _make(
+        conn, conn.build(m.IoasCreate), [], lambda r, _f: _expect(r, m.IoasCreateReply).ioas_id
+    )
+
+
+def ioas_destroy(conn: ClientConnection, ioas_id: int) -> Call[None]:
+    req = conn.build(m.IoasDestroy, ioas_id=ioas_id)
+    return _make(conn, req, [], _none(m.IoasDestroyReply))
+
+
+def ioas_map(
+    conn: ClientConnection, ioas_id: int, ranges: Sequence[MapSpec]
+) -> Call[tuple[m.MappedRange, ...]]:
+    """Each distinct fd is attached once; ranges name it by position (``fd_index``)."""
+    fds: list[int] = []
+    wire: list[m.MapRange] = []
+    for spec in ranges:
+        fd = spec.fd.fileno() if isinstance(spec.fd, OwnedFd) else spec.fd
+        if fd not in fds:
+            fds.append(fd)
+        wire.append(
+            m.MapRange(
+                fd_index=fds.index(fd),
+                offset=spec.offset,
+                length=spec.length,
+                iova=spec.iova,
+                read=spec.read,
+                write=spec.write,
+            )
+        )
+    req = conn.build(m.IoasMap, ioas_id=ioas_id, ranges=tuple(wire), fds=len(fds))
+    return _make(conn, req, fds, lambda r, _f: _expect(r, m.IoasMapReply).mappings)
+
+
+def ioas_unmap(conn: ClientConnection, ioas_id: int, iova: int, length: int) -> Call[int]:
+    req = conn.build(m.IoasUnmap, ioas_id=ioas_id, iova=iova, length=length)
+    return _make(conn, req, [], lambda r, _f: _expect(r, m.IoasUnmapReply).unmapped)
+
+
+def iova_ranges(conn: ClientConnection, ioas_id: int) -> Call[m.IovaRangesReply]:
+    req = conn.build(m.IovaRanges, ioas_id=ioas_id)
+    return _make(conn, req, [], lambda r, _f: _expect(r, m.IovaRangesReply))
+
+
+def device_reset(conn: ClientConnection, bdf: str) -> Call[None]:
+    return _make(conn, conn.build(m.DeviceReset, bdf=bdf), [], _none(m.DeviceResetReply))
+
+
+def subscribe(
+    conn: ClientConnection,
+    events: Sequence[m.EventName | str] | None = None,
+    groups: Sequence[int] | None = None,
+) -> Call[None]:
+    req = conn.build(
+        m.Subscribe,
+        events=None if events is None else tuple(m.EventName(e) for e in events),
+        groups=None if groups is None else tuple(groups),
+    )
+    return _make(conn, req, [], _none(m.SubscribeReply))
+
+
+def revoke(conn: ClientConnection, group_id: int, reason: str) -> Call[tuple[int, ...]]:
+    req = conn.build(m.Revoke, group_id=group_id, reason=reason)
+    return _make(conn, req, [], lambda r, _f: _expect(r, m.RevokeReply).revoked_leases)

@@ -1,0 +1,180 @@
+"""``Client``: the blocking client of the iommud protocol, for scripts and non-async VMMs.
+
+Plain blocking socket, one request at a time: send, then read datagrams until the reply
+with the request's id arrives; events read meanwhile are queued for ``next_event()``.
+Received fds are owned in an ``FdSet`` from arrival. Methods and their results are
+defined once in ``iommud.client.calls``; this module only moves datagrams.
+"""
+
+from __future__ import annotations
+
+import collections
+import socket
+from collections.abc import Iterator, Sequence
+from typing import TypeVar
+
+from iommud.client import calls
+from iommud.client.calls import Call, ClaimResult, ClientClosedError, MapSpec
+from iommud.fds import FdSet
+from iommud.protocol import messages as m
+from iommud.protocol.connection import ClientConnection
+from iommud.protocol.exceptions import ProtocolError
+from iommud.protocol.limits import MAX_DATAGRAM, MAX_FDS
+from iommud.server.transport import recv_datagram_nowait, send_datagram_blocking
+
+T = TypeVar("T")
+
+DEFAULT_SOCKET = "/run/iommud/iommud.sock"
+
+
+class Client:
+    """A blocking connection to iommud; ``Client(path, name)`` connects and says hello."""
+
+    def __init__(
+        self, path: str = DEFAULT_SOCKET, name: str = "iommud-client", *, timeout: float = 30.0
+    ) -> None:
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        self._conn = ClientConnection()
+        self._events: collections.deque[m.Event] = collections.deque()
+        self._closed: str | None = None
+        try:
+            self._sock.settimeout(timeout)
+            self._sock.connect(path)
+            self.hello: m.HelloReply = self._call(calls.hello(self._conn, name))
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._closed is None:
+            self._closed = "client closed"
+        self._conn.close()
+        self._sock.close()
+
+    def fileno(self) -> int:
+        """The socket, for callers that poll for events with select/poll."""
+        return self._sock.fileno()
+
+    # ---------------------------------------------------------------- transport
+
+    def _receive(self) -> tuple[m.ServerMessage, FdSet]:
+        """Read and decode one datagram (blocking on the socket's timeout)."""
+        dgram = recv_datagram_nowait(self._sock, MAX_DATAGRAM, MAX_FDS)
+        if dgram is None:
+            raise self._fail("daemon closed the connection")
+        try:
+            return self._conn.receive(dgram.data, len(dgram.fds)), dgram.fds
+        except ProtocolError as exc:
+            dgram.fds.close()
+            raise self._fail(f"daemon broke the protocol: {exc.message}") from exc
+
+    def _fail(self, reason: str) -> ClientClosedError:
+        self._closed = reason
+        self._conn.close()
+        self._sock.close()
+        return ClientClosedError(reason)
+
+    def _call(self, call: Call[T]) -> T:
+        if self._closed is not None:
+            raise ClientClosedError(self._closed)
+        try:
+            send_datagram_blocking(self._sock, call.data, call.fds)
+            while True:
+                msg, fds = self._receive()
+                if isinstance(msg, m.Event):
+                    fds.close()
+                    self._events.append(msg)
+                elif msg.id == call.request.id:
+                    return calls.finish(call, msg, fds)
+                else:
+                    fds.close()  # an error reply without id: nothing waits for it
+        except ClientClosedError:
+            raise
+        except OSError as exc:
+            raise self._fail(f"connection failed: {exc}") from exc
+
+    # ---------------------------------------------------------------- API
+
+    def ping(self) -> None:
+        self._call(calls.ping(self._conn))
+
+    def status(self) -> m.StatusReply:
+        return self._call(calls.status(self._conn))
+
+    def list_devices(self) -> tuple[m.DeviceEntry, ...]:
+        return self._call(calls.list_devices(self._conn))
+
+    def list_groups(self) -> tuple[m.GroupEntry, ...]:
+        return self._call(calls.list_groups(self._conn))
+
+    def claim(
+        self,
+        devices: Sequence[str],
+        backend: m.Backend | str = m.Backend.AUTO,
+        ioas_id: int | None = None,
+    ) -> ClaimResult:
+        return self._call(calls.claim(self._conn, devices, backend, ioas_id))
+
+    def release(self, lease_id: int) -> None:
+        self._call(calls.release(self._conn, lease_id))
+
+    def ioas_create(self) -> int:
+        return self._call(calls.ioas_create(self._conn))
+
+    def ioas_destroy(self, ioas_id: int) -> None:
+        self._call(calls.ioas_destroy(self._conn, ioas_id))
+
+    def ioas_map(self, ioas_id: int, ranges: Sequence[MapSpec]) -> tuple[m.MappedRange, ...]:
+        return self._call(calls.ioas_map(self._conn, ioas_id, ranges))
+
+    def ioas_unmap(self, ioas_id: int, iova: int, length: int) -> int:
+        return self._call(calls.ioas_unmap(self._conn, ioas_id, iova, length))
+
+    def iova_ranges(self, ioas_id: int) -> m.IovaRangesReply:
+        return self._call(calls.iova_ranges(self._conn, ioas_id))
+
+    def device_reset(self, bdf: str) -> None:
+        self._call(calls.device_reset(self._conn, bdf))
+
+    def subscribe(
+        self,
+        events: Sequence[m.EventName | str] | None = None,
+        groups: Sequence[int] | None = None,
+    ) -> None:
+        self._call(calls.subscribe(self._conn, events, groups))
+
+    def revoke(self, group_id: int, reason: str) -> tuple[int, ...]:
+        return self._call(calls.revoke(self._conn, group_id, reason))
+
+    def next_event(self, timeout: float | None = None) -> m.Event | None:
+        """The next event (queued or read now); ``None`` if none came within ``timeout``."""
+        if self._events:
+            return self._events.popleft()
+        if self._closed is not None:
+            raise ClientClosedError(self._closed)
+        old = self._sock.gettimeout()
+        self._sock.settimeout(timeout)
+        try:
+            while True:
+                msg, fds = self._receive()
+                fds.close()
+                if isinstance(msg, m.Event):
+                    return msg
+        except TimeoutError:
+            return None
+        finally:
+            if self._closed is None:
+                self._sock.settimeout(old)
+
+    def events(self) -> Iterator[m.Event]:
+        """Events forever (blocking), until the connection closes."""
+        while True:
+            event = self.next_event(None)
+            if event is not None:
+                yield event
