@@ -4,8 +4,10 @@ Implements iommud.kernel.interface.DriverBinder under a ``sys_root`` passed in (
 real /sys, or a fake tree in tests). Every string that ends up in a sysfs path or is
 written into a sysfs file is validated first: a BDF must be a full lowercase
 ``dddd:bb:dd.f`` and a driver name a plain identifier, so nothing odd (slashes,
-"..", newlines, a second BDF) can reach the kernel. Files are opened O_WRONLY
-without O_CREAT, so a missing attribute is an error rather than a new file.
+"..", newlines, a second BDF) can reach the kernel. Files are opened O_WRONLY without
+O_CREAT (a missing attribute is an error, never a new file), with O_NOFOLLOW, and with
+O_TRUNC like a shell redirection (sysfs ignores it; a fake tree then holds exactly
+the last value written).
 
 sysfs semantics relied on (Documentation/ABI/testing/sysfs-bus-pci):
 - writing a driver name to driver_override restricts matching to that driver;
@@ -95,7 +97,7 @@ class SysfsBinder:
     def _write(op: str, path: Path, value: str) -> None:
         data = value.encode("ascii")
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW)
         except OSError as exc:
             raise KernelError.from_oserror(op, exc, path=str(path)) from exc
         try:
