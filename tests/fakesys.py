@@ -134,26 +134,44 @@ class FakeSys:
         return d
 
     def remove_device(self, bdf: str) -> None:
-        """Hot unplug: the device, its links and its group membership disappear."""
+        """Hot unplug: the device, its links and its group membership disappear.
+
+        Devices nested below it (behind a bridge) must be removed first.
+        """
+        below = [b for b, p in self._paths.items() if self._paths[bdf] in p.parents]
+        if below:
+            raise ValueError(f"remove {', '.join(below)} before {bdf}")
+        self.leave_group(bdf)
+        self.unbind(bdf)
         d = self._paths.pop(bdf)
-        group_link = d / "iommu_group"
-        if group_link.is_symlink():
-            gid = os.path.basename(os.readlink(group_link))
-            (self.sys_root / "kernel" / "iommu_groups" / gid / "devices" / bdf).unlink()
-        if (d / "driver").is_symlink():
-            self.unbind(bdf)
         (self.sys_root / "bus" / "pci" / "devices" / bdf).unlink()
         shutil.rmtree(d)
 
     def set_group(self, bdf: str, group_id: int) -> None:
-        """Put a device in IOMMU group ``group_id`` (creating the group directory)."""
+        """Put a device in IOMMU group ``group_id`` (creating the group directory).
+
+        A device already in another group leaves it (and an emptied group directory
+        disappears, as the kernel frees groups without members).
+        """
+        d = self._paths[bdf]
+        self.leave_group(bdf)
         gdir = self.sys_root / "kernel" / "iommu_groups" / str(group_id)
         if not gdir.exists():
             (gdir / "devices").mkdir(parents=True)
             (gdir / "type").write_text("DMA\n")
-        d = self._paths[bdf]
         _relink(gdir / "devices" / bdf, d)
         _relink(d / "iommu_group", gdir)
+
+    def leave_group(self, bdf: str) -> None:
+        """Take a device out of its group; remove the group directory once empty."""
+        link = self._paths[bdf] / "iommu_group"
+        if not link.is_symlink():
+            return
+        gdir = self.sys_root / "kernel" / "iommu_groups" / os.path.basename(os.readlink(link))
+        (gdir / "devices" / bdf).unlink()
+        link.unlink()
+        if not os.listdir(gdir / "devices"):
+            shutil.rmtree(gdir)
 
     def add_other_member(self, group_id: int, name: str, driver: str | None = None) -> None:
         """A non-PCI group member (e.g. a platform device), with an optional driver."""

@@ -269,7 +269,7 @@ def _read_text(path: Path, owner_dir: Path) -> str:
         with open(path, encoding="ascii", errors="replace") as f:
             return f.read()
     except FileNotFoundError as exc:
-        if not os.path.lexists(owner_dir):
+        if not os.path.exists(owner_dir):
             raise _Vanished(str(owner_dir)) from exc
         raise SnapshotError(
             f"sysfs attribute missing: {path}", path=str(path), problem="missing"
@@ -313,7 +313,7 @@ def _link_name(path: Path, owner_dir: Path, *, optional: bool) -> str | None:
     try:
         target = os.readlink(path)
     except FileNotFoundError as exc:
-        if not os.path.lexists(owner_dir):
+        if not os.path.exists(owner_dir):
             raise _Vanished(str(owner_dir)) from exc
         if optional:
             return None
@@ -368,7 +368,7 @@ _UNKNOWN_GROUP: Final = -1
 
 def _read_pci_device(dev_dir: Path, bdf: str, group_id: int | None = _UNKNOWN_GROUP) -> PciDevice:
     """Read one device directory. Raises _Vanished if it disappears meanwhile."""
-    if not os.path.lexists(dev_dir):
+    if not os.path.exists(dev_dir):
         raise _Vanished(str(dev_dir))
     vendor = _read_hex(dev_dir / "vendor", dev_dir, 16)
     device = _read_hex(dev_dir / "device", dev_dir, 16)
@@ -413,7 +413,7 @@ def group_of(sys_root: Path, bdf: str) -> int | None:
         name = _link_name(dev_dir / "iommu_group", dev_dir, optional=True)
     except _Vanished:
         raise NotFoundError(f"no PCI device {bdf}", bdf=bdf) from None
-    if name is None and not os.path.lexists(dev_dir):
+    if name is None and not os.path.exists(dev_dir):
         raise NotFoundError(f"no PCI device {bdf}", bdf=bdf)
     return None if name is None else _parse_group_id(name, dev_dir / "iommu_group")
 
@@ -449,11 +449,13 @@ def _read_group_dir(
         return None
     devices: dict[str, PciDevice] = {}
     others: list[OtherMember] = []
+    pci_dir = sys_root / "bus" / "pci" / "devices"
     for name in names:
         member_dir = gdir / "devices" / name
         try:
             if _BDF_RE.match(name):
-                devices[name] = _read_pci_device(member_dir, name, group_id)
+                # Read through bus/pci/devices/BDF: the path admins know, in errors too.
+                devices[name] = _read_pci_device(pci_dir / name, name, group_id)
             else:
                 # Non-PCI member: only its driver matters (for viability).
                 drv = _link_name(member_dir / "driver", member_dir, optional=True)
