@@ -1,0 +1,269 @@
+"""pytest plugin: run the tests marked `vm` inside the lab guest, all in one guest boot.
+
+On the host, every collected item marked `vm` is replaced by a stand-in with the same node
+id. When the first stand-in runs, the plugin boots the lab guest once (lab/labvm.py) and
+runs pytest inside it on exactly those node ids; the guest side of this plugin writes one
+JSON line per test phase into the shared dir. Each stand-in then reports its guest outcome
+on the host: pass, fail (with the guest's failure text and captured output), skip or xfail.
+No host fixture of a vm test ever runs on the host.
+
+Without QEMU, vng or the kernel image the vm tests are skipped with the reason, unless
+CI=true or IOMMUD_REQUIRE_LAB=1: then they fail. A guest crash or timeout fails every vm
+test that has no result yet, with QEMU's messages and the console tail. The full guest
+output of the last batch is kept in .lab/vm-batch.log under the rootdir.
+
+Inside the guest (IOMMUD_LAB_GUEST=1) vm tests run normally; the `lab_qmp` fixture gives
+them the QEMU monitor. This module must not do anything else to the host.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import labvm
+import pytest
+from qmp_guest import GuestQmp
+
+ENV_REPORT = "IOMMUD_LAB_REPORT"
+ENV_TIMEOUT = "IOMMUD_LAB_TIMEOUT"
+DEFAULT_BATCH_TIMEOUT = 1800.0
+
+
+def in_guest() -> bool:
+    return os.environ.get(labvm.ENV_GUEST) == "1"
+
+
+def lab_required() -> bool:
+    return os.environ.get("CI") == "true" or os.environ.get("IOMMUD_REQUIRE_LAB") == "1"
+
+
+# --------------------------------------------------------------------------- hooks
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("lab", "iommud lab guest (tests marked vm)")
+    group.addoption(
+        "--lab-timeout",
+        type=float,
+        default=float(os.environ.get(ENV_TIMEOUT, DEFAULT_BATCH_TIMEOUT)),
+        help=f"seconds for the whole vm batch, boot included (${ENV_TIMEOUT})",
+    )
+    group.addoption(
+        "--lab-live",
+        action="store_true",
+        help="show the guest's pytest output live while the vm batch runs",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if in_guest():
+        report = os.environ.get(ENV_REPORT)
+        if report:
+            config.pluginmanager.register(GuestReporter(Path(report)), "labvm-guest-reporter")
+    else:
+        config.pluginmanager.register(HostBatch(config), "labvm-host-batch")
+
+
+@pytest.fixture
+def lab_qmp() -> GuestQmp:
+    """The QEMU monitor of the lab guest this test runs in (vm tests only)."""
+    if not in_guest():
+        pytest.skip("lab_qmp only works inside the lab guest (mark the test vm)")
+    return GuestQmp()
+
+
+# --------------------------------------------------------------------------- guest side
+
+
+class GuestReporter:
+    """Inside the guest: append one JSON line per test phase (and failed collection)."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+
+    def _write(self, record: dict[str, Any]) -> None:
+        with self._path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        record: dict[str, Any] = {
+            "nodeid": report.nodeid,
+            "when": report.when,
+            "outcome": report.outcome,
+            "duration": report.duration,
+        }
+        if hasattr(report, "wasxfail"):
+            record["wasxfail"] = report.wasxfail
+        if report.skipped and isinstance(report.longrepr, tuple):
+            record["reason"] = str(report.longrepr[2])
+        elif report.failed:
+            text = report.longreprtext
+            for title, content in report.sections:
+                text += f"\n{'-' * 10} {title} (in the guest) {'-' * 10}\n{content}"
+            record["text"] = text
+        self._write(record)
+
+    def pytest_collectreport(self, report: pytest.CollectReport) -> None:
+        if report.failed:
+            self._write(
+                {
+                    "nodeid": report.nodeid,
+                    "when": "collect",
+                    "outcome": "failed",
+                    "text": report.longreprtext,
+                }
+            )
+
+
+# --------------------------------------------------------------------------- host side
+
+
+class GuestFailureError(Exception):
+    """A vm test failed in the guest, or the guest could not run it; str() is the report."""
+
+
+class GuestItem(pytest.Item):
+    """Host stand-in for a vm test: reports the outcome the test had in the guest."""
+
+    def __init__(self, *, batch: HostBatch, original: pytest.Item, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._batch = batch
+        self._location = original.location
+        self.own_markers = list(original.own_markers)
+        self.keywords.update(original.keywords)
+
+    def reportinfo(self) -> tuple[Any, int | None, str]:
+        return self.path, self._location[1], self._location[2]
+
+    def runtest(self) -> None:
+        self._batch.report_outcome(self.nodeid)
+
+    def repr_failure(
+        self,
+        excinfo: pytest.ExceptionInfo[BaseException],
+        style: Any = None,
+    ) -> str:
+        if isinstance(excinfo.value, GuestFailureError):
+            return str(excinfo.value)
+        return str(super().repr_failure(excinfo))
+
+
+class HostBatch:
+    """On the host: swap vm items for stand-ins, run them all in one guest boot, report."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self._config = config
+        self._nodeids: list[str] = []
+        self._done = False
+        self._unavailable: str | None = None
+        self._crash: str | None = None  # why the batch produced no result for some tests
+        self._phases: dict[str, list[dict[str, Any]]] = {}
+        self._summary: str | None = None
+
+    @pytest.hookimpl(trylast=True)  # after -m / -k deselection
+    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        for i, item in enumerate(items):
+            if item.get_closest_marker("vm") is None or item.parent is None:
+                continue
+            items[i] = GuestItem.from_parent(item.parent, name=item.name, batch=self, original=item)
+            self._nodeids.append(item.nodeid)
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if self._summary is not None:
+            terminalreporter.write_sep("-", "lab vm batch")
+            terminalreporter.write_line(self._summary)
+
+    # -- running
+
+    def _say(self, line: str) -> None:
+        reporter = self._config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(line)
+        else:
+            print(line, file=sys.stderr)
+
+    def _run_batch(self) -> None:
+        self._done = True
+        try:
+            kernel = labvm.check_available()
+        except labvm.LabUnavailableError as exc:
+            self._unavailable = str(exc)
+            self._summary = f"lab unavailable: {exc}"
+            return
+        rootdir = self._config.rootpath
+        timeout: float = self._config.getoption("--lab-timeout")
+        live: bool = self._config.getoption("--lab-live")
+        self._say("")
+        self._say(f"lab: booting the guest for {len(self._nodeids)} vm test(s)")
+        log_path = rootdir / ".lab" / "vm-batch.log"
+        with labvm.prepared(cwd=rootdir, kernel=kernel) as run:
+            report = run.workdir / "report.jsonl"
+            run.extra_env[ENV_REPORT] = str(report)
+            argv = [
+                "python", "-m", "pytest", "-p", "no:cacheprovider", "--rootdir", str(rootdir),
+                "-o", "console_output_style=classic", "-q", *self._nodeids,
+            ]  # fmt: skip
+            result = labvm.execute(
+                run,
+                argv,
+                timeout=timeout,
+                on_output=(lambda line: self._say(line.rstrip("\n"))) if live else None,
+            )
+            lines = report.read_text().splitlines() if report.exists() else []
+        for line in lines:
+            record = json.loads(line)
+            self._phases.setdefault(record["nodeid"], []).append(record)
+
+        log_path.parent.mkdir(exist_ok=True)
+        log_path.write_text(
+            f"$ {' '.join(result.argv)}\n\n=== guest output ===\n{result.output}\n"
+            f"=== console (vng stderr) ===\n{result.console}"
+        )
+        boot = f"{result.boot_seconds:.1f}s" if result.boot_seconds is not None else "never"
+        batch = (
+            f"{result.total_seconds - result.boot_seconds:.1f}s"
+            if result.boot_seconds is not None
+            else "-"
+        )
+        self._summary = (
+            f"lab: {len(self._nodeids)} vm test(s) in one guest boot: boot {boot}, "
+            f"batch {batch}, total {result.total_seconds:.1f}s; guest pytest status "
+            f"{result.status}; full log {log_path}"
+        )
+        self._say(self._summary)
+        if result.timed_out or result.status is None or result.qemu_problems:
+            self._crash = result.describe_failure() + f"\n(full log: {log_path})"
+        else:
+            self._crash = (
+                f"the guest's pytest (status {result.status}) reported no result for this "
+                f"test; its output ends:\n{result.output[-3000:]}\n(full log: {log_path})"
+            )
+
+    def report_outcome(self, nodeid: str) -> None:
+        if not self._done:
+            self._run_batch()
+        if self._unavailable is not None:
+            if lab_required():
+                raise GuestFailureError(
+                    f"the lab is required here (CI=true or IOMMUD_REQUIRE_LAB=1) but "
+                    f"unavailable: {self._unavailable}"
+                )
+            pytest.skip(f"lab unavailable: {self._unavailable}")
+        phases = {r["when"]: r for r in self._phases.get(nodeid, [])}
+        for when in ("setup", "call", "teardown"):
+            record = phases.get(when)
+            if record is None:
+                if when == "call" and phases.get("setup", {}).get("outcome") == "skipped":
+                    break
+                raise GuestFailureError(f"[lab guest] no {when} result: {self._crash}")
+            if record["outcome"] == "failed":
+                raise GuestFailureError(f"[lab guest, {when}]\n{record.get('text', '')}")
+        for record in phases.values():
+            if "wasxfail" in record and record["outcome"] == "skipped":
+                pytest.xfail(f"(in the guest) {record['wasxfail']}")
+            if record["outcome"] == "skipped":
+                pytest.skip(f"(in the guest) {record.get('reason', '')}")
