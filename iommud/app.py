@@ -1,0 +1,215 @@
+"""The daemon process: command line, config, logging, event loop, signals, sd_notify.
+
+``main()`` parses ``iommud [--config FILE] [--check-config FILE] [--socket PATH]``,
+configures logging (JSON on stdout unless it is a TTY), picks uvloop (the one place
+that does; plain asyncio is the fallback), takes the listening socket from systemd
+(socket activation) or binds it, and serves until SIGTERM/SIGINT. On a signal it tells
+systemd STOPPING=1, stops accepting, lets in-flight requests finish within a bounded
+grace, closes the broker and exits 0. It never daemonizes (no fork, no pidfile).
+
+It owns process-level concerns only: what a request does is the broker's business,
+how a connection is served is ``iommud.server``'s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import structlog
+
+from iommud import logs
+from iommud.config import Config, load_config
+from iommud.errors import ConfigError
+from iommud.sdnotify import Notifier
+from iommud.server import BrokerAPI, Server, ServerInfo
+from iommud.server.listen import bind_listener, inherited_listeners
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_CONFIG = Path("/etc/iommud/iommud.toml")
+SHUTDOWN_GRACE = 5.0
+
+
+class DaemonBroker(BrokerAPI, Protocol):
+    """The broker as the process sees it: the server's API plus a lifecycle."""
+
+    async def start(self) -> None: ...
+    async def aclose(self) -> None: ...
+
+
+BrokerFactory = Callable[[Config], DaemonBroker]
+
+
+def default_broker(config: Config) -> DaemonBroker:
+    """``iommud.broker.Broker.from_config(config)``, imported only when the daemon runs.
+
+    Looked up at run time so the process module does not pin the broker's constructor.
+    """
+    broker_cls: Any = importlib.import_module("iommud.broker").Broker
+    factory = getattr(broker_cls, "from_config", broker_cls)
+    broker: DaemonBroker = factory(config)
+    return broker
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="iommud", description="IOMMU/VFIO broker daemon")
+    parser.add_argument("--config", type=Path, help=f"config file (default {DEFAULT_CONFIG})")
+    parser.add_argument(
+        "--check-config", type=Path, metavar="FILE", help="validate FILE, print the verdict, exit"
+    )
+    parser.add_argument("--socket", help="listen here instead of the config's daemon.socket")
+    parser.add_argument(
+        "--socket-mode",
+        type=lambda s: int(s, 8),
+        default=0o660,
+        help="mode of a socket the daemon binds itself, octal (default 0660)",
+    )
+    parser.add_argument("--log-level", default="info", choices=sorted(logs._LEVELS))
+    return parser.parse_args(argv)
+
+
+def check_config(path: Path) -> int:
+    """Print a verdict on ``path``; 0 if valid, 1 if not."""
+    try:
+        load_config(path)
+    except ConfigError as exc:
+        where = f" at {exc.details['key']}" if exc.details.get("key") else ""
+        print(f"{path}: INVALID{where}: {exc.message}", file=sys.stderr)
+        for key, value in sorted(exc.details.items()):
+            print(f"  {key}: {value}", file=sys.stderr)
+        return 1
+    print(f"{path}: OK")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None, *, broker_factory: BrokerFactory | None = None) -> int:
+    args = parse_args(argv)
+    if args.check_config is not None:
+        return check_config(args.check_config)
+    logs.configure(level=args.log_level)
+    bad_config: ConfigError | None = None
+    try:
+        config = _load(args.config)
+    except ConfigError as exc:
+        bad_config = exc
+    if bad_config is not None:
+        log.error("daemon.bad_config", error=bad_config.message, **bad_config.details)
+        return 1
+    socket_path = args.socket or str(config.daemon.socket)
+    coro = serve(
+        config,
+        broker_factory or default_broker,
+        socket_path=socket_path,
+        socket_mode=args.socket_mode,
+    )
+    return run(coro)
+
+
+def _load(path: Path | None) -> Config:
+    if path is not None:
+        return load_config(path)
+    if DEFAULT_CONFIG.exists():
+        return load_config(DEFAULT_CONFIG)
+    return Config()
+
+
+def run(coro: Coroutine[Any, Any, int]) -> int:
+    """Run the daemon's main coroutine on uvloop if it is installed, else on asyncio."""
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency; stay runnable anyway
+        loop_factory, loop_name = None, "asyncio"
+    else:
+        loop_factory, loop_name = uvloop.new_event_loop, "uvloop"
+    log.info("daemon.starting", pid=os.getpid(), loop=loop_name)
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(coro)
+
+
+async def serve(
+    config: Config,
+    broker_factory: BrokerFactory,
+    *,
+    socket_path: str,
+    socket_mode: int = 0o660,
+    grace: float = SHUTDOWN_GRACE,
+    notifier: Notifier | None = None,
+) -> int:
+    """Serve until SIGTERM/SIGINT; returns the exit status."""
+    notify = notifier or Notifier()
+    loop = asyncio.get_running_loop()
+    cannot_listen: ConfigError | None = None
+    try:
+        listeners, bound_path = _listeners(socket_path, socket_mode)
+    except ConfigError as exc:
+        cannot_listen = exc
+    if cannot_listen is not None:
+        log.error("daemon.cannot_listen", error=cannot_listen.message, **cannot_listen.details)
+        return 1
+    broker = broker_factory(config)
+    try:
+        await broker.start()
+        info = ServerInfo(capabilities=tuple(getattr(broker, "capabilities", ())))
+        server = Server(broker, listeners, info=info, grace=grace)
+
+        def on_signal(signum: signal.Signals) -> None:
+            log.info("daemon.stopping", signal=signum.name)
+            notify.notify("STOPPING=1", "STATUS=draining connections")
+            server.stop()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal, sig)
+
+        def on_ready() -> None:
+            log.info("daemon.ready", socket=bound_path or "inherited", listeners=len(listeners))
+            notify.notify("READY=1", "STATUS=serving")
+
+        async with asyncio.TaskGroup() as tg:
+            watchdog = tg.create_task(_watchdog(notify))
+            await server.serve(on_ready)
+            watchdog.cancel()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await asyncio.shield(broker.aclose())
+        for lst in listeners:
+            lst.close()
+        if bound_path is not None:
+            _unlink_own_socket(bound_path)
+        notify.close()
+    log.info("daemon.stopped")
+    return 0
+
+
+def _listeners(path: str, mode: int) -> tuple[list[socket.socket], str | None]:
+    inherited = inherited_listeners()
+    if inherited:
+        log.info("daemon.socket_activated", count=len(inherited))
+        return inherited, None
+    return [bind_listener(path, mode=mode)], path
+
+
+def _unlink_own_socket(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
+async def _watchdog(notify: Notifier) -> None:
+    """WATCHDOG=1 at half of WATCHDOG_USEC, as sd_watchdog_enabled(3) recommends."""
+    if notify.watchdog_usec is None:
+        return
+    interval = notify.watchdog_usec / 2e6
+    while True:
+        notify.notify("WATCHDOG=1")
+        await asyncio.sleep(interval)
