@@ -516,9 +516,10 @@ def read_snapshot(
         except _Vanished:
             continue
         devices[bdf] = dev
+    # Read-only maps over dicts nobody else holds: with_group can share them unchanged.
     return HostSnapshot(
-        devices=devices,
-        groups=groups,
+        devices=_OverlayMap(devices),
+        groups=_OverlayMap(groups),
         has_iommufd=os.path.exists(dev_root / "iommu"),
         has_legacy_container=os.path.exists(dev_root / "vfio" / "vfio"),
     )
