@@ -1,0 +1,401 @@
+"""Claim and release: from "give me these devices" to bound device fds, and back.
+
+Claim: resolve the devices to their (single) IOMMU group, refuse if another session owns
+it (BusyError naming uid/pid/lease), check policy per device, plan which devices must
+move to vfio-pci (claimed devices not on it, offenders of the group) and whether config
+lets the daemon move them, choose the path with iommud.host.viability.select_path on the
+snapshot as it will be after the rebind, then: journal, pin driver_override=vfio-pci on
+every device of the group, rebind, and open the kernel objects (iommufd: cdev, bind,
+attach; legacy: group, container, type1v2, device fds). Any failure unwinds what this
+claim did, shielded from cancellation.
+
+Release (or disconnect, revoke): block DMA first (detach, or unmap a container only this
+group uses), reset the devices where they can be reset, close the daemon's fds, then put
+drivers and overrides back (off-loop, see drivers.py).
+
+Owns no state of its own: the Broker passes its registries in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+
+import structlog
+
+from iommud.broker.drivers import VFIO_PCI, DriverManager
+from iommud.broker.ioas import IoasManager
+from iommud.broker.journal import JournalEntry
+from iommud.broker.state import (
+    GroupHold,
+    IoasState,
+    Lease,
+    LeasedDevice,
+    LeaseState,
+    Session,
+)
+from iommud.config import Config
+from iommud.errors import (
+    BusyError,
+    KernelError,
+    NotFoundError,
+    PermissionDeniedError,
+    RevokedError,
+)
+from iommud.fds import OwnedFd
+from iommud.host.snapshot import HostSnapshot, PciDevice
+from iommud.host.viability import (
+    Backend,
+    BackendRequest,
+    ClaimIntent,
+    ExistingClaim,
+    select_path,
+)
+from iommud.kernel.interface import Kernel
+from iommud.policy import check_claim, may_rebind
+from iommud.protocol.messages import Claim, ClaimedDevice, ClaimReply
+
+log = structlog.get_logger(__name__)
+
+RefreshGroups = Callable[[list[str]], Awaitable[tuple[HostSnapshot, int]]]
+"""Re-read the groups of these BDFs; returns the fresh snapshot and THE group id."""
+
+
+class ClaimManager:
+    def __init__(
+        self,
+        config: Config,
+        kernel: Kernel,
+        drivers: DriverManager,
+        ioas: IoasManager,
+        holds: dict[int, GroupHold],
+        refresh: RefreshGroups,
+    ) -> None:
+        self._config = config
+        self._kernel = kernel
+        self._drivers = drivers
+        self._ioas = ioas
+        self._holds = holds
+        self._refresh = refresh
+        self._lock = asyncio.Lock()  # one claim/release changes ownership at a time
+        self._next_lease = 1
+
+    # ------------------------------------------------------------------ claim
+    async def claim(self, session: Session, req: Claim) -> tuple[ClaimReply, list[OwnedFd]]:
+        async with self._lock:
+            return await self._claim(session, req)
+
+    async def _claim(self, session: Session, req: Claim) -> tuple[ClaimReply, list[OwnedFd]]:
+        devices = list(req.devices)
+        snap, gid = await self._refresh(devices)
+        hold = self._holds.get(gid)
+        if hold is not None and hold.session is not session:
+            first = next(iter(hold.leases.values()), None)
+            ident = hold.session.identity
+            raise BusyError(
+                f"IOMMU group {gid} is owned by uid {ident.uid} (pid {ident.pid})",
+                group_id=gid,
+                uid=ident.uid,
+                pid=ident.pid,
+                lease_id=first.lease_id if first else None,
+            )
+        if hold is not None and any(le.state is LeaseState.REVOKED for le in hold.leases.values()):
+            raise RevokedError(f"IOMMU group {gid} was revoked; release it first", group_id=gid)
+        for bdf in devices:
+            check_claim(self._config, session.identity, snap.devices[bdf]).raise_if_denied(
+                session.identity, snap.devices[bdf]
+            )
+
+        safe = self._config.dma_safe_drivers
+        members = snap.group_devices(gid)
+        to_rebind: list[PciDevice] = []
+        refused: list[PciDevice] = []
+        for dev in members:
+            offender = dev.driver is not None and dev.driver not in safe
+            needs_vfio = dev.bdf in devices and dev.driver != VFIO_PCI
+            if offender or needs_vfio:
+                (to_rebind if may_rebind(self._config, dev) else refused).append(dev)
+        planned = snap
+        if to_rebind:
+            group = snap.groups[gid]
+            planned_devs = {d.bdf: d for d in members}
+            planned_devs.update({d.bdf: replace(d, driver=VFIO_PCI) for d in to_rebind})
+            planned = snap.with_group(group, planned_devs)
+
+        target: IoasState | None = None
+        if req.ioas_id is not None:
+            target = self._ioas.get(session, req.ioas_id)
+        existing = {
+            d.bdf: ExistingClaim(session.session_id, le.ioas.ioas_id, le.backend)
+            for le in (hold.leases.values() if hold else ())
+            for d in le.devices
+        }
+        intent = ClaimIntent(
+            client=session.session_id,
+            devices=tuple(devices),
+            ioas_id=req.ioas_id,
+            backend=BackendRequest(str(req.backend)),
+            ioas_backend=target.backend if target else None,
+        )
+        decision = select_path(planned, gid, intent, existing, safe)  # NotViable/GroupSplit
+        for dev in refused:
+            if dev.bdf in devices:
+                raise PermissionDeniedError(
+                    f"{dev.bdf} is bound to {dev.driver or 'no driver'}, not vfio-pci, and "
+                    "[manage] rebind does not let the daemon rebind it",
+                    bdf=dev.bdf,
+                    driver=dev.driver,
+                    rule="manage.rebind",
+                )
+
+        new_hold = hold is None
+        if hold is None:
+            hold = GroupHold(gid, session, decision.backend)
+        created: IoasState | None = None
+        lease_devices: list[LeasedDevice] = []
+        fds: list[OwnedFd] = []
+        try:
+            await self._prepare_drivers(hold, members, to_rebind, new_hold=new_hold)
+            if new_hold:
+                self._holds[gid] = hold
+            snap, _ = await self._refresh(devices)  # cdev names appear after the rebind
+            if target is None:
+                target = created = self._ioas.create(session, decision.backend)
+            if decision.backend is Backend.IOMMUFD:
+                await self._open_iommufd(session, target, snap, devices, lease_devices)
+            else:
+                await self._open_legacy(hold, target, devices, lease_devices)
+            for ld in lease_devices:
+                fds.append(OwnedFd(ld.device.dup_fd()))
+        except BaseException:
+            for fd in fds:
+                fd.close()
+            await asyncio.shield(self._unwind(session, hold, new_hold, lease_devices, created))
+            raise
+
+        lease = Lease(self._next_lease, session, gid, decision.backend, target, lease_devices)
+        self._next_lease += 1
+        hold.leases[lease.lease_id] = lease
+        session.leases[lease.lease_id] = lease
+        target.groups.add(gid)
+        log.info(
+            "device.claimed",
+            session=session.session_id,
+            uid=session.identity.uid,
+            pid=session.identity.pid,
+            lease_id=lease.lease_id,
+            group_id=gid,
+            devices=devices,
+            backend=str(decision.backend),
+            ioas_id=target.ioas_id,
+            reason=decision.reason,
+            rebound=[d.bdf for d in to_rebind],
+        )
+        reply = ClaimReply(
+            id=req.id,
+            fds=len(fds),
+            lease_id=lease.lease_id,
+            group_id=gid,
+            backend=str(decision.backend),
+            ioas_id=target.ioas_id,
+            devices=tuple(
+                ClaimedDevice(bdf=ld.bdf, fd_index=i, devid=ld.devid)
+                for i, ld in enumerate(lease_devices)
+            ),
+        )
+        return reply, fds
+
+    async def _prepare_drivers(
+        self,
+        hold: GroupHold,
+        members: tuple[PciDevice, ...],
+        to_rebind: list[PciDevice],
+        *,
+        new_hold: bool,
+    ) -> None:
+        """Journal first, then pin every member's override, then rebind."""
+        pin = [d for d in members if d.bdf not in hold.pinned]
+        entries = [
+            JournalEntry(
+                d.bdf,
+                hold.group_id,
+                d.driver,
+                d.driver_override,
+                rebound=any(r.bdf == d.bdf for r in to_rebind),
+            )
+            for d in pin
+        ]
+        # A later claim in an already-held group: those devices are pinned already; their
+        # journalled override is the one from before the first claim.
+        entries += [
+            JournalEntry(d.bdf, hold.group_id, d.driver, hold.pinned[d.bdf], rebound=True)
+            for d in to_rebind
+            if d.bdf in hold.pinned
+        ]
+        if entries:
+            await self._drivers.journal(entries)
+        for d in pin:
+            hold.pinned[d.bdf] = d.driver_override
+            await self._drivers.pin(d.bdf)
+        for d in to_rebind:
+            hold.rebound[d.bdf] = d.driver
+            await self._drivers.to_vfio(d.bdf)
+
+    async def _open_iommufd(
+        self,
+        session: Session,
+        ioas: IoasState,
+        snap: HostSnapshot,
+        devices: list[str],
+        out: list[LeasedDevice],
+    ) -> None:
+        ictx = self._ioas.iommufd(session)
+        assert ioas.kernel_id is not None
+        for bdf in devices:
+            cdev = snap.devices[bdf].vfio_cdev
+            if cdev is None:
+                raise KernelError("open_cdev", errno.ENOENT, f"{bdf} has no VFIO cdev", bdf=bdf)
+            dev = self._kernel.open_cdev(cdev)
+            ld = LeasedDevice(bdf, dev)
+            out.append(ld)
+            ld.devid = dev.bind_iommufd(ictx)
+            dev.attach_ioas(ioas.kernel_id)
+            ld.attached = True
+
+    async def _open_legacy(
+        self,
+        hold: GroupHold,
+        ioas: IoasState,
+        devices: list[str],
+        out: list[LeasedDevice],
+    ) -> None:
+        assert ioas.container is not None
+        if hold.group is None:
+            hold.group = self._kernel.open_group(hold.group_id)
+        status = hold.group.get_status()
+        if not status.is_viable:
+            raise KernelError(
+                "group_status",
+                errno.EBUSY,
+                f"the kernel says group {hold.group_id} is not viable",
+                group_id=hold.group_id,
+            )
+        if not status.is_container_set:
+            hold.group.set_container(ioas.container)
+        if not ioas.container_ready:
+            ioas.container.set_iommu_type1v2()
+            ioas.container_ready = True
+        for bdf in devices:
+            out.append(LeasedDevice(bdf, hold.group.get_device(bdf), attached=True))
+
+    async def _unwind(
+        self,
+        session: Session,
+        hold: GroupHold,
+        new_hold: bool,
+        devices: list[LeasedDevice],
+        created: IoasState | None,
+    ) -> None:
+        await self._close_devices(hold, devices, reset=False)
+        if new_hold:
+            self._holds.pop(hold.group_id, None)
+            if hold.group is not None:
+                hold.group.close()
+                hold.group = None
+        if created is not None:
+            await self._ioas.destroy(session, created, force=True)
+        if new_hold:
+            await self._restore(hold)
+
+    # ------------------------------------------------------------------ release
+    async def release(self, session: Session, lease_id: int) -> None:
+        lease = session.leases.get(lease_id)
+        if lease is None:
+            raise NotFoundError(f"no lease {lease_id} in this session", lease_id=lease_id)
+        async with self._lock:
+            await asyncio.shield(self.release_lease(lease, why="release"))
+
+    async def release_lease(self, lease: Lease, *, why: str) -> list[str]:
+        """Block DMA, reset, close, restore. Returns BDFs whose restore is still pending."""
+        hold = self._holds[lease.group_id]
+        session = lease.session
+        last = len(hold.leases) == 1
+        await self.block_dma(lease, drop_shared_container=last)
+        await self._close_devices(hold, lease.devices, reset=True)
+        hold.leases.pop(lease.lease_id, None)
+        session.leases.pop(lease.lease_id, None)
+        pending: list[str] = []
+        if last:
+            lease.ioas.groups.discard(hold.group_id)
+            if hold.group is not None:
+                hold.group.close()
+                hold.group = None
+            del self._holds[hold.group_id]
+            pending = await self._restore(hold)
+        log.info(
+            "lease.released",
+            session=session.session_id,
+            lease_id=lease.lease_id,
+            group_id=lease.group_id,
+            why=why,
+            restore_pending=pending,
+        )
+        return pending
+
+    async def block_dma(self, lease: Lease, *, drop_shared_container: bool) -> None:
+        """Stop the lease's devices from reaching memory: detach (iommufd); on the legacy
+        path unmap the container when no other group of the session uses it."""
+        if lease.backend is Backend.IOMMUFD:
+            for ld in lease.devices:
+                if ld.attached:
+                    try:
+                        ld.device.detach_ioas()
+                    except KernelError as exc:
+                        log.exception("device.detach_failed", bdf=ld.bdf, errno=exc.errno)
+                    ld.attached = False
+        elif drop_shared_container and lease.ioas.groups <= {lease.group_id}:
+            await self._ioas.unmap_all(lease.session, lease.ioas)
+
+    async def _close_devices(
+        self, hold: GroupHold, devices: list[LeasedDevice], *, reset: bool
+    ) -> None:
+        for ld in devices:
+            if ld.attached and hold.backend is Backend.IOMMUFD:
+                try:
+                    ld.device.detach_ioas()
+                except KernelError as exc:
+                    log.exception("device.detach_failed", bdf=ld.bdf, errno=exc.errno)
+                ld.attached = False
+            if reset:
+                await _reset_quietly(ld)
+            ld.device.close()
+
+    async def _restore(self, hold: GroupHold) -> list[str]:
+        bdfs = list(hold.pinned) + [b for b in hold.rebound if b not in hold.pinned]
+        entries = [
+            JournalEntry(
+                b, hold.group_id, hold.rebound.get(b), hold.pinned.get(b), rebound=b in hold.rebound
+            )
+            for b in bdfs
+        ]
+        return await self._drivers.restore(entries)
+
+    # ------------------------------------------------------------------ revoke
+    def active_leases(self, group_id: int) -> list[Lease]:
+        hold = self._holds.get(group_id)
+        if hold is None:
+            return []
+        return [le for le in hold.leases.values() if le.state is LeaseState.ACTIVE]
+
+
+async def _reset_quietly(ld: LeasedDevice) -> None:
+    """VFIO_DEVICE_RESET when the device supports it; failures are logged, not raised."""
+    try:
+        info = ld.device.get_info()
+        if info.can_reset:
+            await asyncio.to_thread(ld.device.reset)
+            log.info("device.reset", bdf=ld.bdf)
+    except KernelError as exc:
+        log.warning("device.reset_failed", bdf=ld.bdf, errno=exc.errno, op=exc.op)

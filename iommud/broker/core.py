@@ -1,0 +1,496 @@
+"""The Broker: the daemon's state owner and the server's only way to the kernel.
+
+It keeps the sessions (one per connection), the groups they own, their leases, IOAS
+objects and mappings, and answers every request op but ``hello`` (the server's
+connection state machine owns that one). Each session's requests are serialised by the
+session's lock; ownership changes (claim, release, revoke, teardown) additionally take
+the claim lock, so two clients racing for a group see a consistent owner.
+
+Teardown (release, disconnect, peer exit seen on its pidfd, daemon stop) always blocks
+DMA first, then closes the daemon's fds, then puts drivers back, and is shielded from
+cancellation. Nothing here knows about sockets or bytes; nothing here opens /dev or
+writes sysfs except through the kernel layer's interface (iommud.kernel.interface).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Callable
+
+import structlog
+
+from iommud import __version__
+from iommud.broker.claim import ClaimManager
+from iommud.broker.drivers import DriverManager
+from iommud.broker.events import EventHub, EventSink, Subscription
+from iommud.broker.ioas import IoasManager
+from iommud.broker.journal import Journal
+from iommud.broker.state import GroupHold, IoasState, Lease, LeaseState, Outcome, Session
+from iommud.config import Config
+from iommud.errors import (
+    BadRequestError,
+    InvalidStateError,
+    KernelError,
+    NotFoundError,
+    PermissionDeniedError,
+    RevokedError,
+)
+from iommud.fds import FdSet, OwnedFd
+from iommud.host.snapshot import (
+    HostSnapshot,
+    IommuGroup,
+    PciDevice,
+    group_of,
+    read_group,
+    read_snapshot,
+)
+from iommud.host.viability import Backend, group_viability, whole_group_path
+from iommud.kernel.interface import Kernel
+from iommud.policy import Identity, quota_for
+from iommud.protocol import messages as m
+
+log = structlog.get_logger(__name__)
+
+
+class Broker:
+    """See the module docstring. The server calls only the public methods below."""
+
+    def __init__(
+        self,
+        config: Config,
+        kernel: Kernel,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sysfs_timeout: float = 10.0,
+        restore_retries: int = 5,
+        restore_retry_delay: float = 0.5,
+    ) -> None:
+        self._config = config
+        self._kernel = kernel
+        self._clock = clock
+        self._started = clock()
+        self._journal = Journal(config.daemon.state_dir)
+        self._drivers = DriverManager(
+            kernel.binder,
+            self._journal,
+            timeout=sysfs_timeout,
+            retries=restore_retries,
+            retry_delay=restore_retry_delay,
+        )
+        self._ioas = IoasManager(kernel)
+        self._holds: dict[int, GroupHold] = {}
+        self._sessions: dict[int, Session] = {}
+        self._session_ids = itertools.count(1)
+        self._hub = EventHub()
+        self._claims = ClaimManager(
+            config, kernel, self._drivers, self._ioas, self._holds, self._refresh_groups
+        )
+        self._snapshot: HostSnapshot | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.event_source: str | None = None  # set by the udev layer (issue 5)
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def snapshot(self) -> HostSnapshot:
+        if self._snapshot is None:
+            raise InvalidStateError("the broker has not started")
+        return self._snapshot
+
+    @property
+    def pending_restores(self) -> dict[str, str]:
+        """BDF -> what its driver restore is still waiting for."""
+        return dict(self._drivers.pending)
+
+    async def start(self) -> None:
+        """Replay the rebind journal of a previous run, then read the host."""
+        entries = await asyncio.to_thread(self._journal.load)
+        if entries:
+            log.warning(
+                "journal.replay", devices=[e.bdf for e in entries], path=str(self._journal.path)
+            )
+            pending = await self._drivers.restore(entries)
+            if pending:
+                log.error("journal.replay_pending", devices=pending)
+        d = self._config.daemon
+        self._snapshot = await asyncio.to_thread(read_snapshot, d.sys_root, d.dev_root)
+        self._started = self._clock()
+        log.info(
+            "broker.started",
+            devices=len(self._snapshot.devices),
+            groups=len(self._snapshot.groups),
+            iommufd=self._snapshot.has_iommufd,
+            legacy=self._snapshot.has_legacy_container,
+        )
+
+    async def aclose(self, *, grace: float = 30.0) -> None:
+        """Release every session (shielded), then wait (bounded) for driver restores."""
+
+        async def _all() -> None:
+            for session in list(self._sessions.values()):
+                await self.close_session(session)
+            for t in list(self._tasks):
+                await t
+            await self._drivers.aclose(grace)
+
+        await asyncio.shield(_all())
+        log.info("broker.closed", pending_restores=self._drivers.pending)
+
+    # ------------------------------------------------------------------ sessions
+    def open_session(self, identity: Identity, *, pidfd: OwnedFd | int | None = None) -> Session:
+        """A session for a new connection. Takes ownership of ``pidfd``: when the peer
+        exits (the pidfd turns readable) the session is torn down even if the socket
+        lingers."""
+        owned = OwnedFd(pidfd) if isinstance(pidfd, int) else pidfd
+        session = Session(
+            session_id=next(self._session_ids),
+            identity=identity,
+            quota=quota_for(self._config, identity),
+            sink=EventSink(),
+            pidfd=owned,
+        )
+        self._sessions[session.session_id] = session
+        if owned is not None:
+            asyncio.get_running_loop().add_reader(owned.fileno(), self._peer_exited, session)
+        log.info(
+            "session.opened",
+            session=session.session_id,
+            uid=identity.uid,
+            pid=identity.pid,
+            has_pidfd=owned is not None,
+        )
+        return session
+
+    def _peer_exited(self, session: Session) -> None:
+        self._stop_watching(session)
+        log.info("session.peer_exited", session=session.session_id, pid=session.identity.pid)
+        task = asyncio.get_running_loop().create_task(self.close_session(session))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _stop_watching(self, session: Session) -> None:
+        if session.pidfd is not None and not session.pidfd.closed:
+            asyncio.get_running_loop().remove_reader(session.pidfd.fileno())
+
+    async def close_session(self, session: Session) -> None:
+        """Tear a session down (idempotent; concurrent callers wait for the first)."""
+        if session.closing:
+            await session.closed.wait()
+            return
+        session.closing = True
+        await asyncio.shield(self._teardown(session))
+
+    async def _teardown(self, session: Session) -> None:
+        try:
+            async with session.lock, self._claims._lock:
+                # 1. Block DMA: unmap every IOAS, detach every device.
+                for ioas in list(session.ioases.values()):
+                    await self._quietly("ioas.unmap_all", self._ioas.unmap_all(session, ioas))
+                for lease in list(session.leases.values()):
+                    await self._quietly(
+                        "lease.block_dma", self._claims.block_dma(lease, drop_shared_container=True)
+                    )
+                # 2. Reset and close devices, restore drivers (per lease).
+                for lease in list(session.leases.values()):
+                    await self._quietly(
+                        "lease.release", self._claims.release_lease(lease, why="disconnect")
+                    )
+                # 3. Free the IOASes and the session's /dev/iommu.
+                for ioas in list(session.ioases.values()):
+                    await self._quietly(
+                        "ioas.destroy", self._ioas.destroy(session, ioas, force=True)
+                    )
+                if session.iommufd is not None:
+                    session.iommufd.close()
+                    session.iommufd = None
+        finally:
+            self._stop_watching(session)
+            if session.pidfd is not None:
+                session.pidfd.close()
+            self._sessions.pop(session.session_id, None)
+            session.closed.set()
+            log.info("session.closed", session=session.session_id)
+
+    @staticmethod
+    async def _quietly(what: str, coro: object) -> None:
+        """Teardown keeps going past one failed step; the failure is logged."""
+        assert asyncio.iscoroutine(coro)
+        try:
+            await coro
+        except KernelError as exc:
+            log.exception("session.teardown_step_failed", step=what, op=exc.op, errno=exc.errno)
+
+    def events(self, session: Session) -> asyncio.Queue[m.Event]:
+        return session.sink.queue
+
+    # ------------------------------------------------------------------ requests
+    async def handle(self, session: Session, request: m.Request, fds: FdSet) -> Outcome:
+        """Answer one request. Raises IommudError subclasses for typed errors. Owns
+        ``fds``: every received fd is closed before this returns (mappings keep their
+        own reference: the daemon's mmap or the kernel's file reference)."""
+        with fds:
+            if session.closing:
+                raise InvalidStateError("the session is closing")
+            if isinstance(request, m.Ping):
+                return Outcome(m.PingReply(id=request.id))
+            if isinstance(request, m.Status):
+                return Outcome(self._status(request.id))
+            if isinstance(request, m.ListDevices):
+                return Outcome(await self._list_devices(request.id))
+            if isinstance(request, m.ListGroups):
+                return Outcome(await self._list_groups(request.id))
+            if isinstance(request, m.Subscribe):
+                session.sink.subscription = Subscription(
+                    None if request.events is None else frozenset(request.events),
+                    None if request.groups is None else frozenset(request.groups),
+                )
+                return Outcome(m.SubscribeReply(id=request.id))
+            if isinstance(request, m.Revoke):
+                if not session.identity.is_root:
+                    raise PermissionDeniedError(
+                        "revoke is for root only",
+                        uid=session.identity.uid,
+                        rule="revoke",
+                        reason="revoke is root-only",
+                    )
+                ids = await self.revoke_group(request.group_id, request.reason)
+                return Outcome(m.RevokeReply(id=request.id, revoked_leases=tuple(ids)))
+            if isinstance(request, m.Hello):
+                raise BadRequestError("hello is answered by the connection, not the broker")
+            async with session.lock:
+                if session.closing:
+                    raise InvalidStateError("the session is closing")
+                return await self._session_op(session, request, fds)
+
+    async def _session_op(self, session: Session, request: m.Request, fds: FdSet) -> Outcome:
+        if isinstance(request, m.Claim):
+            reply, out = await self._claims.claim(session, request)
+            return Outcome(reply, out)
+        if isinstance(request, m.Release):
+            await self._claims.release(session, request.lease_id)
+            return Outcome(m.ReleaseReply(id=request.id))
+        if isinstance(request, m.IoasCreate):
+            backend = Backend.IOMMUFD if self.snapshot.has_iommufd else Backend.LEGACY
+            ioas = self._ioas.create(session, backend)
+            return Outcome(m.IoasCreateReply(id=request.id, ioas_id=ioas.ioas_id))
+        if isinstance(request, m.IoasDestroy):
+            await self._ioas.destroy(session, self._ioas.get(session, request.ioas_id))
+            return Outcome(m.IoasDestroyReply(id=request.id))
+        if isinstance(request, m.IoasMap):
+            ioas = self._usable_ioas(session, request.ioas_id)
+            mapped = await self._ioas.map(session, ioas, request.ranges, fds)
+            return Outcome(m.IoasMapReply(id=request.id, mappings=tuple(mapped)))
+        if isinstance(request, m.IoasUnmap):
+            ioas = self._ioas.get(session, request.ioas_id)
+            n = await self._ioas.unmap(session, ioas, request.iova, request.length)
+            return Outcome(m.IoasUnmapReply(id=request.id, unmapped=n))
+        if isinstance(request, m.IovaRanges):
+            ranges, align = self._ioas.iova_ranges(
+                session, self._ioas.get(session, request.ioas_id)
+            )
+            return Outcome(
+                m.IovaRangesReply(
+                    id=request.id,
+                    ranges=tuple(m.IovaRange(start=r.start, last=r.last) for r in ranges),
+                    alignment=align,
+                )
+            )
+        if isinstance(request, m.DeviceReset):
+            await self._reset(session, request.bdf)
+            return Outcome(m.DeviceResetReply(id=request.id))
+        raise BadRequestError(f"unexpected op {request.op!r}", op=request.op)
+
+    def _usable_ioas(self, session: Session, ioas_id: int) -> IoasState:
+        ioas = self._ioas.get(session, ioas_id)
+        for lease in session.leases.values():
+            if lease.ioas is ioas and lease.state is LeaseState.REVOKED:
+                raise RevokedError(
+                    f"IOAS {ioas_id} serves revoked lease {lease.lease_id}: release it first",
+                    ioas_id=ioas_id,
+                    lease_id=lease.lease_id,
+                    reason=lease.revoke_reason,
+                )
+        return ioas
+
+    async def _reset(self, session: Session, bdf: str) -> None:
+        for lease in session.leases.values():
+            for ld in lease.devices:
+                if ld.bdf == bdf:
+                    if lease.state is LeaseState.REVOKED:
+                        raise RevokedError(
+                            f"lease {lease.lease_id} was revoked", lease_id=lease.lease_id, bdf=bdf
+                        )
+                    await asyncio.to_thread(ld.device.reset)
+                    log.info("device.reset", session=session.session_id, bdf=bdf)
+                    return
+        raise NotFoundError(f"{bdf} is not claimed by this session", bdf=bdf)
+
+    # ------------------------------------------------------------------ host view
+    async def _refresh_groups(self, bdfs: list[str]) -> tuple[HostSnapshot, int]:
+        """Re-read the one group these devices are in (BadRequest if they span groups)."""
+        root = self._config.daemon.sys_root
+
+        def work() -> tuple[int, IommuGroup, dict[str, PciDevice]]:
+            groups = {b: group_of(root, b) for b in bdfs}
+            ids = set(groups.values())
+            if None in ids:
+                orphans = [b for b, g in groups.items() if g is None]
+                raise BadRequestError(
+                    f"not in any IOMMU group: {', '.join(orphans)}", devices=orphans
+                )
+            if len(ids) > 1:
+                raise BadRequestError(
+                    "one claim covers one IOMMU group; these devices span several",
+                    groups={b: g for b, g in groups.items()},
+                )
+            (gid,) = ids
+            assert gid is not None
+            group, devs = read_group(root, gid)
+            return gid, group, devs
+
+        gid, group, devs = await asyncio.to_thread(work)
+        self._snapshot = self.snapshot.with_group(group, devs)
+        return self._snapshot, gid
+
+    async def _read_all(self) -> HostSnapshot:
+        d = self._config.daemon
+        self._snapshot = await asyncio.to_thread(read_snapshot, d.sys_root, d.dev_root)
+        return self._snapshot
+
+    async def _list_devices(self, rid: int) -> m.ListDevicesReply:
+        snap = await self._read_all()
+        return m.ListDevicesReply(
+            id=rid,
+            devices=tuple(
+                m.DeviceEntry(
+                    bdf=d.bdf,
+                    vendor=d.vendor,
+                    device=d.device,
+                    class_code=d.class_code,
+                    driver=d.driver,
+                    driver_override=d.driver_override,
+                    group_id=d.group_id,
+                    is_bridge=d.is_bridge,
+                    vfio_cdev=d.vfio_cdev,
+                )
+                for d in sorted(snap.devices.values(), key=lambda d: d.bdf)
+            ),
+        )
+
+    async def _list_groups(self, rid: int) -> m.ListGroupsReply:
+        snap = await self._read_all()
+        safe = self._config.dma_safe_drivers
+        out = []
+        for gid in sorted(snap.groups):
+            v = group_viability(snap, gid, safe)
+            hold = self._holds.get(gid)
+            path = hold.backend if hold else whole_group_path(snap, gid, safe)
+            out.append(
+                m.GroupEntry(
+                    group_id=gid,
+                    devices=snap.groups[gid].devices,
+                    is_viable=v.is_viable,
+                    offenders=tuple(
+                        m.Offender(bdf=o.bdf, driver=o.driver)
+                        for o in v.offenders
+                        if o.bdf in snap.devices
+                    ),
+                    path=None if path is None else str(path),
+                    owner=None
+                    if hold is None
+                    else m.Owner(uid=hold.session.identity.uid, pid=hold.session.identity.pid),
+                )
+            )
+        return m.ListGroupsReply(id=rid, groups=tuple(out))
+
+    def _status(self, rid: int) -> m.StatusReply:
+        return m.StatusReply(
+            id=rid,
+            version=__version__,
+            event_source=self.event_source,
+            clients=len(self._sessions),
+            leases=tuple(
+                _lease_info(le) for s in self._sessions.values() for le in s.leases.values()
+            ),
+            uptime_s=max(0.0, self._clock() - self._started),
+        )
+
+    # ------------------------------------------------------------------ enforcement
+    async def on_host_change(self, group_id: int) -> None:
+        """Re-read one group after a uevent; revoke its leases if it lost viability."""
+        root = self._config.daemon.sys_root
+        try:
+            group, devs = await asyncio.to_thread(read_group, root, group_id)
+        except NotFoundError:
+            self._snapshot = self.snapshot.without_group(group_id)
+            if group_id in self._holds:
+                await self.revoke_group(group_id, f"IOMMU group {group_id} disappeared")
+            return
+        self._snapshot = self.snapshot.with_group(group, devs)
+        if group_id in self._holds:
+            v = group_viability(self._snapshot, group_id, self._config.dma_safe_drivers)
+            if not v.is_viable:
+                names = ", ".join(f"{o.bdf} ({o.driver})" for o in v.offenders)
+                await self.revoke_group(group_id, f"viability lost: {names}")
+
+    async def revoke_group(self, group_id: int, reason: str) -> list[int]:
+        """Block DMA for every active lease on the group at once and tell the owner.
+
+        iommufd: detach the devices AND unmap their IOAS (the client holds the device fd
+        and could re-attach it to that IOAS itself); legacy: unmap the container. The
+        leases stay (state revoked, group still owned, overrides still pinned) until the
+        client releases them or disconnects; maps into that IOAS are refused meanwhile.
+        """
+        revoked: list[int] = []
+
+        async def work() -> None:
+            async with self._claims._lock:
+                for lease in self._claims.active_leases(group_id):
+                    await self._claims.block_dma(lease, drop_shared_container=False)
+                    await self._ioas.unmap_all(lease.session, lease.ioas)
+                    lease.state = LeaseState.REVOKED
+                    lease.revoke_reason = reason
+                    revoked.append(lease.lease_id)
+                    ev = self._hub.make(
+                        m.EventName.LEASE_REVOKED,
+                        lease_id=lease.lease_id,
+                        group_id=group_id,
+                        reason=reason,
+                    )
+                    self._hub.publish(
+                        ev, [s.sink for s in self._sessions.values()], must_reach=lease.session.sink
+                    )
+                    log.warning(
+                        "group.revoked",
+                        group_id=group_id,
+                        lease_id=lease.lease_id,
+                        session=lease.session.session_id,
+                        uid=lease.session.identity.uid,
+                        reason=reason,
+                    )
+
+        await asyncio.shield(work())
+        return revoked
+
+    def publish(self, name: m.EventName, **fields: object) -> m.Event:
+        """Publish a host event (the udev layer's hook); returns the event sent."""
+        ev = self._hub.make(name, **fields)
+        self._hub.publish(ev, [s.sink for s in self._sessions.values()])
+        return ev
+
+
+def _lease_info(lease: Lease) -> m.LeaseInfo:
+    ident = lease.session.identity
+    return m.LeaseInfo(
+        lease_id=lease.lease_id,
+        group_id=lease.group_id,
+        uid=ident.uid,
+        pid=ident.pid,
+        backend=str(lease.backend),
+        devices=tuple(d.bdf for d in lease.devices),
+        ioas_id=lease.ioas.ioas_id,
+    )
+
+
+__all__ = ["Broker", "Outcome", "Session"]

@@ -1,0 +1,161 @@
+"""Driver changes for owned groups: pin driver_override, rebind to vfio-pci, restore.
+
+Every sysfs write goes through the kernel layer's DriverBinder in a worker thread
+(``asyncio.to_thread``) under a timeout, because writes can block: unbinding vfio-pci
+waits until every holder of the device has closed it (drivers/vfio/vfio_main.c,
+vfio_unregister_group_dev). A write that outlives its timeout cannot be cancelled (the
+thread sits in the kernel), so the restore keeps waiting for it in the background and is
+reported as pending until it completes; a restore step that fails is retried with a delay.
+
+Write-ahead: the journal records a device's original driver and override BEFORE the
+first write to it, and forgets it only once the device is back.
+
+Decides nothing about who may be rebound (the claim code asks iommud.policy).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Final
+
+import structlog
+
+from iommud.broker.journal import Journal, JournalEntry
+from iommud.errors import KernelError
+from iommud.kernel.interface import DriverBinder
+
+log = structlog.get_logger(__name__)
+
+VFIO_PCI: Final = "vfio-pci"
+
+
+class DriverManager:
+    """Off-loop sysfs driver changes with a timeout, plus background restores."""
+
+    def __init__(
+        self,
+        binder: DriverBinder,
+        journal: Journal,
+        *,
+        timeout: float = 10.0,
+        retries: int = 5,
+        retry_delay: float = 0.5,
+    ) -> None:
+        self._binder = binder
+        self._journal = journal
+        self._timeout = timeout
+        self._retries = retries
+        self._retry_delay = retry_delay
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.pending: dict[str, str] = {}  # bdf -> what we are still waiting for
+
+    async def run(self, op: str, fn: Callable[[], object]) -> None:
+        """Run one blocking step in a thread; KernelError(ETIMEDOUT) after the timeout.
+
+        On timeout the thread keeps running (it cannot be interrupted); callers that
+        must see it finish use :meth:`restore`, which keeps waiting.
+        """
+        fut = asyncio.ensure_future(asyncio.to_thread(fn))
+        done, _ = await asyncio.wait({fut}, timeout=self._timeout)
+        if not done:
+            fut.add_done_callback(_consume)
+            raise KernelError(op, 110, f"{op} did not finish within {self._timeout}s")  # ETIMEDOUT
+        fut.result()
+
+    async def journal(self, entries: list[JournalEntry]) -> None:
+        await asyncio.to_thread(self._journal.record, entries)
+
+    async def pin(self, bdf: str) -> None:
+        await self.run("driver_override", lambda: self._binder.set_driver_override(bdf, VFIO_PCI))
+        log.info("driver.override_pinned", bdf=bdf, driver=VFIO_PCI)
+
+    async def to_vfio(self, bdf: str) -> None:
+        """Move a device to vfio-pci (its override is already pinned): unbind, probe."""
+
+        def step() -> None:
+            self._binder.unbind(bdf)
+            self._binder.drivers_probe(bdf)
+            now = self._binder.current_driver(bdf)
+            if now != VFIO_PCI:
+                raise KernelError(
+                    "drivers_probe", 19, f"{bdf} did not bind to vfio-pci", bdf=bdf, driver=now
+                )  # ENODEV
+
+        await self.run("rebind", step)
+        log.info("driver.rebound", bdf=bdf, driver=VFIO_PCI)
+
+    def _restore_step(self, entry: JournalEntry) -> None:
+        b = self._binder
+        b.set_driver_override(entry.bdf, entry.original_override)
+        if entry.rebound:
+            if b.current_driver(entry.bdf) is not None:
+                b.unbind(entry.bdf)  # blocks while a client still holds the vfio device
+            if entry.original_driver is not None:
+                b.bind(entry.original_driver, entry.bdf)
+
+    async def restore(self, entries: list[JournalEntry]) -> list[str]:
+        """Put devices back; returns the BDFs still pending when the timeout hit.
+
+        Pending restores continue in the background (see :meth:`aclose`).
+        """
+        pending: list[str] = []
+        for entry in entries:
+            task = asyncio.create_task(self._restore_one(entry))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            done, _ = await asyncio.wait({task}, timeout=self._timeout)
+            if not done:
+                pending.append(entry.bdf)
+                log.warning(
+                    "driver.restore_pending",
+                    bdf=entry.bdf,
+                    waiting_for=self.pending.get(entry.bdf, "unbind"),
+                )
+        return pending
+
+    async def _restore_one(self, entry: JournalEntry) -> None:
+        attempt = 0
+        while True:
+            attempt += 1
+            self.pending[entry.bdf] = "unbind" if entry.rebound else "driver_override"
+            fut = asyncio.to_thread(self._restore_step, entry)
+            try:
+                await fut
+            except KernelError as exc:
+                log.warning(
+                    "driver.restore_failed",
+                    bdf=entry.bdf,
+                    attempt=attempt,
+                    op=exc.op,
+                    errno=exc.errno,
+                )
+                if attempt >= self._retries:
+                    self.pending[entry.bdf] = f"gave up after {attempt} attempts: {exc.message}"
+                    log.exception("driver.restore_abandoned", bdf=entry.bdf, error=exc.message)
+                    return  # the journal keeps the entry: the next start retries
+                await asyncio.sleep(self._retry_delay * attempt)
+                continue
+            break
+        self.pending.pop(entry.bdf, None)
+        await asyncio.to_thread(self._journal.drop, [entry.bdf])
+        log.info(
+            "driver.restored",
+            bdf=entry.bdf,
+            driver=entry.original_driver,
+            override=entry.original_override,
+            attempts=attempt,
+        )
+
+    async def aclose(self, grace: float) -> None:
+        """Wait (bounded) for background restores still running."""
+        if self._tasks:
+            _done, not_done = await asyncio.wait(set(self._tasks), timeout=grace)
+            for t in not_done:
+                log.error("driver.restore_unfinished", task=t.get_name())
+                t.cancel()
+
+
+def _consume(fut: asyncio.Future[object]) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.warning("driver.late_failure", error=str(fut.exception()))

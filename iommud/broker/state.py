@@ -1,0 +1,135 @@
+"""The broker's state objects: sessions, group holds, leases, IOAS objects, mappings.
+
+Plain mutable records owned by the Broker (one event loop, no threads touch them).
+Every kernel object here is owned by exactly one record; whoever removes the record
+closes the object. No I/O and no decisions here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from iommud.broker.events import EventSink
+from iommud.config import Quota
+from iommud.fds import OwnedFd
+from iommud.host.viability import Backend
+from iommud.kernel.interface import IommuFd, VfioContainer, VfioDevice, VfioGroup
+from iommud.policy import Identity
+from iommud.protocol.messages import Reply
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What ``Broker.handle`` returns: the reply and the fds to send with it, in order."""
+
+    reply: Reply
+    fds: list[OwnedFd] = field(default_factory=list)
+
+
+class Closeable(Protocol):
+    def close(self) -> None: ...
+
+
+@dataclass(eq=False)
+class Mapping:
+    """One mapped range of an IOAS: what the client gave and what the daemon holds."""
+
+    iova: int
+    length: int
+    mm: Closeable | None = None  # the daemon's mmap of the client's file (kept until unmap)
+
+    @property
+    def last(self) -> int:
+        return self.iova + self.length - 1
+
+
+@dataclass(eq=False)
+class IoasState:
+    """An IOAS as the client sees it (``ioas_id`` is per session, chosen by the broker).
+
+    iommufd: ``kernel_id`` names the IOAS in the session's /dev/iommu. legacy: the IOAS
+    is a VFIO container; it takes maps once a group is attached (``container_ready``).
+    """
+
+    ioas_id: int
+    backend: Backend
+    kernel_id: int | None = None
+    container: VfioContainer | None = None
+    container_ready: bool = False
+    mappings: dict[int, Mapping] = field(default_factory=dict)  # by iova
+    groups: set[int] = field(default_factory=set)  # groups with devices attached here
+
+    @property
+    def pinned_bytes(self) -> int:
+        return sum(m.length for m in self.mappings.values())
+
+
+@dataclass(eq=False)
+class LeasedDevice:
+    bdf: str
+    device: VfioDevice  # the daemon's own fd; the client got a dup
+    devid: int | None = None
+    attached: bool = False
+
+
+class LeaseState(enum.Enum):
+    ACTIVE = "active"
+    REVOKED = "revoked"
+
+
+@dataclass(eq=False)
+class Lease:
+    lease_id: int
+    session: Session
+    group_id: int
+    backend: Backend
+    ioas: IoasState
+    devices: list[LeasedDevice]
+    state: LeaseState = LeaseState.ACTIVE
+    revoke_reason: str | None = None
+
+
+@dataclass(eq=False)
+class GroupHold:
+    """A group owned by one session: its leases, and what the daemon changed in sysfs.
+
+    ``pinned`` maps each BDF whose driver_override the daemon set to the original value;
+    ``rebound`` maps each BDF the daemon moved to vfio-pci to its original driver.
+    """
+
+    group_id: int
+    session: Session
+    backend: Backend
+    group: VfioGroup | None = None  # legacy path: the daemon's /dev/vfio/N
+    leases: dict[int, Lease] = field(default_factory=dict)
+    pinned: dict[str, str | None] = field(default_factory=dict)
+    rebound: dict[str, str | None] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class Session:
+    """One client connection."""
+
+    session_id: int
+    identity: Identity
+    quota: Quota
+    sink: EventSink
+    pidfd: OwnedFd | None = None
+    iommufd: IommuFd | None = None
+    ioases: dict[int, IoasState] = field(default_factory=dict)
+    leases: dict[int, Lease] = field(default_factory=dict)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    next_ioas_id: int = 1
+    closing: bool = False
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def pinned_bytes(self) -> int:
+        return sum(i.pinned_bytes for i in self.ioases.values())
+
+    @property
+    def mapping_count(self) -> int:
+        return sum(len(i.mappings) for i in self.ioases.values())

@@ -1,0 +1,770 @@
+"""A fake of the kernel layer's Protocols (iommud/kernel/interface.py), for host tests ONLY.
+
+It behaves like Linux 6.12 where the broker's correctness depends on it:
+
+- iommufd: ENOENT for an unknown IOAS, EINVAL for a zero or misaligned length/IOVA or an
+  IOVA outside the allowed ranges, EEXIST for an overlapping fixed IOVA, EBUSY when
+  destroying an IOAS with attached devices, unmap never splits an area (EINVAL) and
+  answers ENOENT when nothing was mapped (drivers/iommu/iommufd/io_pagetable.c);
+- VFIO: a group that is not viable refuses a container (EBUSY here, as the DMA-owner
+  claim does), SET_IOMMU needs a group, GET_DEVICE_FD needs a container with an IOMMU
+  and a device bound to vfio-pci, a cdev bind fails with EBUSY while another owner holds
+  the group (drivers/iommu/iommu.c, iommu_device_claim_dma_owner);
+- sysfs: the binder edits a real directory tree (the one tests/fakesys.py builds and
+  iommud.host.snapshot reads), unbinding vfio-pci BLOCKS while any fd of the device is
+  still open anywhere in the process (as vfio_unregister_group_dev waits), and an
+  ordinary driver cannot probe a device of a user-owned group (EBUSY).
+
+Every kernel object is backed by a real fd (a memfd), so /proc/self/fd counting in tests
+is real, and handing a dup to a "client" keeps the object alive the way the kernel does.
+Every call is appended to ``FakeKernel.calls`` so tests can assert ordering, and
+``FakeKernel.fail_next(op, errno)`` injects one failure.
+
+It must not be imported by the daemon: the daemon only knows iommud.kernel.interface.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from iommud.errors import KernelError
+from iommud.kernel.interface import (
+    DeviceInfo,
+    GroupStatus,
+    IovaRange,
+    MapFlag,
+    RegionInfo,
+)
+from tests.fakesys import FakeSys
+
+PAGE = 4096
+U64_MAX = 2**64 - 1
+# Drivers that set driver_managed_dma (see shared/kernel-uapi.md).
+DMA_SAFE = frozenset({"vfio-pci", "pci-stub", "pcieport"})
+# An Intel VT-d like IOVA space: 48 bits with the MSI window reserved.
+DEFAULT_IOVA_RANGES = (IovaRange(0, 0xFEDFFFFF), IovaRange(0xFEF00000, 2**48 - 1))
+
+Inode = tuple[int, int]
+
+
+def _open_inodes() -> set[Inode]:
+    """(st_dev, st_ino) of every fd open in this process right now."""
+    out: set[Inode] = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            st = os.stat(f"/proc/self/fd/{name}")
+        except OSError:
+            continue
+        out.add((st.st_dev, st.st_ino))
+    return out
+
+
+class _FdBacked:
+    """A kernel object owning one real fd (a memfd standing in for the kernel file)."""
+
+    kind = "fd"
+
+    def __init__(self, kernel: FakeKernel, label: str) -> None:
+        self._kernel = kernel
+        self._label = label
+        self._fd: int | None = os.memfd_create(f"fake-{self.kind}-{label}", os.MFD_CLOEXEC)
+        st = os.fstat(self._fd)
+        self.inode: Inode = (st.st_dev, st.st_ino)
+
+    def fileno(self) -> int:
+        if self._fd is None:
+            raise KernelError(f"{self.kind}.fileno", errno.EBADF)
+        return self._fd
+
+    @property
+    def closed(self) -> bool:
+        return self._fd is None
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            self._kernel.record("close", self.kind, self._label)
+            self._on_close()
+            os.close(fd)
+
+    def _on_close(self) -> None:
+        pass
+
+    def _check(self, op: str) -> None:
+        self._kernel.maybe_fail(op)
+        if self._fd is None:
+            raise KernelError(op, errno.EBADF)
+
+
+@dataclass
+class Area:
+    """One IOVA area of an IOAS or a container: what it maps, for the fake's DMA."""
+
+    iova: int
+    length: int
+    flags: MapFlag
+    user_va: int | None = None  # ioas_map / map_dma: an address in this process
+    file_fd: int | None = None  # ioas_map_file: the kernel's reference to the file (a dup)
+    file_start: int = 0
+
+    @property
+    def last(self) -> int:
+        return self.iova + self.length - 1
+
+
+@dataclass
+class _Space:
+    """An IOVA space (an IOAS or a type1 container) with kernel-like map/unmap rules."""
+
+    allowed: tuple[IovaRange, ...]
+    alignment: int
+    areas: dict[int, Area] = field(default_factory=dict)
+
+    def check(self, op: str, iova: int, length: int) -> None:
+        if length == 0 or length % self.alignment or iova % self.alignment:
+            raise KernelError(op, errno.EINVAL)
+        last = iova + length - 1
+        if last > U64_MAX:
+            raise KernelError(op, errno.EOVERFLOW)
+        if not any(r.start <= iova and last <= r.last for r in self.allowed):
+            raise KernelError(op, errno.EINVAL)
+        for a in self.areas.values():
+            if a.iova <= last and iova <= a.last:
+                raise KernelError(op, errno.EEXIST)
+
+    def pick_iova(self, op: str, length: int) -> int:
+        for r in self.allowed:
+            cand = -(-r.start // self.alignment) * self.alignment
+            for a in sorted(self.areas.values(), key=lambda a: a.iova):
+                if a.last < cand:
+                    continue
+                if cand + length - 1 < a.iova:
+                    break
+                cand = -(-(a.last + 1) // self.alignment) * self.alignment
+            if cand + length - 1 <= r.last:
+                return cand
+        raise KernelError(op, errno.ENOSPC)
+
+    def unmap(self, op: str, iova: int, length: int) -> int:
+        if iova == 0 and length == U64_MAX:
+            victims = list(self.areas.values())
+        else:
+            if length == 0:
+                raise KernelError(op, errno.EINVAL)
+            last = iova + length - 1
+            victims = [a for a in self.areas.values() if a.iova <= last and iova <= a.last]
+            if any(a.iova < iova or a.last > last for a in victims):
+                raise KernelError(op, errno.EINVAL)  # areas are never split
+            if not victims:
+                raise KernelError(op, errno.ENOENT)
+        for a in victims:
+            del self.areas[a.iova]
+            if a.file_fd is not None:
+                os.close(a.file_fd)
+        return sum(a.length for a in victims)
+
+    def find(self, iova: int) -> Area:
+        for a in self.areas.values():
+            if a.iova <= iova <= a.last:
+                return a
+        raise KeyError(iova)
+
+
+@dataclass
+class _Ioas:
+    space: _Space
+    attached: set[str] = field(default_factory=set)
+
+
+class FakeIommuFd(_FdBacked):
+    kind = "iommufd"
+
+    def __init__(self, kernel: FakeKernel, label: str) -> None:
+        super().__init__(kernel, label)
+        self.ioas: dict[int, _Ioas] = {}
+        self._next_id = 1
+        self.rlimit_per_process = False
+
+    def _get(self, op: str, ioas_id: int) -> _Ioas:
+        self._check(op)
+        try:
+            return self.ioas[ioas_id]
+        except KeyError:
+            raise KernelError(op, errno.ENOENT) from None
+
+    def ioas_alloc(self) -> int:
+        self._check("ioas_alloc")
+        ioas_id, self._next_id = self._next_id, self._next_id + 1
+        k = self._kernel
+        self.ioas[ioas_id] = _Ioas(_Space(k.iova_ranges, k.iova_alignment))
+        k.record("ioas_alloc", ioas_id)
+        return ioas_id
+
+    def destroy(self, object_id: int) -> None:
+        ioas = self._get("destroy", object_id)
+        if ioas.attached:
+            raise KernelError("destroy", errno.EBUSY)
+        ioas.space.unmap("destroy", 0, U64_MAX)
+        del self.ioas[object_id]
+        self._kernel.record("destroy", object_id)
+
+    def _map(self, op: str, ioas_id: int, length: int, iova: int | None, area: Area) -> int:
+        space = self._get(op, ioas_id).space
+        if iova is None:
+            if length == 0 or length % space.alignment:
+                raise KernelError(op, errno.EINVAL)
+            iova = space.pick_iova(op, length)
+        space.check(op, iova, length)
+        area.iova, area.length = iova, length
+        space.areas[iova] = area
+        self._kernel.record(op, ioas_id, iova, length)
+        return iova
+
+    def ioas_map(
+        self, ioas_id: int, user_va: int, length: int, iova: int | None, flags: MapFlag
+    ) -> int:
+        if user_va % PAGE:
+            self._check("ioas_map")
+            raise KernelError("ioas_map", errno.EINVAL)
+        return self._map("ioas_map", ioas_id, length, iova, Area(0, 0, flags, user_va=user_va))
+
+    def ioas_map_file(
+        self, ioas_id: int, fd: int, start: int, length: int, iova: int | None, flags: MapFlag
+    ) -> int:
+        op = "ioas_map_file"
+        if not self._kernel.map_file:
+            self._check(op)
+            raise KernelError(op, errno.ENOTTY)
+        self._get(op, ioas_id)
+        try:
+            size = os.fstat(fd).st_size
+        except OSError as exc:
+            raise KernelError.from_oserror(op, exc) from exc
+        if start % PAGE or start + length > size:
+            raise KernelError(op, errno.EINVAL)
+        dup = os.dup(fd)  # the kernel keeps a reference to the file while mapped
+        try:
+            return self._map(
+                op, ioas_id, length, iova, Area(0, 0, flags, file_fd=dup, file_start=start)
+            )
+        except BaseException:
+            os.close(dup)
+            raise
+
+    def has_map_file(self) -> bool:
+        return self._kernel.map_file
+
+    def ioas_unmap(self, ioas_id: int, iova: int, length: int) -> int:
+        n = self._get("ioas_unmap", ioas_id).space.unmap("ioas_unmap", iova, length)
+        self._kernel.record("ioas_unmap", ioas_id, iova, length)
+        return n
+
+    def ioas_unmap_all(self, ioas_id: int) -> int:
+        n = self._get("ioas_unmap", ioas_id).space.unmap("ioas_unmap", 0, U64_MAX)
+        self._kernel.record("ioas_unmap_all", ioas_id)
+        return n
+
+    def ioas_iova_ranges(self, ioas_id: int) -> tuple[list[IovaRange], int]:
+        space = self._get("ioas_iova_ranges", ioas_id).space
+        return list(space.allowed), space.alignment
+
+    def ioas_allow_iovas(self, ioas_id: int, ranges: list[IovaRange]) -> None:
+        space = self._get("ioas_allow_iovas", ioas_id).space
+        space.allowed = tuple(ranges)
+
+    def ioas_copy(
+        self,
+        dst_ioas_id: int,
+        dst_iova: int,
+        src_ioas_id: int,
+        src_iova: int,
+        length: int,
+        flags: MapFlag,
+    ) -> None:
+        raise KernelError("ioas_copy", errno.EOPNOTSUPP)  # not used by the broker
+
+    def option_rlimit_mode(self, per_process: bool | None = None) -> bool:
+        self._check("option")
+        if per_process is not None:
+            self.rlimit_per_process = per_process
+        return self.rlimit_per_process
+
+    def _on_close(self) -> None:
+        for ioas in self.ioas.values():
+            ioas.space.unmap("close", 0, U64_MAX)
+        self.ioas.clear()
+
+
+class FakeDevice(_FdBacked):
+    kind = "device"
+
+    def __init__(self, kernel: FakeKernel, bdf: str, name: str, *, legacy: bool) -> None:
+        super().__init__(kernel, bdf)
+        self.bdf = bdf
+        self._name = name
+        self.legacy = legacy
+        self.group_id = kernel.group_of(bdf)
+        self.bound_to: FakeIommuFd | None = None
+        self.attached_to: int | None = None
+        self.devid: int | None = None
+        kernel.device_inodes.setdefault(bdf, set()).add(self.inode)
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    def bind_iommufd(self, iommufd: Any) -> int:
+        op = "bind_iommufd"
+        self._check(op)
+        if self.legacy or self.bound_to is not None or not isinstance(iommufd, FakeIommuFd):
+            raise KernelError(op, errno.EINVAL)
+        k = self._kernel
+        if not k.is_viable(self.group_id):
+            raise KernelError(op, errno.EBUSY)
+        k.claim_group(op, self.group_id, iommufd.inode, {self.inode})
+        self.bound_to = iommufd
+        self.devid = k.next_devid()
+        k.record(op, self.bdf, self.devid)
+        return self.devid
+
+    def attach_ioas(self, pt_id: int) -> None:
+        op = "attach_ioas"
+        self._check(op)
+        if self.bound_to is None:
+            raise KernelError(op, errno.EINVAL)
+        ioas = self.bound_to._get(op, pt_id)
+        if self.attached_to is not None:
+            self.bound_to.ioas[self.attached_to].attached.discard(self.bdf)
+        ioas.attached.add(self.bdf)
+        self.attached_to = pt_id
+        self._kernel.record(op, self.bdf, pt_id)
+
+    def detach_ioas(self) -> None:
+        op = "detach_ioas"
+        self._check(op)
+        if self.bound_to is None or self.attached_to is None:
+            raise KernelError(op, errno.EINVAL)
+        ioas = self.bound_to.ioas.get(self.attached_to)
+        if ioas is not None:
+            ioas.attached.discard(self.bdf)
+        self.attached_to = None
+        self._kernel.record(op, self.bdf)
+
+    def get_info(self) -> DeviceInfo:
+        self._check("get_info")
+        return DeviceInfo(flags=3 if self._kernel.can_reset else 2, num_regions=9, num_irqs=5)
+
+    def get_region_info(self, index: int) -> RegionInfo:
+        self._check("get_region_info")
+        return RegionInfo(
+            index=index, flags=7, size=0x100000 if index == 0 else 0, offset=index << 40
+        )
+
+    def reset(self) -> None:
+        self._check("reset")
+        if not self._kernel.can_reset:
+            raise KernelError("reset", errno.ENOTTY)
+        self._kernel.record("reset", self.bdf)
+
+    def dup_fd(self) -> int:
+        return os.dup(self.fileno())
+
+    def _on_close(self) -> None:
+        # Closing the daemon's fd; the kernel file lives on while a client holds a dup.
+        if self.bound_to is not None and self.attached_to is not None:
+            ioas = self.bound_to.ioas.get(self.attached_to)
+            if ioas is not None:
+                ioas.attached.discard(self.bdf)
+
+
+class FakeContainer(_FdBacked):
+    kind = "container"
+
+    def __init__(self, kernel: FakeKernel, label: str) -> None:
+        super().__init__(kernel, label)
+        self.groups: set[int] = set()
+        self.space: _Space | None = None
+
+    def get_api_version(self) -> int:
+        self._check("get_api_version")
+        return 0
+
+    def check_extension(self, extension: int) -> bool:
+        self._check("check_extension")
+        return extension in (1, 3)  # VFIO_TYPE1_IOMMU, VFIO_TYPE1v2_IOMMU
+
+    def set_iommu_type1v2(self) -> None:
+        self._check("set_iommu")
+        if not self.groups or self.space is not None:
+            raise KernelError("set_iommu", errno.EINVAL)
+        k = self._kernel
+        self.space = _Space(k.iova_ranges, PAGE)
+        k.record("set_iommu", self._label)
+
+    def map_dma(self, vaddr: int, iova: int, size: int, *, read: bool, write: bool) -> None:
+        op = "map_dma"
+        self._check(op)
+        if self.space is None or vaddr % PAGE:
+            raise KernelError(op, errno.EINVAL)
+        self.space.check(op, iova, size)
+        flags = (MapFlag.READABLE if read else 0) | (MapFlag.WRITEABLE if write else 0)
+        self.space.areas[iova] = Area(iova, size, MapFlag(flags), user_va=vaddr)
+        self._kernel.record(op, iova, size)
+
+    def unmap_dma(self, iova: int, size: int) -> int:
+        self._check("unmap_dma")
+        if self.space is None:
+            raise KernelError("unmap_dma", errno.EINVAL)
+        n = self.space.unmap("unmap_dma", iova, size)
+        self._kernel.record("unmap_dma", iova, size)
+        return n
+
+    def unmap_all(self) -> int:
+        self._check("unmap_dma")
+        if self.space is None:
+            raise KernelError("unmap_dma", errno.EINVAL)
+        n = self.space.unmap("unmap_dma", 0, U64_MAX)
+        self._kernel.record("unmap_all", self._label)
+        return n
+
+    def _on_close(self) -> None:
+        if self.space is not None:
+            self.space.unmap("close", 0, U64_MAX)
+
+
+class FakeGroup(_FdBacked):
+    kind = "group"
+
+    def __init__(self, kernel: FakeKernel, group_id: int) -> None:
+        super().__init__(kernel, str(group_id))
+        self._group_id = group_id
+        self.container: FakeContainer | None = None
+        self.devices: list[FakeDevice] = []
+
+    @property
+    def group_id(self) -> int:
+        return self._group_id
+
+    def get_status(self) -> GroupStatus:
+        self._check("get_status")
+        return GroupStatus(self._kernel.is_viable(self._group_id), self.container is not None)
+
+    def set_container(self, container: Any) -> None:
+        op = "set_container"
+        self._check(op)
+        k = self._kernel
+        if self.container is not None or not isinstance(container, FakeContainer):
+            raise KernelError(op, errno.EINVAL)
+        if not k.is_viable(self._group_id):
+            raise KernelError(op, errno.EBUSY)
+        k.claim_group(op, self._group_id, self.inode, {self.inode})
+        self.container = container
+        container.groups.add(self._group_id)
+        k.record(op, self._group_id)
+
+    def unset_container(self) -> None:
+        op = "unset_container"
+        self._check(op)
+        if self.container is None:
+            raise KernelError(op, errno.EINVAL)
+        live = _open_inodes()
+        if any(d.inode in live for d in self.devices):
+            raise KernelError(op, errno.EBUSY)
+        self._detach()
+        self._kernel.record(op, self._group_id)
+
+    def _detach(self) -> None:
+        c, self.container = self.container, None
+        if c is None:
+            return
+        c.groups.discard(self._group_id)
+        if not c.groups and c.space is not None:
+            # The last group leaving tears the type1 IOMMU down with its mappings.
+            c.space.unmap("unset_container", 0, U64_MAX)
+            c.space = None
+        self._kernel.release_group(self._group_id, self.inode)
+
+    def get_device(self, bdf: str) -> FakeDevice:
+        op = "get_device_fd"
+        self._check(op)
+        k = self._kernel
+        if self.container is None or self.container.space is None:
+            raise KernelError(op, errno.EINVAL)
+        if k.group_of(bdf) != self._group_id or k.binder.current_driver(bdf) != "vfio-pci":
+            raise KernelError(op, errno.ENODEV)
+        dev = FakeDevice(k, bdf, bdf, legacy=True)
+        self.devices.append(dev)
+        k.add_group_holder(self._group_id, dev.inode)
+        k.record(op, bdf)
+        return dev
+
+    def _on_close(self) -> None:
+        live = _open_inodes() - {self.inode}
+        if not any(d.inode in live for d in self.devices):
+            self._detach()
+
+
+class FakeBinder:
+    """sysfs driver binding on a directory tree laid out like /sys (see snapshot.py)."""
+
+    def __init__(self, kernel: FakeKernel) -> None:
+        self._k = kernel
+        self._lock = threading.Lock()
+
+    def _dev(self, bdf: str) -> Path:
+        d = self._k.sys_root / "bus" / "pci" / "devices" / bdf
+        if not d.exists():
+            raise KernelError("sysfs", errno.ENODEV, bdf=bdf)
+        return d
+
+    def current_driver(self, bdf: str) -> str | None:
+        link = self._dev(bdf) / "driver"
+        return os.path.basename(os.readlink(link)) if link.is_symlink() else None
+
+    def override(self, bdf: str) -> str | None:
+        text = (self._dev(bdf) / "driver_override").read_text().strip()
+        return None if text in ("", "(null)") else text
+
+    def set_driver_override(self, bdf: str, driver: str | None) -> None:
+        self._k.maybe_fail("set_driver_override")
+        self._dev(bdf)
+        self._k.fs.set_driver_override(bdf, driver)
+        self._k.record("set_driver_override", bdf, driver)
+
+    def unbind(self, bdf: str) -> None:
+        self._k.maybe_fail("unbind")
+        drv = self.current_driver(bdf)
+        if drv is None:
+            return
+        if drv == "vfio-pci":
+            self._wait_unheld(bdf)
+        with self._lock:
+            self._k.fs.unbind(bdf)
+        self._k.record("unbind", bdf, drv)
+
+    def _wait_unheld(self, bdf: str) -> None:
+        # drivers/vfio/vfio_main.c vfio_unregister_group_dev waits for every user.
+        deadline = time.monotonic() + self._k.unbind_block_limit
+        while self._k.device_inodes.get(bdf, set()) & _open_inodes():
+            if time.monotonic() > deadline:
+                raise KernelError("unbind", errno.EINTR, bdf=bdf)
+            time.sleep(0.005)
+
+    def drivers_probe(self, bdf: str) -> None:
+        self._k.maybe_fail("drivers_probe")
+        if self.current_driver(bdf) is not None:
+            return
+        drv = self.override(bdf) or self._k.native_driver.get(bdf)
+        if drv is not None:
+            self._attach(drv, bdf, "drivers_probe")
+        self._k.record("drivers_probe", bdf, drv)
+
+    def bind(self, driver: str, bdf: str) -> None:
+        self._k.maybe_fail("bind")
+        if self.current_driver(bdf) is not None:
+            raise KernelError("bind", errno.EBUSY, bdf=bdf)
+        ov = self.override(bdf)
+        if ov is not None and ov != driver:
+            raise KernelError("bind", errno.ENODEV, bdf=bdf)
+        self._attach(driver, bdf, "bind")
+        self._k.record("bind", driver, bdf)
+
+    def _attach(self, driver: str, bdf: str, op: str) -> None:
+        k = self._k
+        gid = k.group_of(bdf)
+        if driver not in DMA_SAFE and gid is not None and k.group_owner(gid) is not None:
+            raise KernelError(op, errno.EBUSY, bdf=bdf)  # really_probe: DMA ownership
+        with self._lock:
+            k.fs.bind(bdf, driver)
+
+
+@dataclass
+class _Owner:
+    token: Inode
+    inodes: set[Inode]
+
+
+class FakeKernel:
+    """The fake ``Kernel``: a factory of fake objects over a fake sysfs tree."""
+
+    def __init__(
+        self,
+        fs: FakeSys,
+        *,
+        map_file: bool = False,
+        can_reset: bool = True,
+        iova_ranges: tuple[IovaRange, ...] = DEFAULT_IOVA_RANGES,
+        iova_alignment: int = PAGE,
+        unbind_block_limit: float = 10.0,
+    ) -> None:
+        self.fs = fs
+        self.sys_root = sys_root = fs.sys_root
+        self.map_file = map_file
+        self.can_reset = can_reset
+        self.iova_ranges = iova_ranges
+        self.iova_alignment = iova_alignment
+        self.unbind_block_limit = unbind_block_limit
+        self.calls: list[tuple[Any, ...]] = []
+        self.device_inodes: dict[str, set[Inode]] = {}
+        self._fail: dict[str, list[int]] = {}
+        self._owners: dict[int, _Owner] = {}
+        self._devid = 0
+        self._mutex = threading.Lock()
+        self._binder = FakeBinder(self)
+        # drivers_probe without an override binds the driver the device had at start.
+        devs = sys_root / "bus" / "pci" / "devices"
+        self.native_driver: dict[str, str] = {}
+        for d in devs.iterdir() if devs.exists() else ():
+            drv = self._binder.current_driver(d.name)
+            if drv is not None and drv != "vfio-pci":
+                self.native_driver[d.name] = drv
+
+    # -- test helpers ------------------------------------------------------------
+    def record(self, *call: Any) -> None:
+        with self._mutex:
+            self.calls.append(call)
+
+    def ops(self, *names: str) -> list[tuple[Any, ...]]:
+        """The recorded calls whose op is one of ``names`` (all calls if none given)."""
+        return [c for c in self.calls if not names or c[0] in names]
+
+    def index(self, *call: Any) -> int:
+        """Position of the first recorded call starting with ``call`` (ValueError if none)."""
+        for i, c in enumerate(self.calls):
+            if c[: len(call)] == call:
+                return i
+        raise ValueError(f"{call!r} not called; calls: {self.calls!r}")
+
+    def fail_next(self, op: str, err: int, times: int = 1) -> None:
+        self._fail.setdefault(op, []).extend([err] * times)
+
+    def maybe_fail(self, op: str) -> None:
+        with self._mutex:
+            pending = self._fail.get(op)
+            err = pending.pop(0) if pending else None
+        if err is not None:
+            raise KernelError(op, err)
+
+    # -- host model --------------------------------------------------------------
+    def group_of(self, bdf: str) -> int | None:
+        link = self.sys_root / "bus" / "pci" / "devices" / bdf / "iommu_group"
+        return int(os.path.basename(os.readlink(link))) if link.is_symlink() else None
+
+    def group_members(self, group_id: int) -> list[str]:
+        return sorted(
+            os.listdir(self.sys_root / "kernel" / "iommu_groups" / str(group_id) / "devices")
+        )
+
+    def is_viable(self, group_id: int | None) -> bool:
+        if group_id is None:
+            return False
+        drivers = (self._binder.current_driver(b) for b in self.group_members(group_id))
+        return all(d is None or d in DMA_SAFE for d in drivers)
+
+    def group_owner(self, group_id: int) -> Inode | None:
+        owner = self._owners.get(group_id)
+        if owner is not None and not owner.inodes & _open_inodes():
+            del self._owners[group_id]  # every file of the owner is gone: released
+            owner = None
+        return None if owner is None else owner.token
+
+    def claim_group(self, op: str, group_id: int | None, token: Inode, inodes: set[Inode]) -> None:
+        if group_id is None:
+            raise KernelError(op, errno.ENODEV)
+        current = self.group_owner(group_id)
+        if current is not None and current != token:
+            raise KernelError(op, errno.EBUSY)
+        self._owners.setdefault(group_id, _Owner(token, set())).inodes |= inodes
+
+    def add_group_holder(self, group_id: int, inode: Inode) -> None:
+        if group_id in self._owners:
+            self._owners[group_id].inodes.add(inode)
+
+    def release_group(self, group_id: int, token: Inode) -> None:
+        owner = self._owners.get(group_id)
+        if owner is not None and owner.token == token:
+            del self._owners[group_id]
+
+    def next_devid(self) -> int:
+        self._devid += 1
+        return self._devid
+
+    def dma_read(
+        self, space_owner: FakeIommuFd | FakeContainer, ioas_id: int | None, iova: int, n: int
+    ) -> bytes:
+        """Read ``n`` bytes at ``iova`` as a device would (only inside one area)."""
+        area = self._area(space_owner, ioas_id, iova)
+        off = iova - area.iova
+        if area.file_fd is not None:
+            return os.pread(area.file_fd, n, area.file_start + off)
+        assert area.user_va is not None
+        return ctypes.string_at(area.user_va + off, n)
+
+    def dma_write(
+        self, space_owner: FakeIommuFd | FakeContainer, ioas_id: int | None, iova: int, data: bytes
+    ) -> None:
+        area = self._area(space_owner, ioas_id, iova)
+        off = iova - area.iova
+        if area.file_fd is not None:
+            os.pwrite(area.file_fd, data, area.file_start + off)
+            return
+        assert area.user_va is not None
+        ctypes.memmove(area.user_va + off, data, len(data))
+
+    @staticmethod
+    def _area(owner: FakeIommuFd | FakeContainer, ioas_id: int | None, iova: int) -> Area:
+        if isinstance(owner, FakeIommuFd):
+            assert ioas_id is not None
+            return owner.ioas[ioas_id].space.find(iova)
+        assert owner.space is not None
+        return owner.space.find(iova)
+
+    # -- the Kernel protocol -----------------------------------------------------
+    def open_iommufd(self) -> FakeIommuFd:
+        self.maybe_fail("open_iommufd")
+        obj = FakeIommuFd(self, "iommu")
+        self.record("open_iommufd")
+        return obj
+
+    def open_cdev(self, cdev_name: str) -> FakeDevice:
+        self.maybe_fail("open_cdev")
+        for bdf in self._bdfs():
+            if (self.sys_root / "bus" / "pci" / "devices" / bdf / "vfio-dev" / cdev_name).exists():
+                dev = FakeDevice(self, bdf, cdev_name, legacy=False)
+                self.record("open_cdev", cdev_name, bdf)
+                return dev
+        raise KernelError("open_cdev", errno.ENOENT, cdev=cdev_name)
+
+    def open_container(self) -> FakeContainer:
+        self.maybe_fail("open_container")
+        obj = FakeContainer(self, "container")
+        self.record("open_container")
+        return obj
+
+    def open_group(self, group_id: int) -> FakeGroup:
+        self.maybe_fail("open_group")
+        members = (
+            self.group_members(group_id)
+            if (self.sys_root / "kernel" / "iommu_groups" / str(group_id)).exists()
+            else []
+        )
+        if not any(self._binder.current_driver(b) == "vfio-pci" for b in members):
+            raise KernelError("open_group", errno.ENOENT, group_id=group_id)  # no /dev/vfio/N
+        obj = FakeGroup(self, group_id)
+        self.record("open_group", group_id)
+        return obj
+
+    @property
+    def binder(self) -> FakeBinder:
+        return self._binder
+
+    def _bdfs(self) -> Iterator[str]:
+        yield from sorted(os.listdir(self.sys_root / "bus" / "pci" / "devices"))
