@@ -153,3 +153,15 @@ async def running(sockdir: str) -> AsyncIterator[Running]:
     await asyncio.wait_for(task, 5)
     assert all(s.closed for s in broker.sessions)
     assert open_fds() == before
+
+
+class StandInDaemonBroker(StandInBroker):
+    """The stand-in with the lifecycle the daemon process drives (start/aclose)."""
+
+    capabilities = ("iommufd", "legacy")
+
+    async def start(self) -> None:
+        self.started_up = True
+
+    async def aclose(self) -> None:
+        print("broker.aclose", flush=True)  # the process test looks for this line

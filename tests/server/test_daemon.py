@@ -1,0 +1,202 @@
+"""The daemon as a process: socket activation, sd_notify, SIGTERM, units, --check-config."""
+
+from __future__ import annotations
+
+import configparser
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from iommud.client import Client
+from iommud.sdnotify import Notifier
+from iommud.server.listen import bind_listener, inherited_listeners
+
+REPO = Path(__file__).resolve().parents[2]
+UNITS = REPO / "systemd"
+
+
+def _notifications(sock: socket.socket, until: str, timeout: float = 10.0) -> list[str]:
+    sock.settimeout(timeout)
+    got: list[str] = []
+    while until not in got:
+        got.extend(sock.recv(4096).decode().split("\n"))
+    return got
+
+
+def test_socket_activation_notify_and_sigterm(sockdir: str) -> None:
+    """systemd-style start: fd 3 + LISTEN_PID/LISTEN_FDS, READY=1, a client served, STOPPING=1."""
+    path = os.path.join(sockdir, "s")
+    listener = bind_listener(path, mode=0o600)
+    listener.setblocking(True)
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(os.path.join(sockdir, "notify"))
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "NOTIFY_SOCKET": os.path.join(sockdir, "notify"),
+        "WATCHDOG_USEC": "100000",
+    }
+    n = listener.fileno()
+    # sh sets LISTEN_PID to its own pid, which exec keeps; the socket is moved to fd 3
+    # in the child before exec (dash cannot redirect fds above 9).
+    script = 'LISTEN_PID=$$ LISTEN_FDS=1 exec "$@"'
+    args = ["sh", "-c", script, "sh", sys.executable, "-m", "tests.server.daemon_main"]
+    args += ["--socket", os.path.join(sockdir, "unused")]
+    proc = subprocess.Popen(
+        args,
+        env=env,
+        pass_fds=[3],
+        preexec_fn=lambda: os.dup2(n, 3),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        listener.close()
+        assert "READY=1" in _notifications(notify, "READY=1")
+        assert "WATCHDOG=1" in _notifications(notify, "WATCHDOG=1")
+        with Client(path, "activated") as client:
+            assert client.hello.capabilities == ("iommufd", "legacy")
+            client.ping()
+        assert not os.path.exists(os.path.join(sockdir, "unused"))  # fd 3 was used
+        proc.send_signal(signal.SIGTERM)
+        assert "STOPPING=1" in _notifications(notify, "STOPPING=1")
+        out, _ = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        notify.close()
+    assert proc.returncode == 0
+    lines = out.splitlines()
+    assert "broker.aclose" in lines
+    assert any('"event": "daemon.stopped"' in line for line in lines)  # JSON: not a TTY
+
+
+def test_daemon_binds_its_own_socket_and_removes_it(sockdir: str) -> None:
+    path = os.path.join(sockdir, "own")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("NOTIFY_SOCKET", None)
+    args = [sys.executable, "-m", "tests.server.daemon_main", "--socket", path]
+    args += ["--socket-mode", "0600"]
+    proc = subprocess.Popen(args, env=env, cwd=REPO, stdout=subprocess.DEVNULL)
+    try:
+        for _ in range(200):
+            if os.path.exists(path) or proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert os.stat(path).st_mode & 0o777 == 0o600
+        with Client(path, "own") as client:
+            client.ping()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not os.path.exists(path)
+
+
+def test_stale_socket_is_replaced_live_one_is_not(sockdir: str) -> None:
+    from iommud.errors import ConfigError
+
+    path = os.path.join(sockdir, "s")
+    first = bind_listener(path)
+    with pytest.raises(ConfigError) as info:
+        bind_listener(path)
+    assert info.value.details == {"path": path}
+    assert info.value.message == "another daemon is listening on this socket"
+    first.close()  # the file stays behind: stale now
+    second = bind_listener(path, mode=0o666)
+    assert os.stat(path).st_mode & 0o777 == 0o666
+    second.close()
+    Path(path).unlink()
+    Path(path).write_text("not a socket")
+    with pytest.raises(ConfigError) as info:
+        bind_listener(path)
+    assert info.value.message == "socket path exists and is not a socket"
+
+
+def test_inherited_listeners_ignore_other_pids() -> None:
+    env = {"LISTEN_PID": str(os.getpid() + 1), "LISTEN_FDS": "1"}
+    assert inherited_listeners(env) == []
+    assert env == {}  # consumed either way, so children do not inherit them
+
+
+def test_notifier_abstract_and_disabled() -> None:
+    assert not Notifier({}).notify("READY=1")
+    name = f"iommud-test-{os.getpid()}"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind("\0" + name)
+    try:
+        notifier = Notifier({"NOTIFY_SOCKET": "@" + name, "WATCHDOG_USEC": "4000000"})
+        assert notifier.watchdog_usec == 4000000
+        assert notifier.notify("READY=1", "STATUS=x")
+        assert sock.recv(100) == b"READY=1\nSTATUS=x"
+        notifier.close()
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize(
+    ("text", "rc"),
+    [("", 0), ('[daemon]\nsocket = "relative"\n', 1), ("[nope]\n", 1)],
+)
+def test_check_config_verdict(tmp_path: Path, text: str, rc: int) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(text)
+    args = [sys.executable, "-m", "iommud", "--check-config", str(cfg)]
+    res = subprocess.run(args, cwd=REPO, capture_output=True, text=True, check=False)
+    assert res.returncode == rc
+    if rc == 0:
+        assert res.stdout == f"{cfg}: OK\n"
+    else:
+        assert res.stderr.startswith(f"{cfg}: INVALID")
+
+
+def _unit(name: str) -> configparser.RawConfigParser:
+    parser = configparser.RawConfigParser(strict=False, delimiters=("=",))
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser.read(UNITS / name)
+    return parser
+
+
+def test_units_key_settings() -> None:
+    sock = _unit("iommud.socket")
+    assert sock["Socket"]["ListenSequentialPacket"] == "/run/iommud/iommud.sock"
+    assert sock["Socket"]["SocketMode"] == "0660"
+    svc = _unit("iommud.service")["Service"]
+    assert svc["Type"] == "notify"
+    assert svc["NotifyAccess"] == "main"
+    assert svc["CapabilityBoundingSet"] == "CAP_IPC_LOCK"
+    assert svc["RestrictAddressFamilies"] == "AF_UNIX AF_NETLINK"
+    assert svc["ProtectSystem"] == "strict"
+    assert svc["SystemCallFilter"] == "@system-service"
+    assert "ProtectKernelTunables" not in svc  # it would make the sysfs rebind writes fail
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
+def test_units_verify(tmp_path: Path) -> None:
+    """systemd-analyze verify accepts the units (ExecStart pointed at an existing binary)."""
+    service = (UNITS / "iommud.service").read_text()
+    (tmp_path / "iommud.service").write_text(service.replace("/usr/bin/iommud", sys.executable))
+    shutil.copy(UNITS / "iommud.socket", tmp_path)
+    res = subprocess.run(
+        [
+            "systemd-analyze",
+            "verify",
+            str(tmp_path / "iommud.socket"),
+            str(tmp_path / "iommud.service"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert (res.returncode, res.stderr) == (0, "")
