@@ -100,3 +100,23 @@ def test_schema_lists_every_message() -> None:
     claim = schema["$defs"]["Claim"]
     assert {"op", "fds", "id", "devices"} <= set(claim["required"])
     assert claim["additionalProperties"] is False
+
+
+def doc_examples() -> list[str]:
+    text = (PROTOCOL_DIR / "PROTOCOL.md").read_text()
+    blocks = text.split("```json\n")[1:]
+    return [line for block in blocks for line in block.split("```")[0].splitlines() if line]
+
+
+@pytest.mark.parametrize("line", doc_examples())
+def test_protocol_md_examples_are_canonical(line: str) -> None:
+    """Every JSON example in PROTOCOL.md decodes and re-encodes to the same text."""
+    data = line.encode()
+    nfds = json.loads(line)["fds"]
+    op = json.loads(line)["op"]
+    msg: Any = decode_request(data, nfds) if op in REQUEST_TYPES else decode_server(data, nfds)
+    assert encode(msg) == (data, nfds)
+
+
+def test_protocol_md_has_examples() -> None:
+    assert len(doc_examples()) >= 12
