@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import builtins
 import os
 import shutil
 from pathlib import Path
@@ -204,14 +203,14 @@ def test_device_vanished_mid_read_is_skipped(lab: FakeSys) -> None:
 def test_device_vanishing_between_files(lab: FakeSys, monkeypatch: pytest.MonkeyPatch) -> None:
     """The directory disappears after the first attribute was read: skipped, no error."""
     victim = lab.device_dir("0000:01:01.0")
-    real_open = builtins.open
+    real_read = snapshot_mod._read_bytes
 
-    def racing_open(path: Any, *args: Any, **kwargs: Any) -> Any:
+    def racing_read(path: str) -> bytes:
         if os.path.realpath(path) == str(victim / "device"):
             shutil.rmtree(victim)
-        return real_open(path, *args, **kwargs)
+        return real_read(path)
 
-    monkeypatch.setattr(snapshot_mod, "open", racing_open, raising=False)
+    monkeypatch.setattr(snapshot_mod, "_read_bytes", racing_read)
     s = fresh(lab)
     assert "0000:01:01.0" not in s.devices
     assert "0000:01:02.0" in s.devices
@@ -307,16 +306,16 @@ def test_read_group_cost_is_independent_of_host_size(
 ) -> None:
     """read_group opens 4 attribute files per member plus the group type, whatever the host."""
     counts = []
-    real_open = builtins.open
+    real_read = snapshot_mod._read_bytes
     for n in (40, 120):
         fs = large_host(fast_tmp / str(n), n, 20)  # group 0 has n/20 members
         opened: list[str] = []
 
-        def counting_open(path: Any, *a: Any, _log: list[str] = opened, **k: Any) -> Any:
-            _log.append(str(path))
-            return real_open(path, *a, **k)
+        def counting_read(path: str, _log: list[str] = opened) -> bytes:
+            _log.append(path)
+            return real_read(path)
 
-        monkeypatch.setattr(snapshot_mod, "open", counting_open, raising=False)
+        monkeypatch.setattr(snapshot_mod, "_read_bytes", counting_read)
         group, _ = read_group(fs.sys_root, 0)
         monkeypatch.undo()
         assert len(opened) == 4 * len(group.devices) + 1
