@@ -11,7 +11,8 @@ Three layers, thinnest possible each:
   full), after a seqnum gap on the kernel source, or when the consumer fell behind.
 - ``HostWatcher``: consumes those items, keeps a ``HostSnapshot`` in step by re-reading
   only the affected IOMMU group (``group_of`` + ``read_group``), and hands each
-  ``HostChange`` to a sink (the broker).
+  ``HostChange`` to a sink; ``broker_sink``/``watch_host`` wire it to the broker
+  (publish driver_bound/.../viability_changed, then ``Broker.on_host_change``).
 
 This module must not decide anything about viability or ownership, must not write to
 sysfs, and must not let a pyudev exception escape: every pyudev/OSError failure becomes a
@@ -44,6 +45,7 @@ from iommud.host.snapshot import (
     read_snapshot,
 )
 from iommud.host.viability import Viability, group_viability
+from iommud.protocol.messages import Event, EventName
 
 log = structlog.get_logger(__name__)
 
@@ -377,7 +379,8 @@ class HostChange:
                     "event": "viability_changed",
                     "group_id": gid,
                     "is_viable": after.is_viable,
-                    "offenders": [o.as_dict() for o in after.offenders],
+                    # non-PCI members (platform devices) cannot be named by a BDF on the wire
+                    "offenders": [o.as_dict() for o in after.offenders if _BDF_RE.match(o.bdf)],
                 }
             )
         return out
@@ -545,3 +548,60 @@ def diff_events(before: Iterable[PciDevice], after: Iterable[PciDevice]) -> tupl
             if b.driver is not None:
                 out.append(HostEvent(HostAction.BIND, bdf, b.driver))
     return tuple(out)
+
+
+# --------------------------------------------------------------------------- broker glue
+
+
+class BrokerHooks(Protocol):
+    """What the glue needs of ``iommud.broker.Broker`` (structural, for tests)."""
+
+    event_source: str | None
+
+    @property
+    def snapshot(self) -> HostSnapshot: ...
+
+    def publish(self, name: EventName, **fields: Any) -> Event: ...
+
+    async def on_host_change(self, group_id: int) -> None: ...
+
+
+def broker_sink(broker: BrokerHooks) -> HostChangeSink:
+    """Publish a change's events, then let the broker re-check the group's leases.
+
+    Events go first so subscribers read bind -> viability lost -> lease revoked in
+    order; publishing does not await, so it does not delay the broker's enforcement.
+    """
+
+    async def sink(change: HostChange) -> None:
+        for fields in change.wire_events():
+            name = EventName(fields.pop("event"))
+            broker.publish(name, **fields)
+        await broker.on_host_change(change.group_id)
+
+    return sink
+
+
+async def watch_host(
+    broker: BrokerHooks,
+    *,
+    sys_root: Path = DEFAULT_SYS_ROOT,
+    dev_root: Path = DEFAULT_DEV_ROOT,
+    source: UdevSource | None = None,
+) -> None:
+    """The daemon's host watcher task: run it in the daemon's TaskGroup, cancel to stop.
+
+    Call after ``broker.start()``: the watcher starts from the broker's snapshot, so the
+    startup rescan reports only what changed since. Sets ``broker.event_source``.
+    """
+    src = source or UdevSource()
+    broker.event_source = src.kind
+    watcher = HostWatcher(
+        broker_sink(broker),
+        sys_root=sys_root,
+        dev_root=dev_root,
+        snapshot=broker.snapshot,
+        source_kind=src.kind,
+    )
+    async with src:
+        await watcher.run(src)

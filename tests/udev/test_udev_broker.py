@@ -1,0 +1,151 @@
+"""The udev glue driving the real Broker (fake kernel only at the kernel interface).
+
+Synthetic uevents on the lab tree (tests/fakesys.lab_topology)::
+
+    group 3:  0000:00:10.0  edu (alone)
+    group 4:  0000:00:11.0  pci-bridge, 0000:01:01.0 edu, 0000:01:02.0 edu,
+              0000:01:03.0  e1000 (bound: the group starts not viable)
+
+A root "monitor" session subscribes to everything; a uid-1000 client claims edus.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from iommud.broker import Broker
+from iommud.broker.state import Session
+from iommud.config import AccessRule, Config, DaemonConfig, ManageConfig
+from iommud.fds import FdSet
+from iommud.policy import Identity
+from iommud.protocol import messages as m
+from iommud.udev import HostAction, HostEvent, HostWatcher, Resync, broker_sink
+from tests.fakekernel import FakeKernel
+from tests.fakesys import FakeSys, lab_topology
+
+E1000_BDF = "0000:01:03.0"
+EDUS = ("0000:01:01.0", "0000:01:02.0")
+A = HostAction
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@dataclass
+class Host:
+    fs: FakeSys
+    broker: Broker
+    watcher: HostWatcher
+    monitor: Session
+
+
+@pytest.fixture
+async def host(tmp_path: Path) -> AsyncIterator[Host]:
+    before = open_fds()
+    fs = lab_topology(tmp_path / "root")
+    config = Config(
+        daemon=DaemonConfig(
+            sys_root=fs.sys_root, dev_root=fs.dev_root, state_dir=tmp_path / "state"
+        ),
+        manage=ManageConfig(rebind=("1234:11e8",)),
+        access=(AccessRule(uid=1000, devices=("1234:11e8",)),),
+    )
+    broker = Broker(config, FakeKernel(fs))
+    await broker.start()
+    watcher = HostWatcher(
+        broker_sink(broker), sys_root=fs.sys_root, dev_root=fs.dev_root, snapshot=broker.snapshot
+    )
+    monitor = broker.open_session(Identity(uid=0, gid=0, pid=1))
+    await broker.handle(monitor, m.Subscribe(id=1), FdSet())
+    yield Host(fs, broker, watcher, monitor)
+    await broker.aclose()
+    assert open_fds() == before
+
+
+def drain(broker: Broker, session: Session) -> list[dict[str, Any]]:
+    q = broker.events(session)
+    out = []
+    while not q.empty():
+        out.append(q.get_nowait().model_dump(mode="json", exclude={"ts", "seq", "op", "fds"}))
+    return out
+
+
+async def test_startup_resync_against_the_brokers_view_is_silent(host: Host) -> None:
+    """Seeded with the broker's snapshot, the startup rescan finds nothing to report."""
+    await host.watcher.run(aiter_of(Resync("startup")))
+    assert drain(host.broker, host.monitor) == []
+
+
+async def test_bind_and_unbind_flip_viability_for_subscribers(host: Host) -> None:
+    fs, w = host.fs, host.watcher
+    fs.unbind(E1000_BDF)
+    await w.handle(HostEvent(A.UNBIND, E1000_BDF, None, 1))
+    assert drain(host.broker, host.monitor) == [
+        {"event": "driver_unbound", "bdf": E1000_BDF, "driver": "e1000", "group_id": 4},
+        {"event": "viability_changed", "group_id": 4, "is_viable": True, "offenders": []},
+    ]
+    fs.bind(E1000_BDF, "e1000")
+    await w.handle(HostEvent(A.BIND, E1000_BDF, "e1000", 2))
+    assert drain(host.broker, host.monitor) == [
+        {"event": "driver_bound", "bdf": E1000_BDF, "driver": "e1000", "group_id": 4},
+        {
+            "event": "viability_changed",
+            "group_id": 4,
+            "is_viable": False,
+            "offenders": [{"bdf": E1000_BDF, "driver": "e1000"}],
+        },
+    ]
+    assert host.broker.snapshot.devices[E1000_BDF].driver == "e1000"
+
+
+async def test_unsafe_bind_on_an_owned_group_revokes_the_lease(host: Host) -> None:
+    """The violation trigger: a DMA-unsafe bind the kernel let through ends the lease."""
+    fs, w, broker = host.fs, host.watcher, host.broker
+    fs.unbind(E1000_BDF)
+    await w.handle(HostEvent(A.UNBIND, E1000_BDF))
+    client = broker.open_session(Identity(uid=1000, gid=1000, pid=4242))
+    outcome = await broker.handle(client, m.Claim(id=5, devices=EDUS), FdSet())
+    reply = outcome.reply
+    assert isinstance(reply, m.ClaimReply)
+    for fd in outcome.fds:
+        fd.close()
+    drain(broker, host.monitor)
+
+    fs.bind(E1000_BDF, "e1000")  # as if the kernel had not refused the probe
+    await w.handle(HostEvent(A.BIND, E1000_BDF, "e1000", 9))
+    reason = f"viability lost: {E1000_BDF} (e1000)"
+    revoked = {"event": "lease_revoked", "lease_id": reply.lease_id, "group_id": 4}
+    assert drain(broker, host.monitor) == [
+        {"event": "driver_bound", "bdf": E1000_BDF, "driver": "e1000", "group_id": 4},
+        {
+            "event": "viability_changed",
+            "group_id": 4,
+            "is_viable": False,
+            "offenders": [{"bdf": E1000_BDF, "driver": "e1000"}],
+        },
+        {**revoked, "reason": reason},
+    ]
+    # the client hears it without subscribing: it is its own lease
+    assert drain(broker, client)[-1] == {**revoked, "reason": reason}
+    await broker.close_session(client)
+
+
+async def test_device_removal_is_reported(host: Host) -> None:
+    host.fs.remove_device("0000:00:10.0")
+    await host.watcher.handle(HostEvent(A.REMOVE, "0000:00:10.0"))
+    assert drain(host.broker, host.monitor) == [
+        {"event": "device_removed", "bdf": "0000:00:10.0", "group_id": 3},
+    ]
+    assert "0000:00:10.0" not in host.broker.snapshot.devices
+
+
+async def aiter_of(*items: Any) -> AsyncIterator[Any]:
+    for x in items:
+        yield x
