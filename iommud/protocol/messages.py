@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import enum
 import math
+import types
+import typing
 from collections.abc import Mapping
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, Final, Literal, Union
 
 from annotated_types import Ge, Le, MaxLen, MinLen
 from pydantic import (
@@ -562,83 +564,31 @@ Reply = (
 )
 """A successful reply (not a union the codec decodes on its own)."""
 
-ServerMessage = Annotated[
-    HelloReply
-    | PingReply
-    | StatusReply
-    | ListDevicesReply
-    | ListGroupsReply
-    | ClaimReply
-    | ReleaseReply
-    | IoasCreateReply
-    | IoasDestroyReply
-    | IoasMapReply
-    | IoasUnmapReply
-    | IovaRangesReply
-    | DeviceResetReply
-    | SubscribeReply
-    | RevokeReply
-    | ErrorReply
-    | AnyEvent,
-    Field(discriminator="op"),
-]
+ServerMessage = Annotated[Reply | ErrorReply | AnyEvent, Field(discriminator="op")]
 """Everything a server may send: replies, errors and events."""
 
+
+def _members(union: Any) -> list[Any]:
+    """The classes of a (possibly Annotated, possibly nested) union, in order."""
+    if typing.get_origin(union) is Annotated:
+        return _members(typing.get_args(union)[0])
+    if typing.get_origin(union) in (Union, types.UnionType):
+        return [cls for arg in typing.get_args(union) for cls in _members(arg)]
+    return [union]
+
+
 REQUEST_TYPES: Final[Mapping[str, type[RequestBase]]] = {
-    cls.model_fields["op"].default: cls
-    for cls in (
-        Hello,
-        Ping,
-        Status,
-        ListDevices,
-        ListGroups,
-        Claim,
-        Release,
-        IoasCreate,
-        IoasDestroy,
-        IoasMap,
-        IoasUnmap,
-        IovaRanges,
-        DeviceReset,
-        Subscribe,
-        Revoke,
-    )
+    cls.model_fields["op"].default: cls for cls in _members(Request)
 }
 """Request op -> request class."""
 
 REPLY_TYPES: Final[Mapping[str, type[ReplyBase]]] = {
-    cls.model_fields["op"].default.removesuffix("_reply"): cls
-    for cls in (
-        HelloReply,
-        PingReply,
-        StatusReply,
-        ListDevicesReply,
-        ListGroupsReply,
-        ClaimReply,
-        ReleaseReply,
-        IoasCreateReply,
-        IoasDestroyReply,
-        IoasMapReply,
-        IoasUnmapReply,
-        IovaRangesReply,
-        DeviceResetReply,
-        SubscribeReply,
-        RevokeReply,
-    )
+    cls.model_fields["op"].default.removesuffix("_reply"): cls for cls in _members(Reply)
 }
 """Request op -> the class of its successful reply."""
 
 EVENT_TYPES: Final[Mapping[EventName, type[Event]]] = {
-    cls.model_fields["event"].default: cls
-    for cls in (
-        DriverBound,
-        DriverUnbound,
-        DeviceAdded,
-        DeviceRemoved,
-        ViabilityChanged,
-        LeaseRevoked,
-        BindRefused,
-    )
+    cls.model_fields["event"].default: cls for cls in _members(AnyEvent)
 }
 """Event name -> event class."""
 

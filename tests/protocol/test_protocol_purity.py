@@ -22,6 +22,7 @@ ALLOWED_IMPORTS = {
     "math",
     "pydantic",
     "pydantic_core",
+    "types",
     "typing",
 }
 
