@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib
 import os
 import signal
 import socket
@@ -28,8 +27,10 @@ from typing import Any, Protocol
 import structlog
 
 from iommud import logs
+from iommud.broker import Broker
 from iommud.config import Config, load_config
 from iommud.errors import ConfigError
+from iommud.kernel.linux import LinuxKernel
 from iommud.sdnotify import Notifier
 from iommud.server import BrokerAPI, Server, ServerInfo
 from iommud.server.listen import bind_listener, inherited_listeners
@@ -50,15 +51,25 @@ class DaemonBroker(BrokerAPI, Protocol):
 BrokerFactory = Callable[[Config], DaemonBroker]
 
 
-def default_broker(config: Config) -> DaemonBroker:
-    """``iommud.broker.Broker.from_config(config)``, imported only when the daemon runs.
+def default_broker(config: Config) -> Broker:
+    """The real broker on the real kernel under the config's dev_root and sys_root."""
+    d = config.daemon
+    return Broker(config, LinuxKernel(d.dev_root, d.sys_root))
 
-    Looked up at run time so the process module does not pin the broker's constructor.
-    """
-    broker_cls: Any = importlib.import_module("iommud.broker").Broker
-    factory = getattr(broker_cls, "from_config", broker_cls)
-    broker: DaemonBroker = factory(config)
-    return broker
+
+def capabilities(broker: DaemonBroker) -> tuple[str, ...]:
+    """What hello_reply announces: the kernel interfaces the host has (after start)."""
+    if isinstance(broker, Broker):
+        snap = broker.snapshot
+        return tuple(
+            name
+            for name, present in (
+                ("iommufd", snap.has_iommufd),
+                ("legacy", snap.has_legacy_container),
+            )
+            if present
+        )
+    return tuple(getattr(broker, "capabilities", ()))
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -160,7 +171,7 @@ async def serve(
     broker = broker_factory(config)
     try:
         await broker.start()
-        info = ServerInfo(capabilities=tuple(getattr(broker, "capabilities", ())))
+        info = ServerInfo(capabilities=capabilities(broker))
         server = Server(broker, listeners, info=info, grace=grace)
 
         def on_signal(signum: signal.Signals) -> None:

@@ -5,8 +5,9 @@ The handler reads datagrams (fds owned from arrival), admits them through the sa
 request in its own task in the connection's TaskGroup (so requests pipeline and replies
 may leave out of order, matched by id), sends replies with their fds, and forwards the
 broker's events. It decides nothing about devices, policy or quotas: that is the
-broker's job. It answers ``hello`` and ``subscribe`` itself because both are about the
-connection, not about kernel state.
+broker's job. It answers ``hello`` itself (the handshake is about the connection, not
+about kernel state); the subscription filter is applied both by the broker (what it
+queues) and by ``ServerConnection`` (what is sent).
 
 Failure rules: an ``IommudError`` from the broker becomes an ``ErrorReply`` with its code
 and details; a protocol violation becomes the ``ProtocolError``'s reply and, once the
@@ -43,8 +44,6 @@ from iommud.protocol.messages import (
     LeaseRevoked,
     Reply,
     Request,
-    Subscribe,
-    SubscribeReply,
 )
 from iommud.server.transport import (
     Datagram,
@@ -73,7 +72,7 @@ class Outcome(Protocol):
 class BrokerAPI(Protocol):
     """The part of ``iommud.broker.Broker`` the server uses (structural, for tests)."""
 
-    def open_session(self, identity: Identity, pidfd: OwnedFd | None = None) -> Any: ...
+    def open_session(self, identity: Identity, *, pidfd: OwnedFd | None = None) -> Any: ...
     async def close_session(self, session: Any) -> None: ...
     async def handle(self, session: Any, request: Request, fds: FdSet) -> Outcome: ...
     def events(self, session: Any) -> asyncio.Queue[Event]: ...
@@ -229,8 +228,6 @@ class ConnectionHandler:
                     reply: Reply | ErrorReply
                     if isinstance(request, Hello):
                         reply = self._hello_reply(request)
-                    elif isinstance(request, Subscribe):
-                        reply = SubscribeReply(id=request.id)
                     else:
                         outcome = await self.broker.handle(session, request, fds)
                         reply, out_fds = outcome.reply, outcome.fds

@@ -55,7 +55,7 @@ class StandInBroker:
         self.finished = 0
         self.delays: dict[int, float] = {}  # ioas_destroy(ioas_id) sleeps this long
 
-    def open_session(self, identity: Identity, pidfd: OwnedFd | None = None) -> Session:
+    def open_session(self, identity: Identity, *, pidfd: OwnedFd | None = None) -> Session:
         session = Session(identity, pidfd)
         self.sessions.append(session)
         return session
@@ -79,6 +79,8 @@ class StandInBroker:
         match request:
             case m.Ping():
                 return Outcome(m.PingReply(id=request.id))
+            case m.Subscribe():
+                return Outcome(m.SubscribeReply(id=request.id))
             case m.IoasCreate():
                 return Outcome(m.IoasCreateReply(id=request.id, ioas_id=7))
             case m.IoasDestroy():

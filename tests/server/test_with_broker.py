@@ -1,0 +1,89 @@
+"""The server and client library in front of the real Broker on the fake kernel.
+
+The lab topology (tests/fakesys.py) as a fake sysfs tree; group 3 holds the lone edu
+device 0000:00:10.0. The test process is the client, so SO_PEERCRED gives the broker
+this process's uid and pid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from iommud.broker import Broker
+from iommud.client import AsyncClient, MapSpec
+from iommud.errors import BusyError, InvalidRangeError
+from iommud.server import Server, ServerInfo
+from iommud.server.listen import bind_listener
+from tests.broker.conftest import EDU, PAGE, make_config, memfd
+from tests.fakekernel import FakeKernel
+from tests.fakesys import lab_topology
+from tests.server.conftest import open_fds
+
+
+@pytest.fixture
+async def served(tmp_path: Path, sockdir: str) -> AsyncIterator[tuple[str, Broker]]:
+    """A started Broker behind the real server; checks the fd count after shutdown."""
+    before = open_fds()
+    fs = lab_topology(tmp_path / "host")
+    broker = Broker(
+        make_config(tmp_path, fs), FakeKernel(fs), sysfs_timeout=1.0, restore_retry_delay=0.01
+    )
+    await broker.start()
+    path = os.path.join(sockdir, "s")
+    server = Server(broker, [bind_listener(path)], info=ServerInfo(capabilities=("iommufd",)))
+    ready = asyncio.Event()
+    task = asyncio.create_task(server.serve(ready.set))
+    await ready.wait()
+    yield path, broker
+    server.stop()
+    await asyncio.wait_for(task, 5)
+    await broker.aclose(grace=5.0)
+    assert open_fds() == before
+
+
+async def test_claim_map_unmap_release(served: tuple[str, Broker]) -> None:
+    path, _ = served
+    ram = memfd(4 * PAGE, data=b"guest")
+    try:
+        async with await AsyncClient.connect(path, "vmm") as client:
+            with await client.claim([EDU]) as lease:
+                assert [d.bdf for d in lease.devices] == [EDU]
+                assert not lease.devices[0].fd.closed
+                status = await client.status()
+                assert [(x.uid, x.pid) for x in status.leases] == [(os.getuid(), os.getpid())]
+                mapped = await client.ioas_map(lease.ioas_id, [MapSpec(ram, 0, 2 * PAGE)])
+                assert [x.length for x in mapped] == [2 * PAGE]
+                with pytest.raises(InvalidRangeError):
+                    await client.ioas_map(lease.ioas_id, [MapSpec(ram, 1, PAGE)])
+                assert await client.ioas_unmap(lease.ioas_id, mapped[0].iova, 2 * PAGE) == 2 * PAGE
+                await client.release(lease.lease_id)
+    finally:
+        os.close(ram)
+
+
+async def test_second_client_gets_busy_until_first_disconnects(served: tuple[str, Broker]) -> None:
+    """Busy names the holder; closing the holder's connection releases the group."""
+    path, _ = served
+    first = await AsyncClient.connect(path, "first")
+    (await first.claim([EDU])).close()  # the device fd is ours to drop; the lease stays
+    async with await AsyncClient.connect(path, "second") as second:
+        with pytest.raises(BusyError) as info:
+            await second.claim([EDU])
+        assert info.value.details["pid"] == os.getpid()
+        await first.aclose()
+        for _ in range(100):
+            try:
+                lease = await second.claim([EDU])
+            except BusyError:
+                await asyncio.sleep(0.02)
+            else:
+                with lease:
+                    assert lease.devices[0].bdf == EDU
+                break
+        else:
+            pytest.fail("the group was never released after the holder disconnected")
