@@ -614,7 +614,7 @@ class FakeKernel:
         self.unbind_block_limit = unbind_block_limit
         self.calls: list[tuple[Any, ...]] = []
         self.device_inodes: dict[str, set[Inode]] = {}
-        self._fail: dict[str, list[int]] = {}
+        self._fail: dict[str, list[tuple[int, int]]] = {}
         self._owners: dict[int, _Owner] = {}
         self._devid = 0
         self._mutex = threading.Lock()
@@ -643,13 +643,21 @@ class FakeKernel:
                 return i
         raise ValueError(f"{call!r} not called; calls: {self.calls!r}")
 
-    def fail_next(self, op: str, err: int, times: int = 1) -> None:
-        self._fail.setdefault(op, []).extend([err] * times)
+    def fail_next(self, op: str, err: int, *, after: int = 0) -> None:
+        """Make the call to ``op`` after ``after`` successful ones fail with ``err`` (once)."""
+        self._fail.setdefault(op, []).append((after, err))
 
     def maybe_fail(self, op: str) -> None:
         with self._mutex:
             pending = self._fail.get(op)
-            err = pending.pop(0) if pending else None
+            err = None
+            if pending:
+                after, e = pending[0]
+                if after == 0:
+                    pending.pop(0)
+                    err = e
+                else:
+                    pending[0] = (after - 1, e)
         if err is not None:
             raise KernelError(op, err)
 

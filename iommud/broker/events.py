@@ -81,5 +81,5 @@ class EventHub:
             if sink is must_reach or sink.subscription.matches(event):
                 sink.put(event)
                 n += 1
-        log.debug("event.published", event=str(event.event), seq=event.seq, receivers=n)
+        log.debug("event.published", name=str(event.event), seq=event.seq, receivers=n)
         return n
