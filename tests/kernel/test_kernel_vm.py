@@ -1,0 +1,490 @@
+"""The kernel layer against the real kernel: runs inside the lab guest (marker `vm`).
+
+Guest topology (lab/labvm.py): 0000:00:10.0 edu alone in its group; behind the bridge
+0000:00:11.0 one group with edus 0000:01:01.0 and 0000:01:02.0 and an e1000 at
+0000:01:03.0 (bound to e1000). Each test binds what it needs to vfio-pci with the
+real SysfsBinder and the ``drivers`` fixture restores every driver afterwards.
+
+The errno values asserted here were observed on the lab's Linux 6.12 guest; the
+DMA checks use QEMU's edu device (lab/edu.py), so a passing round trip means bytes
+really crossed the virtual IOMMU.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import mmap
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+import pytest
+from edu import Edu
+
+from iommud.errors import KernelError
+from iommud.kernel import uapi
+from iommud.kernel.interface import GroupStatus, IovaRange, MapFlag
+from iommud.kernel.linux import LinuxIommuFd, LinuxKernel
+from iommud.kernel.sysfs_bind import SysfsBinder
+
+pytestmark = pytest.mark.vm
+
+EDU0 = "0000:00:10.0"
+BRIDGE = "0000:00:11.0"
+EDU1 = "0000:01:01.0"
+EDU2 = "0000:01:02.0"
+NIC = "0000:01:03.0"
+
+MiB = 1 << 20
+IOVA = 0x100000
+RW = MapFlag.READABLE | MapFlag.WRITEABLE
+PCI = Path("/sys/bus/pci/devices")
+
+
+def _fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _group_of(bdf: str) -> int:
+    return int(os.path.basename(os.readlink(PCI / bdf / "iommu_group")))
+
+
+def _expect(op: str, err: int, call: Callable[[], object]) -> KernelError:
+    """Run ``call`` and require KernelError(op, err) exactly."""
+    with pytest.raises(KernelError) as ei:
+        call()
+    # Compare names, so a failure reads "EPERM != EBUSY".
+    got = errno.errorcode.get(ei.value.errno, str(ei.value.errno))
+    assert (ei.value.op, got) == (op, errno.errorcode[err])
+    return ei.value
+
+
+@dataclass
+class _Saved:
+    driver: str | None
+    override: str | None
+
+
+class DriverState:
+    """Rebinds devices for a test and puts every one back as it was."""
+
+    def __init__(self, binder: SysfsBinder) -> None:
+        self.binder = binder
+        self.saved: dict[str, _Saved] = {}
+
+    def _save(self, bdf: str) -> None:
+        if bdf not in self.saved:
+            raw = (PCI / bdf / "driver_override").read_text().strip()
+            override = None if raw in ("", "(null)") else raw
+            self.saved[bdf] = _Saved(self.binder.current_driver(bdf), override)
+
+    def to_vfio(self, bdf: str) -> str:
+        """Bind ``bdf`` to vfio-pci (override, unbind, probe); return its cdev name."""
+        self._save(bdf)
+        self.binder.set_driver_override(bdf, "vfio-pci")
+        self.binder.unbind(bdf)
+        self.binder.drivers_probe(bdf)
+        assert self.binder.current_driver(bdf) == "vfio-pci"
+        (cdev,) = os.listdir(PCI / bdf / "vfio-dev")
+        return cdev
+
+    def unbind(self, bdf: str) -> None:
+        self._save(bdf)
+        self.binder.unbind(bdf)
+        assert self.binder.current_driver(bdf) is None
+
+    def restore(self) -> None:
+        # Unbinding vfio-pci blocks while the device is open: a test that leaked a VFIO fd
+        # would hang the whole batch, so close such leaks here and fail loudly instead.
+        leaked = []
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                target = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("/dev/vfio/") or target.startswith("anon_inode:[vfio"):
+                leaked.append(target)
+                os.close(int(fd))
+        for bdf, saved in reversed(self.saved.items()):
+            self.binder.set_driver_override(bdf, saved.override)
+            self.binder.unbind(bdf)
+            if saved.driver is not None:
+                self.binder.drivers_probe(bdf)
+        for bdf, saved in self.saved.items():
+            assert self.binder.current_driver(bdf) == saved.driver, bdf
+        assert not leaked, f"test leaked VFIO fds: {leaked}"
+
+
+@pytest.fixture
+def kernel() -> LinuxKernel:
+    return LinuxKernel("/dev", "/sys")
+
+
+@pytest.fixture
+def drivers(kernel: LinuxKernel) -> Iterator[DriverState]:
+    state = DriverState(kernel.binder)
+    try:
+        yield state
+    finally:
+        state.restore()
+
+
+class SealedMemfd:
+    """A memfd sealed against shrink/grow (as a client would pass it), mmapped here."""
+
+    def __init__(self, size: int) -> None:
+        self.fd = os.memfd_create("iommud-test", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        os.ftruncate(self.fd, size)
+        fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+        self.mm = mmap.mmap(self.fd, size)
+        # The temporary ctypes view is dropped at once, so mm can still be closed.
+        self.address = ctypes.addressof(ctypes.c_char.from_buffer(self.mm))
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.mm.close()
+        os.close(self.fd)
+
+
+class Kmsg:
+    """Reads kernel log records written after it was opened."""
+
+    def __init__(self) -> None:
+        self.fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        os.lseek(self.fd, 0, os.SEEK_END)
+        self.seen: list[str] = []
+
+    def wait_for(self, pred: Callable[[str], bool], timeout: float = 5.0) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                record = os.read(self.fd, 8192).decode(errors="replace")
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"no matching kernel log line in {self.seen}") from None
+                time.sleep(0.05)
+                continue
+            except BrokenPipeError:  # EPIPE: records were overwritten; keep reading
+                continue
+            message = record.split(";", 1)[-1].strip()
+            self.seen.append(message)
+            if pred(message):
+                return message
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        os.close(self.fd)
+
+
+def _round_trip(edu: Edu, mm: mmap.mmap, src_iova: int, base_iova: int) -> float:
+    """RAM -> device -> RAM through the IOMMU; returns the seconds it took."""
+    pattern = os.urandom(2048)
+    src, dst = src_iova - base_iova, src_iova - base_iova + 0x1000
+    mm[src : src + 2048] = pattern
+    mm[dst : dst + 2048] = bytes(2048)
+    t0 = time.perf_counter()
+    edu.dma_from_ram(src_iova, 2048)
+    edu.dma_to_ram(src_iova + 0x1000, 2048)
+    elapsed = time.perf_counter() - t0
+    assert mm[dst : dst + 2048] == pattern
+    return elapsed
+
+
+# --------------------------------------------------------------------------- iommufd
+
+
+def test_iommufd_dma_round_trip_then_unmap_blocks_dma(
+    kernel: LinuxKernel, drivers: DriverState
+) -> None:
+    """edu 00:10.0 via cdev + iommufd: bytes cross the IOMMU both ways; after
+    IOMMU_IOAS_UNMAP the device write does not land and the kernel logs a DMAR fault."""
+    cdev = drivers.to_vfio(EDU0)
+    before = _fd_count()
+    with ExitStack() as stack:
+        ifd = stack.enter_context(kernel.open_iommufd())
+        dev = stack.enter_context(kernel.open_cdev(cdev))
+        assert dev.name == cdev
+        devid = dev.bind_iommufd(ifd)
+        ioas = ifd.ioas_alloc()
+        dev.attach_ioas(ioas)
+        buf = stack.enter_context(SealedMemfd(MiB))
+        t0 = time.perf_counter()
+        assert ifd.ioas_map(ioas, buf.address, MiB, IOVA, RW) == IOVA
+        map_seconds = time.perf_counter() - t0
+
+        info = dev.get_info()
+        assert info.flags & uapi.VFIO_DEVICE_FLAGS_PCI
+        assert info.num_regions == 9  # BAR0-5, ROM, config, VGA
+        assert ifd.get_hw_info(devid).data_type == uapi.IOMMU_HW_INFO_TYPE_INTEL_VTD
+
+        edu = Edu(dev.fileno())
+        edu.enable_bus_master()
+        assert edu.is_alive()
+        rt_seconds = _round_trip(edu, buf.mm, IOVA, IOVA)
+        print(
+            f"ioas_map 1 MiB: {map_seconds * 1e3:.2f} ms; DMA round trip (2x2 KiB): "
+            f"{rt_seconds * 1e3:.1f} ms"
+        )
+
+        assert ifd.ioas_unmap(ioas, IOVA, MiB) == MiB
+        with Kmsg() as kmsg:
+            edu.dma_to_ram(IOVA + 0x2000, 2048)
+            assert buf.mm[0x2000:0x2800] == bytes(2048)
+            line = kmsg.wait_for(lambda m: "DMAR" in m and "[00:10.0]" in m)
+        assert "DMA Write" in line
+        assert f"fault addr {IOVA + 0x2000:#x}" in line
+
+        dev.detach_ioas()
+        ifd.destroy(ioas)
+    assert _fd_count() == before
+
+
+def test_a_dup_of_the_device_fd_drives_the_device(
+    kernel: LinuxKernel, drivers: DriverState
+) -> None:
+    """dup_fd() (what the broker hands to a client) works for regions and DMA."""
+    cdev = drivers.to_vfio(EDU0)
+    before = _fd_count()
+    with ExitStack() as stack:
+        ifd = stack.enter_context(kernel.open_iommufd())
+        dev = stack.enter_context(kernel.open_cdev(cdev))
+        dev.bind_iommufd(ifd)
+        ioas = ifd.ioas_alloc()
+        dev.attach_ioas(ioas)
+        buf = stack.enter_context(SealedMemfd(MiB))
+        iova = ifd.ioas_map(ioas, buf.address, MiB, None, RW)  # the kernel picks the IOVA
+        assert iova % 4096 == 0
+        if iova + MiB > 1 << 28:  # beyond edu's reach: place it ourselves
+            ifd.ioas_unmap(ioas, iova, MiB)
+            iova = ifd.ioas_map(ioas, buf.address, MiB, 0x400000, RW)
+        fd = dev.dup_fd()
+        stack.callback(os.close, fd)
+        dev.close()  # only the dup is left
+        edu = Edu(fd)
+        edu.enable_bus_master()
+        _round_trip(edu, buf.mm, iova, iova)
+        assert ifd.ioas_unmap_all(ioas) == MiB
+    assert _fd_count() == before
+
+
+def test_iommufd_refusals_and_their_errnos(kernel: LinuxKernel, drivers: DriverState) -> None:
+    """The kernel refuses bad requests with these exact errnos (Linux 6.12)."""
+    cdev = drivers.to_vfio(EDU0)
+    before = _fd_count()
+    with ExitStack() as stack:
+        ifd = stack.enter_context(kernel.open_iommufd())
+        dev = stack.enter_context(kernel.open_cdev(cdev))
+        buf = stack.enter_context(SealedMemfd(MiB))
+
+        # Before VFIO_DEVICE_BIND_IOMMUFD a cdev refuses everything else.
+        _expect("VFIO_DEVICE_GET_REGION_INFO", errno.EINVAL, lambda: dev.get_region_info(0))
+        _expect("VFIO_DEVICE_ATTACH_IOMMUFD_PT", errno.EINVAL, lambda: dev.attach_ioas(1))
+        # Binding to something that is not an iommufd, or to a closed wrapper.
+        not_iommufd = LinuxIommuFd(os.dup(buf.fd))
+        stack.callback(not_iommufd.close)
+        _expect("VFIO_DEVICE_BIND_IOMMUFD", errno.EBADFD, lambda: dev.bind_iommufd(not_iommufd))
+        closed = kernel.open_iommufd()
+        closed.close()
+        _expect("fileno", errno.EBADF, lambda: dev.bind_iommufd(closed))
+
+        devid = dev.bind_iommufd(ifd)
+        _expect("VFIO_DEVICE_BIND_IOMMUFD", errno.EINVAL, lambda: dev.bind_iommufd(ifd))
+        other = stack.enter_context(kernel.open_iommufd())
+        _expect("VFIO_DEVICE_BIND_IOMMUFD", errno.EINVAL, lambda: dev.bind_iommufd(other))
+        _expect("VFIO_DEVICE_ATTACH_IOMMUFD_PT", errno.ENOENT, lambda: dev.attach_ioas(999))
+        _expect("VFIO_DEVICE_ATTACH_IOMMUFD_PT", errno.EINVAL, lambda: dev.attach_ioas(devid))
+        # edu has no FLR or PM reset: VFIO_DEVICE_FLAGS_RESET is clear and reset fails.
+        assert not dev.get_info().can_reset
+        _expect("VFIO_DEVICE_RESET", errno.EINVAL, dev.reset)
+
+        ioas = ifd.ioas_alloc()
+        dev.attach_ioas(ioas)
+        _expect("IOMMU_DESTROY", errno.ENOENT, lambda: ifd.destroy(999))
+        _expect("IOMMU_DESTROY", errno.EBUSY, lambda: ifd.destroy(ioas))  # attached
+        _expect("IOMMU_DESTROY", errno.EBUSY, lambda: ifd.destroy(devid))  # bound device
+        _expect("IOMMU_IOAS_IOVA_RANGES", errno.ENOENT, lambda: ifd.ioas_iova_ranges(999))
+        # RLIMIT_MODE can only change while the iommufd holds no objects.
+        _expect("IOMMU_OPTION", errno.EBUSY, lambda: ifd.option_rlimit_mode(True))
+
+        va = buf.address
+        assert ifd.ioas_map(ioas, va, MiB, IOVA, RW) == IOVA
+        _expect("IOMMU_IOAS_MAP", errno.EEXIST, lambda: ifd.ioas_map(ioas, va, MiB, IOVA, RW))
+        _expect(
+            "IOMMU_IOAS_MAP", errno.EEXIST, lambda: ifd.ioas_map(ioas, va, MiB, IOVA + MiB // 2, RW)
+        )
+        unmapped = 0x4000000
+        for label, call in {
+            "unaligned length": lambda: ifd.ioas_map(ioas, va, 100, unmapped, RW),
+            "unaligned iova": lambda: ifd.ioas_map(ioas, va, 4096, unmapped + 0x100, RW),
+            "unaligned va": lambda: ifd.ioas_map(ioas, va + 1, 4096, unmapped, RW),
+            "zero length": lambda: ifd.ioas_map(ioas, va, 0, unmapped, RW),
+            "no access flags": lambda: ifd.ioas_map(ioas, va, 4096, unmapped, MapFlag(0)),
+            "MSI window": lambda: ifd.ioas_map(ioas, va, 4096, 0xFEE00000, RW),
+        }.items():
+            err = _expect("IOMMU_IOAS_MAP", errno.EINVAL, call)
+            assert err.details["errno"] == errno.EINVAL, label
+        _expect("IOMMU_IOAS_MAP", errno.EFAULT, lambda: ifd.ioas_map(ioas, 0x1000, 4096, None, RW))
+        _expect("IOMMU_IOAS_MAP", errno.ENOENT, lambda: ifd.ioas_map(999, va, 4096, None, RW))
+        # Unmap must cover whole mappings; a hole is ENOENT.
+        _expect("IOMMU_IOAS_UNMAP", errno.ENOENT, lambda: ifd.ioas_unmap(ioas, IOVA, 4096))
+        _expect("IOMMU_IOAS_UNMAP", errno.ENOENT, lambda: ifd.ioas_unmap(ioas, unmapped, 4096))
+
+        # IOAS_COPY shares the pinned pages into another IOAS; unmap-all counts both.
+        ioas2 = ifd.ioas_alloc()
+        ifd.ioas_copy(ioas2, 0x800000, ioas, IOVA, MiB, RW)
+        assert ifd.ioas_unmap_all(ioas2) == MiB
+        ifd.destroy(ioas2)
+        assert ifd.ioas_unmap_all(ioas) == MiB
+        assert ifd.ioas_unmap_all(ioas) == 0
+        dev.detach_ioas()
+        dev.detach_ioas()  # detaching twice is not an error on 6.12
+        ifd.destroy(ioas)
+    assert _fd_count() == before
+
+
+def test_rlimit_mode_on_a_fresh_iommufd(kernel: LinuxKernel) -> None:
+    with kernel.open_iommufd() as ifd:
+        assert ifd.option_rlimit_mode() is False
+        assert ifd.option_rlimit_mode(True) is True
+        assert ifd.option_rlimit_mode() is True
+        assert ifd.option_rlimit_mode(False) is False
+
+
+def test_map_file_probe_is_false_on_6_12(kernel: LinuxKernel) -> None:
+    """IOMMU_IOAS_MAP_FILE arrived in 6.13; the lab guest runs 6.12."""
+    assert os.uname().release.startswith("6.12")
+    with kernel.open_iommufd() as ifd, SealedMemfd(MiB) as buf:
+        ioas = ifd.ioas_alloc()
+        assert ifd.has_map_file() is False
+        _expect(
+            "IOMMU_IOAS_MAP_FILE",
+            errno.ENOTTY,
+            lambda: ifd.ioas_map_file(ioas, buf.fd, 0, MiB, None, RW),
+        )
+
+
+def test_iova_ranges_and_allow_iovas(kernel: LinuxKernel, drivers: DriverState) -> None:
+    """An empty IOAS allows everything; attaching the VT-d device narrows it to its 39-bit
+    aperture minus the interrupt window 0xfee00000-0xfeefffff, with 4 KiB alignment."""
+    cdev = drivers.to_vfio(EDU0)
+    with kernel.open_iommufd() as ifd, kernel.open_cdev(cdev) as dev, SealedMemfd(MiB) as buf:
+        dev.bind_iommufd(ifd)
+        ioas = ifd.ioas_alloc()
+        assert ifd.ioas_iova_ranges(ioas) == ([IovaRange(0, uapi.U64_MAX)], 1)
+        dev.attach_ioas(ioas)
+        ranges, alignment = ifd.ioas_iova_ranges(ioas)
+        assert alignment == 4096
+        assert ranges == [IovaRange(0, 0xFEDFFFFF), IovaRange(0xFEF00000, (1 << 39) - 1)]
+        # Allowed IOVAs steer the kernel's own IOVA choice (fixed maps are not limited)...
+        window = IovaRange(0x2000000, 0x2FFFFFF)
+        ifd.ioas_allow_iovas(ioas, [window])
+        iova = ifd.ioas_map(ioas, buf.address, MiB, None, RW)
+        assert window.start <= iova
+        assert iova + MiB - 1 <= window.last
+        # ...and cannot include IOVAs the attached device already excludes.
+        _expect(
+            "IOMMU_IOAS_ALLOW_IOVAS",
+            errno.EADDRINUSE,
+            lambda: ifd.ioas_allow_iovas(ioas, [IovaRange(0, 0xFFFFFFFF)]),
+        )
+        ifd.ioas_unmap_all(ioas)
+        dev.detach_ioas()
+
+
+# --------------------------------------------------------------------------- legacy
+
+
+def test_multi_device_group_members() -> None:
+    group = _group_of(EDU1)
+    members = set(os.listdir(f"/sys/kernel/iommu_groups/{group}/devices"))
+    assert members == {BRIDGE, EDU1, EDU2, NIC}
+    assert _group_of(EDU0) != group
+
+
+def test_group_with_e1000_bound_is_not_viable(kernel: LinuxKernel, drivers: DriverState) -> None:
+    """e1000 is not DMA-safe: the group is not viable and the kernel refuses ownership
+    through the legacy container and through the iommufd cdev (both EPERM); while the
+    group node is open the cdev is refused for that reason first (EBUSY)."""
+    assert kernel.binder.current_driver(NIC) == "e1000"
+    cdev = drivers.to_vfio(EDU1)
+    before = _fd_count()
+    with kernel.open_group(_group_of(EDU1)) as g, kernel.open_container() as c:
+        assert g.get_status() == GroupStatus(is_viable=False, is_container_set=False)
+        _expect("VFIO_GROUP_SET_CONTAINER", errno.EPERM, lambda: g.set_container(c))
+        _expect("VFIO_GROUP_GET_DEVICE_FD", errno.EINVAL, lambda: g.get_device(EDU1))
+        _expect("VFIO_SET_IOMMU", errno.EINVAL, c.set_iommu_type1v2)  # no group in it
+        with kernel.open_iommufd() as ifd, kernel.open_cdev(cdev) as dev:
+            _expect("VFIO_DEVICE_BIND_IOMMUFD", errno.EBUSY, lambda: dev.bind_iommufd(ifd))
+    with kernel.open_iommufd() as ifd, kernel.open_cdev(cdev) as dev:
+        _expect("VFIO_DEVICE_BIND_IOMMUFD", errno.EPERM, lambda: dev.bind_iommufd(ifd))
+    assert _fd_count() == before
+
+
+def test_legacy_container_dma_round_trip(kernel: LinuxKernel, drivers: DriverState) -> None:
+    """Group of 01:01.0 made viable by unbinding e1000 (driver-less is fine): container,
+    TYPE1v2, MAP_DMA, a DMA round trip through 01:01.0; e1000 cannot bind while owned."""
+    drivers.unbind(NIC)
+    drivers.to_vfio(EDU1)
+    before = _fd_count()
+    with ExitStack() as stack:
+        g = stack.enter_context(kernel.open_group(_group_of(EDU1)))
+        c = stack.enter_context(kernel.open_container())
+        assert g.get_status() == GroupStatus(is_viable=True, is_container_set=False)
+        assert c.get_api_version() == uapi.VFIO_API_VERSION
+        assert c.check_extension(uapi.VFIO_TYPE1v2_IOMMU)
+        assert c.check_extension(uapi.VFIO_UNMAP_ALL)
+        g.set_container(c)
+        assert g.get_status() == GroupStatus(is_viable=True, is_container_set=True)
+        _expect("VFIO_GROUP_SET_CONTAINER", errno.EINVAL, lambda: g.set_container(c))
+        c.set_iommu_type1v2()
+
+        # While userspace owns the group, a DMA-unsafe driver cannot probe (drivers_probe
+        # reports EINVAL for the refused probe) and the NIC stays driver-less.
+        _expect("drivers_probe", errno.EINVAL, lambda: kernel.binder.drivers_probe(NIC))
+        assert kernel.binder.current_driver(NIC) is None
+
+        buf = stack.enter_context(SealedMemfd(MiB))
+        c.map_dma(buf.address, IOVA, MiB, read=True, write=True)
+        _expect(
+            "VFIO_IOMMU_MAP_DMA",
+            errno.EEXIST,
+            lambda: c.map_dma(buf.address, IOVA, MiB, read=True, write=True),
+        )
+        _expect(
+            "VFIO_IOMMU_MAP_DMA",
+            errno.EINVAL,
+            lambda: c.map_dma(buf.address, 0x4000000, 100, read=True, write=True),
+        )
+        _expect("VFIO_GROUP_GET_DEVICE_FD", errno.ENODEV, lambda: g.get_device(NIC))
+        _expect("VFIO_GROUP_GET_DEVICE_FD", errno.ENODEV, lambda: g.get_device("0000:01:03.1"))
+
+        with g.get_device(EDU1) as dev:
+            assert dev.name == EDU1
+            assert dev.get_info().flags & uapi.VFIO_DEVICE_FLAGS_PCI
+            edu = Edu(dev.fileno())
+            edu.enable_bus_master()
+            assert edu.is_alive()
+            _round_trip(edu, buf.mm, IOVA, IOVA)
+        assert c.unmap_dma(IOVA, MiB) == MiB
+        c.map_dma(buf.address, IOVA, MiB, read=True, write=False)
+        assert c.unmap_all() == MiB
+        assert c.unmap_all() == 0
+        g.unset_container()
+        assert g.get_status() == GroupStatus(is_viable=True, is_container_set=False)
+        _expect("VFIO_GROUP_UNSET_CONTAINER", errno.EINVAL, g.unset_container)
+    assert _fd_count() == before
