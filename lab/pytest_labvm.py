@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +100,9 @@ class GuestReporter:
         if hasattr(report, "wasxfail"):
             record["wasxfail"] = report.wasxfail
         if report.skipped and isinstance(report.longrepr, tuple):
-            record["reason"] = str(report.longrepr[2])
+            path, lineno, reason = report.longrepr
+            record["reason"] = str(reason).removeprefix("Skipped: ")
+            record["location"] = [str(path), lineno]
         elif report.failed:
             text = report.longreprtext
             for title, content in report.sections:
@@ -122,6 +125,9 @@ class GuestReporter:
 # --------------------------------------------------------------------------- host side
 
 
+_GUEST_ONLY_MARKS = frozenset({"skip", "skipif", "xfail", "usefixtures", "parametrize"})
+
+
 class GuestFailureError(Exception):
     """A vm test failed in the guest, or the guest could not run it; str() is the report."""
 
@@ -133,14 +139,17 @@ class GuestItem(pytest.Item):
         super().__init__(**kwargs)
         self._batch = batch
         self._location = original.location
-        self.own_markers = list(original.own_markers)
-        self.keywords.update(original.keywords)
+        #: Where the guest said the test skipped (path, 1-based line), for the skip report.
+        self.skip_location: tuple[str, int] | None = None
+        # Keep the markers (for reports and plugins) except those pytest would evaluate on
+        # the host: skip/skipif/xfail conditions are the guest's business.
+        self.own_markers = [m for m in original.iter_markers() if m.name not in _GUEST_ONLY_MARKS]
 
     def reportinfo(self) -> tuple[Any, int | None, str]:
         return self.path, self._location[1], self._location[2]
 
     def runtest(self) -> None:
-        self._batch.report_outcome(self.nodeid)
+        self._batch.report_outcome(self)
 
     def repr_failure(
         self,
@@ -243,7 +252,23 @@ class HostBatch:
                 f"test; its output ends:\n{result.output[-3000:]}\n(full log: {log_path})"
             )
 
-    def report_outcome(self, nodeid: str) -> None:
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(
+        self, item: pytest.Item, call: pytest.CallInfo[None]
+    ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+        report = yield
+        # pytest would point a skip at the line in this plugin that raised it.
+        if (
+            isinstance(item, GuestItem)
+            and item.skip_location
+            and report.skipped
+            and isinstance(report.longrepr, tuple)
+        ):
+            report.longrepr = (*item.skip_location, report.longrepr[2])
+        return report
+
+    def report_outcome(self, item: GuestItem) -> None:
+        nodeid = item.nodeid
         if not self._done:
             self._run_batch()
         if self._unavailable is not None:
@@ -266,4 +291,7 @@ class HostBatch:
             if "wasxfail" in record and record["outcome"] == "skipped":
                 pytest.xfail(f"(in the guest) {record['wasxfail']}")
             if record["outcome"] == "skipped":
+                location = record.get("location")
+                if location:
+                    item.skip_location = (str(location[0]), int(location[1]))
                 pytest.skip(f"(in the guest) {record.get('reason', '')}")

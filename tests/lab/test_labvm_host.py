@@ -1,0 +1,98 @@
+"""The lab runner (labvm) on the host, driven through a fake vng (see conftest.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import labvm
+import pytest
+
+
+def calls(log: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def test_status_output_env_and_cwd(fake_vng: Path, tmp_path: Path) -> None:
+    """stderr is folded into stdout, markers are stripped, cwd and the guest env are set."""
+    result = labvm.run_command(
+        ["sh", "-c", 'echo out; echo err >&2; pwd; echo "g=$IOMMUD_LAB_GUEST"; exit 3'],
+        cwd=tmp_path,
+        timeout=30,
+    )
+    assert result.status == 3
+    assert result.output == f"out\nerr\n{tmp_path}\ng=1\n"
+    assert result.vng_returncode == 3
+    assert not result.timed_out
+    assert result.boot_seconds is not None
+    assert result.console == "fake console: Linux version 6.12 booting\n"
+    assert result.qemu_problems == []
+    assert not result.ok
+
+
+def test_vng_argv_has_topology_qmp_and_shared_dir(fake_vng: Path, tmp_path: Path) -> None:
+    result = labvm.run_command(["true"], cwd=tmp_path, timeout=30)
+    assert result.status == 0
+    assert result.ok
+    (call,) = calls(fake_vng)
+    argv = call["argv"]
+    assert isinstance(argv, list)
+    for flag in ("--disable-kvm", "--disable-microvm", "--force-9p", "--verbose"):
+        assert flag in argv
+    rwdir = next(a.split("=", 1)[1] for a in argv if a.startswith("--rwdir="))
+    qemu_opts = next(a.split("=", 1)[1] for a in argv if a.startswith("--qemu-opts="))
+    assert f"-qmp unix:{rwdir}/qmp.sock,server=on,wait=off" in qemu_opts
+    assert "-device intel-iommu,intremap=on,id=iommu0" in qemu_opts
+    assert "-device edu,bus=rp1,id=hotedu" in qemu_opts
+    assert f"--cwd={tmp_path}" in argv
+    assert not Path(rwdir).exists()  # the per-run dir is removed afterwards
+
+
+def test_exit_marker_wins_over_vng_exit_code(
+    fake_vng: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """vng's own exit code is not trusted: the guest's exit-status marker line is."""
+    monkeypatch.setenv("FAKE_VNG", "rc-lies")
+    result = labvm.run_command(["sh", "-c", "exit 5"], timeout=30)
+    assert (result.vng_returncode, result.status) == (0, 5)
+
+
+def test_qemu_crash_is_surfaced(fake_vng: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FAKE_VNG", "crash")
+    result = labvm.run_command(["true"], timeout=30)
+    assert result.status is None
+    assert result.vng_returncode == 134
+    assert result.output == "partial output\n"
+    assert result.qemu_problems == [
+        "qemu-system-x86_64: hardware error: EDU: DMA range 0x40000-0x40fff out of bounds"
+    ]
+    text = result.describe_failure()
+    assert text.startswith(
+        "lab guest died before the command finished (vng exit code 134; no exit-status marker)"
+    )
+    assert "QEMU said:\n  qemu-system-x86_64: hardware error: EDU" in text
+    assert "partial output" in text
+
+
+def test_timeout_kills_the_guest(fake_vng: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FAKE_VNG", "hang")
+    started = time.monotonic()
+    result = labvm.run_command(["true"], timeout=1.0)
+    assert time.monotonic() - started < 10
+    assert result.timed_out
+    assert result.status is None
+    assert result.describe_failure().startswith("lab guest timed out after 1s")
+    (call,) = calls(fake_vng)
+    pid = call["pid"]
+    assert isinstance(pid, int)
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def test_missing_kernel_is_unavailable(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("IOMMUD_LAB_KERNEL", str(tmp_path / "nope"))
+    with pytest.raises(labvm.LabUnavailableError) as err:
+        labvm.find_kernel()
+    assert str(err.value) == f"guest kernel not built ({tmp_path}/nope): run lab/build-kernel"

@@ -1,0 +1,172 @@
+"""The vm-test plugin end to end on the host: a pytester session whose "guest" is a fake vng.
+
+The fake vng runs the runner's guest script on the host, so the inner pytest really runs
+in a subprocess with IOMMUD_LAB_GUEST=1 and reports through the shared dir; only QEMU is
+missing. The real guest runs tests/lab/test_lab_vm.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+INI = """
+[pytest]
+asyncio_default_fixture_loop_scope = function
+markers =
+    vm: runs in the lab guest
+"""
+
+CONFTEST = """
+import os
+import pytest
+
+pytest_plugins = ["pytest_labvm"]
+
+@pytest.fixture(autouse=True)
+def where(request):
+    # Records where every test's fixtures ran: "guest" or "host".
+    with open(os.environ["WHERE_LOG"], "a") as f:
+        place = "guest" if os.environ.get("IOMMUD_LAB_GUEST") == "1" else "host"
+        f.write(f"{request.node.name} {place}\\n")
+
+@pytest.fixture
+def broken():
+    raise RuntimeError("fixture exploded in the guest")
+"""
+
+TESTS = """
+import os
+import pytest
+
+@pytest.mark.vm
+def test_pass():
+    assert os.environ["IOMMUD_LAB_GUEST"] == "1"
+
+@pytest.mark.vm
+def test_fail():
+    print("guest stdout line")
+    assert 1 + 1 == 3
+
+@pytest.mark.vm
+def test_skip():
+    pytest.skip("no edu here")
+
+@pytest.mark.vm
+@pytest.mark.xfail(reason="known kernel bug")
+def test_xfail():
+    raise OSError(22, "EINVAL")
+
+@pytest.mark.vm
+def test_fixture_error(broken):
+    pass
+
+@pytest.mark.vm
+@pytest.mark.parametrize("n", [1, 2])
+def test_param(n):
+    assert n in (1, 2)
+
+def test_on_host():
+    assert "IOMMUD_LAB_GUEST" not in os.environ
+"""
+
+
+@pytest.fixture
+def project(pytester: pytest.Pytester, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    pytester.makeini(INI)
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(test_mix=TESTS)
+    where = tmp_path / "where.log"
+    monkeypatch.setenv("WHERE_LOG", str(where))
+    return where
+
+
+def test_outcomes_come_from_the_guest(
+    pytester: pytest.Pytester, fake_vng: Path, project: Path
+) -> None:
+    """pass/fail/skip/xfail/fixture error of each vm test are those the guest saw."""
+    result = pytester.runpytest_inprocess("-rA")
+    result.assert_outcomes(passed=4, failed=2, skipped=1, xfailed=1)
+    out = result.stdout.str()
+    assert "PASSED test_mix.py::test_pass" in out
+    assert "PASSED test_mix.py::test_param[1]" in out
+    assert "SKIPPED [1] test_mix.py:15: (in the guest) no edu here" in out
+    assert "XFAIL test_mix.py::test_xfail - (in the guest) known kernel bug" in out
+    result.stdout.fnmatch_lines(
+        [
+            "*[[]lab guest, call[]]*",
+            "*assert (1 + 1) == 3*",
+            "*Captured stdout call (in the guest)*",
+            "guest stdout line",
+        ]
+    )
+    result.stdout.fnmatch_lines(["*[[]lab guest, setup[]]*", "*fixture exploded in the guest*"])
+    result.stdout.fnmatch_lines(["lab: 7 vm test(s) in one guest boot: boot *, batch *"])
+    assert len(fake_vng.read_text().splitlines()) == 1  # one boot for the whole batch
+    # Fixtures of vm tests ran only in the guest; the plain test only on the host.
+    places = sorted(project.read_text().splitlines())
+    assert places == sorted(
+        [f"{name} guest" for name in ("test_pass", "test_fail", "test_skip", "test_xfail")]
+        + ["test_fixture_error guest"]
+        + ["test_param[1] guest", "test_param[2] guest", "test_on_host host"]
+    )
+
+
+def test_deselected_vm_tests_do_not_boot(
+    pytester: pytest.Pytester, fake_vng: Path, project: Path
+) -> None:
+    result = pytester.runpytest_inprocess("-m", "not vm")
+    result.assert_outcomes(passed=1, deselected=7)
+    assert not fake_vng.exists()
+
+
+def test_only_selected_vm_tests_go_to_the_guest(
+    pytester: pytest.Pytester, fake_vng: Path, project: Path
+) -> None:
+    result = pytester.runpytest_inprocess("-k", "param")
+    result.assert_outcomes(passed=2, deselected=6)
+    (call,) = fake_vng.read_text().splitlines()
+    assert "test_pass" not in call
+
+
+def test_unavailable_lab_skips(
+    pytester: pytest.Pytester, fake_vng: Path, project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("IOMMUD_LAB_KERNEL", "/nonexistent/bzImage")
+    result = pytester.runpytest_inprocess("-rs")
+    result.assert_outcomes(passed=1, skipped=7)
+    result.stdout.fnmatch_lines(
+        ["*lab unavailable: guest kernel not built (/nonexistent/bzImage): run lab/build-kernel"]
+    )
+    assert not project.read_text().count("guest")
+
+
+@pytest.mark.parametrize(("var", "value"), [("CI", "true"), ("IOMMUD_REQUIRE_LAB", "1")])
+def test_unavailable_lab_fails_when_required(
+    pytester: pytest.Pytester,
+    fake_vng: Path,
+    project: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    var: str,
+    value: str,
+) -> None:
+    monkeypatch.setenv("IOMMUD_LAB_KERNEL", "/nonexistent/bzImage")
+    monkeypatch.setenv(var, value)
+    result = pytester.runpytest_inprocess()
+    result.assert_outcomes(passed=1, failed=7)
+    result.stdout.fnmatch_lines(
+        ["the lab is required here (CI=true or IOMMUD_REQUIRE_LAB=1) but unavailable: *"]
+    )
+
+
+def test_guest_crash_fails_every_vm_test_with_qemu_output(
+    pytester: pytest.Pytester, fake_vng: Path, project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAKE_VNG", "crash")
+    result = pytester.runpytest_inprocess()
+    result.assert_outcomes(passed=1, failed=7)
+    out = result.stdout.str()
+    said = "QEMU said:\n  qemu-system-x86_64: hardware error: EDU: DMA range"
+    assert out.count(said) == 7
+    assert "lab guest died before the command finished (vng exit code 134" in out
