@@ -257,8 +257,8 @@ async def cmd_monitor(args: argparse.Namespace, out: Output) -> int:
     stop = _stop_on_signals()
     async with await _connect(args.socket) as client:
         await client.subscribe(args.events, args.groups)
-        if not args.json:
-            out.warn(f"iommuctl: monitoring {args.socket} (Ctrl-C to stop)")
+        # on stderr even with --json: scripts may wait for it (the subscription is live)
+        out.warn(f"iommuctl: monitoring {args.socket} (Ctrl-C to stop)")
 
         async def pump() -> None:
             async for ev in client.events():
