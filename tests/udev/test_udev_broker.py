@@ -11,6 +11,7 @@ A root "monitor" session subscribes to everything; a uid-1000 client claims edus
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -25,9 +26,18 @@ from iommud.config import AccessRule, Config, DaemonConfig, ManageConfig
 from iommud.fds import FdSet
 from iommud.policy import Identity
 from iommud.protocol import messages as m
-from iommud.udev import HostAction, HostEvent, HostWatcher, Resync, broker_sink
+from iommud.udev import (
+    HostAction,
+    HostEvent,
+    HostWatcher,
+    Resync,
+    UdevSource,
+    broker_sink,
+    watch_host,
+)
 from tests.fakekernel import FakeKernel
 from tests.fakesys import FakeSys, lab_topology
+from tests.udev.fakemonitor import FakeMonitor, uevent
 
 E1000_BDF = "0000:01:03.0"
 EDUS = ("0000:01:01.0", "0000:01:02.0")
@@ -149,3 +159,30 @@ async def test_device_removal_is_reported(host: Host) -> None:
 async def aiter_of(*items: Any) -> AsyncIterator[Any]:
     for x in items:
         yield x
+
+
+async def test_watch_host_wires_source_watcher_and_broker(host: Host) -> None:
+    """The daemon's task: sets event_source, follows uevents, closes its source on cancel."""
+    mon = FakeMonitor()
+    try:
+        src = UdevSource("kernel", monitor=mon)
+        task = asyncio.create_task(
+            watch_host(
+                host.broker, sys_root=host.fs.sys_root, dev_root=host.fs.dev_root, source=src
+            )
+        )
+        await asyncio.sleep(0)
+        assert host.broker.event_source == "kernel"
+        host.fs.unbind(E1000_BDF)
+        mon.feed(uevent("unbind", E1000_BDF, 40))
+        q = host.broker.events(host.monitor)
+        async with asyncio.timeout(2):
+            first = await q.get()
+        assert isinstance(first, m.DriverUnbound)
+        assert (first.bdf, first.driver, first.group_id) == (E1000_BDF, "e1000", 4)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert asyncio.get_running_loop().remove_reader(mon.r) is False
+    finally:
+        mon.close()

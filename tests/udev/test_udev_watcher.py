@@ -32,7 +32,7 @@ from iommud.udev import (
     UdevSource,
 )
 from tests.fakesys import CLASS_EDU, CLASS_ETHERNET, E1000, EDU, FakeSys, lab_topology
-from tests.udev.test_udev_source import FakeMonitor, uevent
+from tests.udev.fakemonitor import FakeMonitor, uevent
 
 E1000_BDF = "0000:01:03.0"
 BRIDGE = "0000:00:11.0"
