@@ -7,9 +7,10 @@ It behaves like Linux 6.12 where the broker's correctness depends on it:
   destroying an IOAS with attached devices, unmap never splits an area (EINVAL) and
   answers ENOENT when nothing was mapped (drivers/iommu/iommufd/io_pagetable.c);
 - VFIO: a group that is not viable refuses a container and a cdev bind with EPERM (both
-  measured on 6.12 in the lab, tests/kernel/test_kernel_vm.py), SET_IOMMU needs a group, GET_DEVICE_FD needs a container with an IOMMU
-  and a device bound to vfio-pci, a cdev bind fails with EBUSY while another owner holds
-  the group (drivers/iommu/iommu.c, iommu_device_claim_dma_owner);
+  measured on 6.12 in the lab, tests/kernel/test_kernel_vm.py), SET_IOMMU needs a group,
+  GET_DEVICE_FD needs a container with an IOMMU and a device bound to vfio-pci, a cdev
+  bind fails with EBUSY while another owner holds the group (drivers/iommu/iommu.c,
+  iommu_device_claim_dma_owner);
 - sysfs: the binder edits a real directory tree (the one tests/fakesys.py builds and
   iommud.host.snapshot reads), unbinding vfio-pci BLOCKS while any fd of the device is
   still open anywhere in the process (as vfio_unregister_group_dev waits), and an
