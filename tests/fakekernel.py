@@ -4,7 +4,7 @@ It behaves like Linux 6.12 where the broker's correctness depends on it:
 
 - iommufd: ENOENT for an unknown IOAS, EINVAL for a zero or misaligned length/IOVA or an
   IOVA outside the allowed ranges, EEXIST for an overlapping fixed IOVA, EBUSY when
-  destroying an IOAS with attached devices, unmap never splits an area (EINVAL) and
+  destroying an IOAS with attached devices, unmap never splits an area (ENOENT, measured) and
   answers ENOENT when nothing was mapped (drivers/iommu/iommufd/io_pagetable.c);
 - VFIO: a group that is not viable refuses a container and a cdev bind with EPERM (both
   measured on 6.12 in the lab, tests/kernel/test_kernel_vm.py), SET_IOMMU needs a group,
@@ -163,7 +163,7 @@ class _Space:
             last = iova + length - 1
             victims = [a for a in self.areas.values() if a.iova <= last and iova <= a.last]
             if any(a.iova < iova or a.last > last for a in victims):
-                raise KernelError(op, errno.EINVAL)  # areas are never split
+                raise KernelError(op, errno.ENOENT)  # never split; 6.12: ENOENT
             if not victims:
                 raise KernelError(op, errno.ENOENT)
         for a in victims:
