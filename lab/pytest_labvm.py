@@ -243,6 +243,12 @@ class HostBatch:
             f"batch {batch}, total {result.total_seconds:.1f}s; guest pytest status "
             f"{result.status}; full log {log_path}"
         )
+        if result.failed_boots:
+            self._summary += (
+                f"\nlab: {len(result.failed_boots)} boot(s) died early and were retried"
+            )
+        for line in result.kernel_problems:
+            self._summary += f"\nlab: guest kernel said: {line}"
         self._say(self._summary)
         if result.timed_out or result.status is None or result.qemu_problems:
             self._crash = result.describe_failure() + f"\n(full log: {log_path})"

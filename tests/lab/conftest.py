@@ -4,7 +4,8 @@ The fake vng takes the same argv as the real one, prints a pretend console on st
 runs the --exec script on the host with sh, so the runner's script, markers, env, cwd,
 timeouts and the pytest plugin's report pipeline all run for real. $FAKE_VNG picks a
 behaviour: "run" (default), "rc-lies" (runs the script, then exits 0 whatever happened),
-"crash" (QEMU dies with a hardware error mid-command), "hang" (never finishes).
+"crash" (QEMU dies with a hardware error mid-command), "hang" (never finishes),
+"panic" (the kernel panics while booting), "panic-once" (only on the first boot).
 Each call writes its argv (JSON) and pid to $FAKE_VNG_LOG if set.
 """
 
@@ -28,6 +29,11 @@ mode = os.environ.get("FAKE_VNG", "run")
 print("fake console: Linux version 6.12 booting", file=sys.stderr, flush=True)
 if mode == "hang":
     time.sleep(600)
+calls = len(open(log).read().splitlines()) if log else 1
+if mode == "panic" or (mode == "panic-once" and calls == 1):
+    print("Kernel panic - not syncing: timer doesn't work through Interrupt-remapped IO-APIC",
+          file=sys.stderr, flush=True)
+    sys.exit(255)
 if mode == "crash":
     print("IOMMUD-LAB-START", flush=True)
     print("partial output", flush=True)

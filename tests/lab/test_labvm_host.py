@@ -76,6 +76,29 @@ def test_qemu_crash_is_surfaced(fake_vng: Path, monkeypatch: pytest.MonkeyPatch)
     assert "partial output" in text
 
 
+def test_boot_panic_is_retried_once_then_surfaced(
+    fake_vng: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A guest that dies before the command starts is booted again, once."""
+    monkeypatch.setenv("FAKE_VNG", "panic")
+    result = labvm.run_command(["true"], timeout=30)
+    assert len(calls(fake_vng)) == 2
+    assert result.status is None
+    assert len(result.failed_boots) == 1
+    panic = "Kernel panic - not syncing: timer doesn't work through Interrupt-remapped IO-APIC"
+    assert result.kernel_problems == [panic]
+    assert f"guest kernel said:\n  {panic}" in result.describe_failure()
+
+
+def test_one_boot_panic_then_success(fake_vng: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FAKE_VNG", "panic-once")
+    result = labvm.run_command(["sh", "-c", "echo ran"], timeout=30)
+    assert (result.status, result.output) == (0, "ran\n")
+    assert len(calls(fake_vng)) == 2
+    assert "Kernel panic" in result.failed_boots[0]
+    assert result.kernel_problems == []
+
+
 def test_timeout_kills_the_guest(fake_vng: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FAKE_VNG", "hang")
     started = time.monotonic()
