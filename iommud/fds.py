@@ -7,6 +7,7 @@ anything is parsed, and the set closes every fd that was not explicitly handed o
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterable, Iterator
 from types import TracebackType
@@ -59,10 +60,8 @@ class OwnedFd:
     def __del__(self) -> None:
         # A leak is a bug; closing here keeps the daemon alive, tests count fds to catch it.
         if self._fd is not None:
-            try:
+            with contextlib.suppress(OSError):
                 os.close(self._fd)
-            except OSError:
-                pass
             self._fd = None
 
 

@@ -103,7 +103,12 @@ class IommuFd(FdObject, Protocol):
 
     def ioas_allow_iovas(self, ioas_id: int, ranges: list[IovaRange]) -> None: ...
     def ioas_copy(
-        self, dst_ioas_id: int, dst_iova: int, src_ioas_id: int, src_iova: int, length: int,
+        self,
+        dst_ioas_id: int,
+        dst_iova: int,
+        src_ioas_id: int,
+        src_iova: int,
+        length: int,
         flags: MapFlag,
     ) -> None: ...
     def option_rlimit_mode(self, per_process: bool | None = None) -> bool:
