@@ -3,7 +3,9 @@
 ``main()`` parses ``iommud [--config FILE] [--check-config FILE] [--socket PATH]``,
 configures logging (JSON on stdout unless it is a TTY), picks uvloop (the one place
 that does; plain asyncio is the fallback), takes the listening socket from systemd
-(socket activation) or binds it, and serves until SIGTERM/SIGINT. On a signal it tells
+(socket activation) or binds it, starts the broker and its host watcher (PCI uevents,
+iommud.udev.watch_host, an owned task cancelled at shutdown), and serves until
+SIGTERM/SIGINT. On a signal it tells
 systemd STOPPING=1, stops accepting, lets in-flight requests finish within a bounded
 grace, closes the broker and exits 0. It never daemonizes (no fork, no pidfile).
 
@@ -29,11 +31,12 @@ import structlog
 from iommud import logs
 from iommud.broker import Broker
 from iommud.config import Config, load_config
-from iommud.errors import ConfigError
+from iommud.errors import ConfigError, KernelError
 from iommud.kernel.linux import LinuxKernel
 from iommud.sdnotify import Notifier
 from iommud.server import BrokerAPI, Server, ServerInfo
 from iommud.server.listen import bind_listener, inherited_listeners
+from iommud.udev import BrokerHooks, watch_host
 
 log = structlog.get_logger(__name__)
 
@@ -41,14 +44,30 @@ DEFAULT_CONFIG = Path("/etc/iommud/iommud.toml")
 SHUTDOWN_GRACE = 5.0
 
 
-class DaemonBroker(BrokerAPI, Protocol):
-    """The broker as the process sees it: the server's API plus a lifecycle."""
+class DaemonBroker(BrokerAPI, BrokerHooks, Protocol):
+    """The broker as the process sees it: the server's API, the host watcher's hooks
+    (iommud.udev.BrokerHooks) and a lifecycle."""
 
     async def start(self) -> None: ...
     async def aclose(self) -> None: ...
 
 
 BrokerFactory = Callable[[Config], DaemonBroker]
+HostWatch = Callable[[DaemonBroker, Config], Coroutine[Any, Any, None]]
+
+
+async def default_host_watch(broker: DaemonBroker, config: Config) -> None:
+    """Follow PCI uevents (udev source if a udevd runs, else the kernel's) into the broker.
+
+    A source that cannot be opened or keeps failing is logged and the daemon serves on
+    without live events (``status`` then shows no event source): claims still re-read
+    sysfs, so nothing is decided on a stale view.
+    """
+    try:
+        await watch_host(broker, sys_root=config.daemon.sys_root, dev_root=config.daemon.dev_root)
+    except KernelError as exc:
+        broker.event_source = None
+        log.exception("daemon.host_watch_failed", op=exc.op, errno=exc.errno)
 
 
 def default_broker(config: Config) -> Broker:
@@ -156,8 +175,13 @@ async def serve(
     socket_mode: int = 0o660,
     grace: float = SHUTDOWN_GRACE,
     notifier: Notifier | None = None,
+    host_watch: HostWatch | None = default_host_watch,
 ) -> int:
-    """Serve until SIGTERM/SIGINT; returns the exit status."""
+    """Serve until SIGTERM/SIGINT; returns the exit status.
+
+    After the broker started, ``host_watch`` (the uevent watcher) runs as a task of the
+    daemon's TaskGroup until the server stops; ``None`` runs without one.
+    """
     notify = notifier or Notifier()
     loop = asyncio.get_running_loop()
     cannot_listen: ConfigError | None = None
@@ -188,8 +212,10 @@ async def serve(
 
         async with asyncio.TaskGroup() as tg:
             watchdog = tg.create_task(_watchdog(notify))
+            watcher = tg.create_task(_host_watch(host_watch, broker, config))
             await server.serve(on_ready)
             watchdog.cancel()
+            watcher.cancel()
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
@@ -214,6 +240,20 @@ def _listeners(path: str, mode: int) -> tuple[list[socket.socket], str | None]:
 def _unlink_own_socket(path: str) -> None:
     with contextlib.suppress(OSError):
         os.unlink(path)
+
+
+async def _host_watch(watch: HostWatch | None, broker: DaemonBroker, config: Config) -> None:
+    if watch is None:
+        log.info("daemon.no_host_watch")
+        return
+    try:
+        await watch(broker, config)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        # A watcher bug must not take the daemon down: it serves on without live events.
+        broker.event_source = None
+        log.exception("daemon.host_watch_crashed")
 
 
 async def _watchdog(notify: Notifier) -> None:

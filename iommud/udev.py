@@ -563,7 +563,7 @@ class BrokerHooks(Protocol):
 
     def publish(self, name: EventName, **fields: Any) -> Event: ...
 
-    async def on_host_change(self, group_id: int) -> None: ...
+    async def on_host_change(self, group_id: int, snapshot: HostSnapshot | None = None) -> None: ...
 
 
 def broker_sink(broker: BrokerHooks) -> HostChangeSink:
@@ -577,7 +577,8 @@ def broker_sink(broker: BrokerHooks) -> HostChangeSink:
         for fields in change.wire_events():
             name = EventName(fields.pop("event"))
             broker.publish(name, **fields)
-        await broker.on_host_change(change.group_id)
+        # The watcher just read this group: hand its view over instead of a re-read.
+        await broker.on_host_change(change.group_id, change.snapshot)
 
     return sink
 

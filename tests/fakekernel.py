@@ -375,10 +375,20 @@ class FakeDevice(_FdBacked):
             raise KernelError("reset", errno.ENOTTY)
         self._kernel.record("reset", self.bdf)
 
+    def set_irq_eventfd(self, index: int, eventfd: int) -> None:
+        self._check("set_irq_eventfd")
+        self._kernel.irq_eventfds[(self.bdf, index)] = os.dup(eventfd) if eventfd >= 0 else -1
+        self._kernel.record("set_irq_eventfd", self.bdf, index)
+
     def dup_fd(self) -> int:
         return os.dup(self.fileno())
 
     def _on_close(self) -> None:
+        # vfio_pci_core_close_device drops the REQ trigger (approximated at this close).
+        for key in [k for k in self._kernel.irq_eventfds if k[0] == self.bdf]:
+            fd = self._kernel.irq_eventfds.pop(key)
+            if fd >= 0:
+                os.close(fd)
         # Closing the daemon's fd; the kernel file lives on while a client holds a dup.
         if self.bound_to is not None and self.attached_to is not None:
             ioas = self.bound_to.ioas.get(self.attached_to)
@@ -623,6 +633,8 @@ class FakeKernel:
         self._devid = 0
         self._mutex = threading.Lock()
         self._binder = FakeBinder(self)
+        # (bdf, irq index) -> the kernel's reference to a registered eventfd (a dup).
+        self.irq_eventfds: dict[tuple[str, int], int] = {}
         # drivers_probe without an override binds the driver the device had at start.
         devs = sys_root / "bus" / "pci" / "devices"
         self.native_driver: dict[str, str] = {}
@@ -646,6 +658,14 @@ class FakeKernel:
             if c[: len(call)] == call:
                 return i
         raise ValueError(f"{call!r} not called; calls: {self.calls!r}")
+
+    def signal_irq(self, bdf: str, index: int) -> bool:
+        """Fire an irq as the kernel would (vfio_pci_core_request for the REQ index)."""
+        fd = self.irq_eventfds.get((bdf, index), -1)
+        if fd < 0:
+            return False
+        os.eventfd_write(fd, 1)
+        return True
 
     def fail_next(self, op: str, err: int, *, after: int = 0) -> None:
         """Make the call to ``op`` after ``after`` successful ones fail with ``err`` (once)."""

@@ -368,8 +368,9 @@ class ClaimManager:
                 except KernelError as exc:
                     log.exception("device.detach_failed", bdf=ld.bdf, errno=exc.errno)
                 ld.attached = False
-            if reset:
+            if reset and not ld.device.closed:
                 await _reset_quietly(ld)
+            close_request_fd(ld)
             ld.device.close()
 
     async def _restore(self, hold: GroupHold) -> list[str]:
@@ -388,6 +389,14 @@ class ClaimManager:
         if hold is None:
             return []
         return [le for le in hold.leases.values() if le.state is LeaseState.ACTIVE]
+
+
+def close_request_fd(ld: LeasedDevice) -> None:
+    """Stop watching the device's REQ eventfd (see Broker._watch_requests) and close it."""
+    fd, ld.request_fd = ld.request_fd, None
+    if fd is not None and not fd.closed:
+        asyncio.get_running_loop().remove_reader(fd.fileno())
+        fd.close()
 
 
 async def _reset_quietly(ld: LeasedDevice) -> None:

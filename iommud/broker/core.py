@@ -16,28 +16,40 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any, Final
 
 import structlog
 
 from iommud import __version__
-from iommud.broker.claim import ClaimManager
-from iommud.broker.drivers import DriverManager
+from iommud.broker.claim import ClaimManager, close_request_fd
+from iommud.broker.drivers import VFIO_PCI, DriverManager
 from iommud.broker.events import EventHub, EventSink, Subscription
 from iommud.broker.ioas import IoasManager
-from iommud.broker.journal import Journal
-from iommud.broker.state import GroupHold, IoasState, Lease, LeaseState, Outcome, Session
+from iommud.broker.journal import Journal, JournalEntry
+from iommud.broker.state import (
+    GroupHold,
+    IoasState,
+    Lease,
+    LeasedDevice,
+    LeaseState,
+    Outcome,
+    Session,
+)
 from iommud.config import Config
 from iommud.errors import (
     BadRequestError,
     InvalidStateError,
+    IommudError,
     KernelError,
     NotFoundError,
     PermissionDeniedError,
     RevokedError,
 )
 from iommud.fds import FdSet, OwnedFd
+from iommud.guard import BindGuard, SysfsWrite, WriteKind
 from iommud.host.snapshot import (
     HostSnapshot,
     IommuGroup,
@@ -48,10 +60,13 @@ from iommud.host.snapshot import (
 )
 from iommud.host.viability import Backend, group_viability, whole_group_path
 from iommud.kernel.interface import Kernel
+from iommud.kernel.uapi import VFIO_PCI_REQ_IRQ_INDEX
 from iommud.policy import Identity, quota_for
 from iommud.protocol import messages as m
 
 log = structlog.get_logger(__name__)
+
+DEVICE_REQUESTED: Final = "device removal requested by the kernel"
 
 
 class Broker:
@@ -90,6 +105,11 @@ class Broker:
         self._snapshot: HostSnapshot | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.event_source: str | None = None  # set by the udev layer (issue 5)
+        # Drivers each device was seen bound to: attributes a refused bind (inotify names
+        # the driver's bind file, not the device written to it).
+        self._seen_drivers: dict[str, set[str]] = {}
+        self._guard: BindGuard | None = None
+        self.guard_enabled = True
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -116,6 +136,19 @@ class Broker:
         d = self._config.daemon
         self._snapshot = await asyncio.to_thread(read_snapshot, d.sys_root, d.dev_root)
         self._started = self._clock()
+        for dev in self._snapshot.devices.values():
+            if dev.driver is not None:
+                self._seen_drivers.setdefault(dev.bdf, set()).add(dev.driver)
+        if self.guard_enabled:
+            guard = BindGuard(
+                d.sys_root, self._on_sysfs_write, dma_safe=self._config.dma_safe_drivers
+            )
+            try:
+                guard.start()
+            except KernelError as exc:
+                log.warning("guard.unavailable", errno=exc.errno)
+            else:
+                self._guard = guard
         log.info(
             "broker.started",
             devices=len(self._snapshot.devices),
@@ -134,6 +167,9 @@ class Broker:
                 await t
             await self._drivers.aclose(grace)
 
+        if self._guard is not None:  # our own restores are not attempts to report
+            self._guard.close()
+            self._guard = None
         await asyncio.shield(_all())
         log.info("broker.closed", pending_restores=self._drivers.pending)
 
@@ -205,6 +241,7 @@ class Broker:
                     session.iommufd.close()
                     session.iommufd = None
         finally:
+            self._sync_guard()
             self._stop_watching(session)
             if session.pidfd is not None:
                 session.pidfd.close()
@@ -266,9 +303,14 @@ class Broker:
     async def _session_op(self, session: Session, request: m.Request, fds: FdSet) -> Outcome:
         if isinstance(request, m.Claim):
             reply, out = await self._claims.claim(session, request)
+            self._watch_requests(session.leases[reply.lease_id])
+            self._sync_guard()
             return Outcome(reply, out)
         if isinstance(request, m.Release):
-            await self._claims.release(session, request.lease_id)
+            try:
+                await self._claims.release(session, request.lease_id)
+            finally:
+                self._sync_guard()
             return Outcome(m.ReleaseReply(id=request.id))
         if isinstance(request, m.IoasCreate):
             backend = Backend.IOMMUFD if self.snapshot.has_iommufd else Backend.LEGACY
@@ -417,22 +459,104 @@ class Broker:
         )
 
     # ------------------------------------------------------------------ enforcement
-    async def on_host_change(self, group_id: int) -> None:
-        """Re-read one group after a uevent; revoke its leases if it lost viability."""
-        root = self._config.daemon.sys_root
-        try:
-            group, devs = await asyncio.to_thread(read_group, root, group_id)
-        except NotFoundError:
-            self._snapshot = self.snapshot.without_group(group_id)
-            if group_id in self._holds:
-                await self.revoke_group(group_id, f"IOMMU group {group_id} disappeared")
-            return
-        self._snapshot = self.snapshot.with_group(group, devs)
+    async def on_host_change(self, group_id: int, snapshot: HostSnapshot | None = None) -> None:
+        """A uevent touched one group: take its fresh view, enforce on owned groups.
+
+        ``snapshot`` is the udev watcher's view, which already holds this group as just
+        re-read (so the group is not read twice per event); without it the group is read
+        here. For an owned group: pin driver_override on devices that joined it
+        (hot-add), re-pin overrides someone changed, forget devices that left, and
+        revoke its leases if it lost viability; a group that vanished ends its leases.
+        """
+        if snapshot is not None:
+            if group_id in snapshot.groups:
+                group = snapshot.groups[group_id]
+                devs = {d.bdf: d for d in snapshot.group_devices(group_id)}
+                self._snapshot = self.snapshot.with_group(group, devs)
+            else:
+                self._snapshot = self.snapshot.without_group(group_id)
+        else:
+            try:
+                group, devs = await asyncio.to_thread(
+                    read_group, self._config.daemon.sys_root, group_id
+                )
+            except NotFoundError:
+                self._snapshot = self.snapshot.without_group(group_id)
+            else:
+                self._snapshot = self.snapshot.with_group(group, devs)
+        if group_id in self._snapshot.groups:
+            for d in self._snapshot.group_devices(group_id):
+                if d.driver is not None:
+                    self._seen_drivers.setdefault(d.bdf, set()).add(d.driver)
         if group_id in self._holds:
-            v = group_viability(self._snapshot, group_id, self._config.dma_safe_drivers)
-            if not v.is_viable:
-                names = ", ".join(f"{o.bdf} ({o.driver})" for o in v.offenders)
-                await self.revoke_group(group_id, f"viability lost: {names}")
+            await asyncio.shield(self._enforce(group_id))
+
+    async def _enforce(self, group_id: int) -> None:
+        revoke: str | None = None
+        gone = False
+        async with self._claims._lock:
+            hold = self._holds.get(group_id)
+            if hold is None:
+                return
+            snap = self.snapshot
+            if group_id not in snap.groups:
+                gone = True
+                members: dict[str, PciDevice] = {}
+            else:
+                members = {d.bdf: d for d in snap.group_devices(group_id)}
+            await self._track_members(hold, members)
+            if gone:
+                revoke = f"IOMMU group {group_id} disappeared"
+            else:
+                v = group_viability(snap, group_id, self._config.dma_safe_drivers)
+                if not v.is_viable:
+                    names = ", ".join(f"{o.bdf} ({o.driver})" for o in v.offenders)
+                    revoke = f"viability lost: {names}"
+            if revoke is not None:
+                await self._revoke_locked(group_id, revoke)
+            if gone:
+                # Nothing is left to give back: end the leases (the owner was told).
+                for lease in list(hold.leases.values()):
+                    await self._claims.release_lease(lease, why="group vanished")
+        self._sync_guard()
+
+    async def _track_members(self, hold: GroupHold, members: dict[str, PciDevice]) -> None:
+        """Keep every device of an owned group pinned to vfio-pci (called with the lock)."""
+        left = [b for b in hold.pinned if b not in members]
+        if left:
+            for b in left:
+                hold.pinned.pop(b, None)
+                hold.rebound.pop(b, None)
+            await asyncio.to_thread(self._journal.drop, left)
+            log.info("group.members_left", group_id=hold.group_id, devices=left)
+        joined = [d for d in members.values() if d.bdf not in hold.pinned]
+        if joined:
+            await self._drivers.journal(
+                [
+                    JournalEntry(d.bdf, hold.group_id, d.driver, d.driver_override, rebound=False)
+                    for d in joined
+                ]
+            )
+        for d in joined:
+            hold.pinned[d.bdf] = d.driver_override
+            await self._quietly("driver.pin", self._drivers.pin(d.bdf))
+            log.warning(
+                "group.device_joined",
+                group_id=hold.group_id,
+                bdf=d.bdf,
+                driver=d.driver,
+                pinned=VFIO_PCI,
+            )
+        new = {d.bdf for d in joined}
+        for d in members.values():
+            if d.bdf not in new and d.driver_override != VFIO_PCI:
+                log.warning(
+                    "guard.override_repinned",
+                    group_id=hold.group_id,
+                    bdf=d.bdf,
+                    found=d.driver_override,
+                )
+                await self._quietly("driver.pin", self._drivers.pin(d.bdf))
 
     async def revoke_group(self, group_id: int, reason: str) -> list[int]:
         """Block DMA for every active lease on the group at once and tell the owner.
@@ -442,36 +566,142 @@ class Broker:
         leases stay (state revoked, group still owned, overrides still pinned) until the
         client releases them or disconnects; maps into that IOAS are refused meanwhile.
         """
+
+        async def work() -> list[int]:
+            async with self._claims._lock:
+                return await self._revoke_locked(group_id, reason)
+
+        return await asyncio.shield(work())
+
+    async def _revoke_locked(self, group_id: int, reason: str) -> list[int]:
         revoked: list[int] = []
+        for lease in self._claims.active_leases(group_id):
+            await self._claims.block_dma(lease, drop_shared_container=False)
+            await self._ioas.unmap_all(lease.session, lease.ioas)
+            lease.state = LeaseState.REVOKED
+            lease.revoke_reason = reason
+            revoked.append(lease.lease_id)
+            ev = self._hub.make(
+                m.EventName.LEASE_REVOKED,
+                lease_id=lease.lease_id,
+                group_id=group_id,
+                reason=reason,
+            )
+            self._hub.publish(
+                ev, [s.sink for s in self._sessions.values()], must_reach=lease.session.sink
+            )
+            log.warning(
+                "group.revoked",
+                group_id=group_id,
+                lease_id=lease.lease_id,
+                session=lease.session.session_id,
+                uid=lease.session.identity.uid,
+                reason=reason,
+            )
+        return revoked
+
+    # ------------------------------------------------------------------ bind guard
+    def _sync_guard(self) -> None:
+        """Watch exactly the devices of the owned groups (see iommud.guard)."""
+        if self._guard is not None:
+            self._guard.guard(b for hold in self._holds.values() for b in hold.pinned)
+
+    def _on_sysfs_write(self, write: SysfsWrite) -> None:
+        self._spawn(self._audit(write))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _audit(self, write: SysfsWrite) -> None:
+        """A guarded sysfs file was written: re-check the owned groups, report refusals."""
+        try:
+            for gid in list(self._holds):
+                await self.on_host_change(gid)
+        except IommudError as exc:
+            log.warning("guard.audit_failed", code=exc.code, **exc.details)
+        if write.kind is not WriteKind.BIND or write.accepted or write.name is None:
+            if not write.accepted:
+                log.warning("guard.write_refused", kind=str(write.kind), path=write.path)
+            return
+        driver = write.name
+        targets = [
+            (gid, bdf)
+            for gid, hold in self._holds.items()
+            for bdf in hold.pinned
+            if driver in self._seen_drivers.get(bdf, ())
+            and getattr(self.snapshot.devices.get(bdf), "driver", None) != driver
+        ]
+        if not targets:
+            log.warning(
+                "guard.bind_attempt_unattributed",
+                driver=driver,
+                path=write.path,
+                owned_groups=sorted(self._holds),
+            )
+            return
+        for gid, bdf in targets:
+            reason = (
+                f"a write to {write.path} was refused: driver_override of {bdf} is pinned "
+                f"to {VFIO_PCI} while IOMMU group {gid} is owned"
+            )
+            log.warning("guard.bind_refused", bdf=bdf, driver=driver, group_id=gid, path=write.path)
+            self.publish(
+                m.EventName.BIND_REFUSED, bdf=bdf, driver=driver, group_id=gid, reason=reason
+            )
+
+    # ------------------------------------------------------------------ device requests
+    def _watch_requests(self, lease: Lease) -> None:
+        """Register an eventfd on each leased device's REQ irq and watch it on the loop.
+
+        vfio-pci's remove path (drivers/vfio/vfio_main.c vfio_unregister_group_dev)
+        waits until every fd of the device is closed and meanwhile signals this irq
+        (vfio_pci_core_request); the remove uevent only comes after, so this is the
+        daemon's only timely news of a hot-unplug of a device it handed out.
+        """
+        loop = asyncio.get_running_loop()
+        for ld in lease.devices:
+            efd = OwnedFd(os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK))
+            try:
+                ld.device.set_irq_eventfd(VFIO_PCI_REQ_IRQ_INDEX, efd.fileno())
+            except KernelError as exc:
+                efd.close()
+                log.warning("device.request_irq_unavailable", bdf=ld.bdf, errno=exc.errno)
+                continue
+            ld.request_fd = efd
+            loop.add_reader(efd.fileno(), self._device_requested, lease, ld)
+
+    def _device_requested(self, lease: Lease, ld: LeasedDevice) -> None:
+        fd = ld.request_fd
+        if fd is None or fd.closed:
+            return
+        try:
+            os.eventfd_read(fd.fileno())
+        except BlockingIOError:
+            return
+        log.warning(
+            "device.removal_requested",
+            bdf=ld.bdf,
+            lease_id=lease.lease_id,
+            group_id=lease.group_id,
+            session=lease.session.session_id,
+        )
+        self._spawn(self._give_back(lease, ld))
+
+    async def _give_back(self, lease: Lease, ld: LeasedDevice) -> None:
+        """The kernel wants the device back: revoke the lease, close our fds of it."""
 
         async def work() -> None:
             async with self._claims._lock:
-                for lease in self._claims.active_leases(group_id):
-                    await self._claims.block_dma(lease, drop_shared_container=False)
-                    await self._ioas.unmap_all(lease.session, lease.ioas)
-                    lease.state = LeaseState.REVOKED
-                    lease.revoke_reason = reason
-                    revoked.append(lease.lease_id)
-                    ev = self._hub.make(
-                        m.EventName.LEASE_REVOKED,
-                        lease_id=lease.lease_id,
-                        group_id=group_id,
-                        reason=reason,
-                    )
-                    self._hub.publish(
-                        ev, [s.sink for s in self._sessions.values()], must_reach=lease.session.sink
-                    )
-                    log.warning(
-                        "group.revoked",
-                        group_id=group_id,
-                        lease_id=lease.lease_id,
-                        session=lease.session.session_id,
-                        uid=lease.session.identity.uid,
-                        reason=reason,
-                    )
+                if lease.state is LeaseState.ACTIVE:
+                    await self._revoke_locked(lease.group_id, DEVICE_REQUESTED)
+                for dev in lease.devices:
+                    if dev.bdf == ld.bdf:
+                        close_request_fd(dev)
+                        dev.device.close()
 
         await asyncio.shield(work())
-        return revoked
 
     def publish(self, name: m.EventName, **fields: object) -> m.Event:
         """Publish a host event (the udev layer's hook); returns the event sent."""

@@ -73,6 +73,9 @@ class LeasedDevice:
     device: VfioDevice  # the daemon's own fd; the client got a dup
     devid: int | None = None
     attached: bool = False
+    # An eventfd registered on vfio-pci's REQ irq: readable when the kernel asks for the
+    # device back (hot-unplug). Watched on the loop while the lease holds the device.
+    request_fd: OwnedFd | None = None
 
 
 class LeaseState(enum.Enum):

@@ -338,6 +338,17 @@ class LinuxVfioDevice(_FdOwner):
     def reset(self) -> None:
         self._ioctl("VFIO_DEVICE_RESET", uapi.VFIO_DEVICE_RESET)
 
+    def set_irq_eventfd(self, index: int, eventfd: int) -> None:
+        # vfio.h VFIO_DEVICE_SET_IRQS: ACTION_TRIGGER | DATA_EVENTFD, start 0, count 1.
+        cmd = uapi.vfio_irq_set_eventfd.new(
+            flags=uapi.VFIO_IRQ_SET_DATA_EVENTFD | uapi.VFIO_IRQ_SET_ACTION_TRIGGER,
+            index=index,
+            start=0,
+            count=1,
+            eventfd=eventfd,
+        )
+        self._ioctl("VFIO_DEVICE_SET_IRQS", uapi.VFIO_DEVICE_SET_IRQS, cmd)
+
     def dup_fd(self) -> int:
         try:
             return os.dup(self.fileno())  # non-inheritable (O_CLOEXEC) by default

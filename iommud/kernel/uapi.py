@@ -225,6 +225,18 @@ VFIO_PCI_BAR0_REGION_INDEX = 0
 VFIO_PCI_ROM_REGION_INDEX = 6
 VFIO_PCI_CONFIG_REGION_INDEX = 7
 
+# enum in vfio.h: VFIO_PCI_INTX_IRQ_INDEX .. VFIO_PCI_REQ_IRQ_INDEX. The REQ irq is how
+# vfio-pci asks the user to release a device that is being removed
+# (drivers/vfio/pci/vfio_pci_core.c vfio_pci_core_request).
+VFIO_PCI_REQ_IRQ_INDEX = 4
+
+VFIO_IRQ_SET_DATA_NONE = 1 << 0
+VFIO_IRQ_SET_DATA_BOOL = 1 << 1
+VFIO_IRQ_SET_DATA_EVENTFD = 1 << 2
+VFIO_IRQ_SET_ACTION_MASK = 1 << 3
+VFIO_IRQ_SET_ACTION_UNMASK = 1 << 4
+VFIO_IRQ_SET_ACTION_TRIGGER = 1 << 5
+
 VFIO_DMA_MAP_FLAG_READ = 1 << 0
 VFIO_DMA_MAP_FLAG_WRITE = 1 << 1
 VFIO_DMA_UNMAP_FLAG_ALL = 1 << 1
@@ -276,6 +288,31 @@ class vfio_iommu_type1_dma_unmap(_Struct):
     )
 
 
+class vfio_irq_set(_Struct):
+    # The kernel struct ends in a flexible ``__u8 data[]``: for DATA_EVENTFD, ``count``
+    # __s32 eventfds follow (-1 removes a trigger). argsz covers the data too.
+    _fields_ = (
+        ("argsz", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("index", ctypes.c_uint32),
+        ("start", ctypes.c_uint32),
+        ("count", ctypes.c_uint32),
+    )
+
+
+class vfio_irq_set_eventfd(_Struct):
+    """``vfio_irq_set`` followed by one __s32 eventfd (not a kernel name: see above)."""
+
+    _fields_ = (
+        ("argsz", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("index", ctypes.c_uint32),
+        ("start", ctypes.c_uint32),
+        ("count", ctypes.c_uint32),
+        ("eventfd", ctypes.c_int32),
+    )
+
+
 class vfio_device_bind_iommufd(_Struct):
     _fields_ = (
         ("argsz", ctypes.c_uint32),
@@ -317,6 +354,7 @@ STRUCTS: dict[str, type[_Struct]] = {
         vfio_region_info,
         vfio_iommu_type1_dma_map,
         vfio_iommu_type1_dma_unmap,
+        vfio_irq_set,
         vfio_device_bind_iommufd,
         vfio_device_attach_iommufd_pt,
         vfio_device_detach_iommufd_pt,

@@ -14,13 +14,16 @@ import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 
 from iommud.errors import NotFoundError
 from iommud.fds import FdSet, OwnedFd
+from iommud.host.snapshot import HostSnapshot
 from iommud.policy import Identity
 from iommud.protocol import messages as m
+from iommud.protocol.messages import EVENT_TYPES
 from iommud.server import Server, ServerInfo
 from iommud.server.listen import bind_listener
 
@@ -158,9 +161,25 @@ async def running(sockdir: str) -> AsyncIterator[Running]:
 
 
 class StandInDaemonBroker(StandInBroker):
-    """The stand-in with the lifecycle the daemon process drives (start/aclose)."""
+    """The stand-in with the lifecycle the daemon process drives (start/aclose) and the
+    host watcher's hooks (iommud.udev.BrokerHooks): an empty host view, events dropped."""
 
     capabilities = ("iommufd", "legacy")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.event_source: str | None = None
+        self.host_changes: list[int] = []
+
+    @property
+    def snapshot(self) -> HostSnapshot:
+        return HostSnapshot({}, {}, has_iommufd=False, has_legacy_container=False)
+
+    def publish(self, name: m.EventName, **fields: Any) -> m.Event:
+        return EVENT_TYPES[name](ts=0.0, seq=1, **fields)
+
+    async def on_host_change(self, group_id: int, snapshot: HostSnapshot | None = None) -> None:
+        self.host_changes.append(group_id)
 
     async def start(self) -> None:
         self.started_up = True
