@@ -245,11 +245,18 @@ class ClientProc:
         answer: dict[str, Any] = json.loads(line)
         return answer
 
-    def do(self, cmd: str, **args: Any) -> dict[str, Any]:
-        """Send one command; its answer (``ok`` False for a daemon error)."""
+    def send(self, cmd: str, **args: Any) -> None:
+        """Send one command without waiting for its answer (read it with ``answer``)."""
         assert self.proc.stdin is not None
         self.proc.stdin.write(json.dumps({"cmd": cmd, **args}) + "\n")
         self.proc.stdin.flush()
+
+    def answer(self) -> dict[str, Any]:
+        return self._read()
+
+    def do(self, cmd: str, **args: Any) -> dict[str, Any]:
+        """Send one command; its answer (``ok`` False for a daemon error)."""
+        self.send(cmd, **args)
         return self._read()
 
     def ok(self, cmd: str, **args: Any) -> dict[str, Any]:
