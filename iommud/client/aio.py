@@ -4,7 +4,8 @@ One reader task owns the socket's receive side: it decodes every datagram with t
 sans-I/O ``ClientConnection`` (received fds owned in an ``FdSet`` from arrival), hands
 replies to the waiting call by id and queues events for ``events()``. Requests from
 concurrent tasks pipeline up to the server's in-flight limit. Methods and their results
-are defined once in ``iommud.client.calls``; this module only moves datagrams.
+are defined once in ``iommud.client.calls``; this module only moves datagrams. A
+claim's device fds close as soon as its ``lease_revoked`` arrives (``ClaimResult``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TypeVar
 
 from iommud.client import calls
-from iommud.client.calls import Call, ClaimResult, ClientClosedError, MapSpec
+from iommud.client.calls import Call, ClaimResult, ClientClosedError, LeaseTracker, MapSpec
 from iommud.fds import FdSet
 from iommud.protocol import messages as m
 from iommud.protocol.connection import ClientConnection
@@ -42,6 +43,7 @@ class AsyncClient:
         self._reader: asyncio.Task[None] | None = None
         self._closed: BaseException | None = None
         self.hello: m.HelloReply | None = None
+        self._leases = LeaseTracker()
 
     @classmethod
     async def connect(cls, path: str = DEFAULT_SOCKET, name: str = "iommud-client") -> AsyncClient:
@@ -92,6 +94,7 @@ class AsyncClient:
                     stack.callback(dgram.fds.close)
                     msg = self._conn.receive(dgram.data, len(dgram.fds))
                     if isinstance(msg, m.Event):
+                        self._leases.on_event(msg)  # a revoked lease's fds close now
                         self._events.put_nowait(msg)
                         continue
                     fut = self._waiting.pop(msg.id, None) if msg.id is not None else None
@@ -154,7 +157,8 @@ class AsyncClient:
         backend: m.Backend | str = m.Backend.AUTO,
         ioas_id: int | None = None,
     ) -> ClaimResult:
-        return await self._limited(lambda c: calls.claim(c, devices, backend, ioas_id))
+        result = await self._limited(lambda c: calls.claim(c, devices, backend, ioas_id))
+        return self._leases.add(result)
 
     async def release(self, lease_id: int) -> None:
         await self._limited(lambda c: calls.release(c, lease_id))

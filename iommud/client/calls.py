@@ -9,6 +9,7 @@ subclasses carrying the server's code, message and details. No sockets, no async
 from __future__ import annotations
 
 import errno as _errno
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -65,24 +66,59 @@ class ClaimedDeviceFd:
     fd: OwnedFd
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, weakref_slot=True)
 class ClaimResult:
+    """A granted lease and its device fds.
+
+    The client that returned it closes its device fds by itself when the daemon revokes
+    the lease (``lease_revoked``: a violation, ``iommuctl revoke``, or the kernel asking
+    for a hot-unplugged device back), as soon as it reads that event, and records the
+    reason in ``revoked``. A hot-unplug cannot finish while any process holds the
+    device open, so a VMM must let go of the fds it stole (``OwnedFd.steal``) itself,
+    and must not register its own handler on vfio-pci's REQ irq: that would replace
+    the daemon's (VFIO_DEVICE_SET_IRQS keeps one trigger per device).
+    """
+
     lease_id: int
     group_id: int
     backend: m.BackendKind
     ioas_id: int
     devices: list[ClaimedDeviceFd] = field(default_factory=list)
+    revoked: str | None = None
 
     def close(self) -> None:
         """Close every device fd the caller did not steal."""
         for dev in self.devices:
             dev.fd.close()
 
+    def revoke(self, reason: str) -> None:
+        """The lease is over: remember why and close the device fds."""
+        self.revoked = reason
+        self.close()
+
     def __enter__(self) -> ClaimResult:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class LeaseTracker:
+    """The claims a client handed out, by lease id (weakly: dropping one is fine)."""
+
+    def __init__(self) -> None:
+        self._claims: weakref.WeakValueDictionary[int, ClaimResult] = weakref.WeakValueDictionary()
+
+    def add(self, result: ClaimResult) -> ClaimResult:
+        self._claims[result.lease_id] = result
+        return result
+
+    def on_event(self, event: m.Event) -> None:
+        """On ``lease_revoked`` for a lease of ours: close its device fds."""
+        if isinstance(event, m.LeaseRevoked):
+            result = self._claims.pop(event.lease_id, None)
+            if result is not None:
+                result.revoke(event.reason)
 
 
 @dataclass(frozen=True, slots=True)

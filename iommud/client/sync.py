@@ -2,7 +2,8 @@
 
 Plain blocking socket, one request at a time: send, then read datagrams until the reply
 with the request's id arrives; events read meanwhile are queued for ``next_event()``.
-Received fds are owned in an ``FdSet`` from arrival. Methods and their results are
+Received fds are owned in an ``FdSet`` from arrival; a claim's device fds close when its
+``lease_revoked`` event is read (see ``ClaimResult``). Methods and their results are
 defined once in ``iommud.client.calls``; this module only moves datagrams.
 """
 
@@ -14,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from typing import TypeVar
 
 from iommud.client import calls
-from iommud.client.calls import Call, ClaimResult, ClientClosedError, MapSpec
+from iommud.client.calls import Call, ClaimResult, ClientClosedError, LeaseTracker, MapSpec
 from iommud.fds import FdSet
 from iommud.protocol import messages as m
 from iommud.protocol.connection import ClientConnection
@@ -37,6 +38,7 @@ class Client:
         self._conn = ClientConnection()
         self._events: collections.deque[m.Event] = collections.deque()
         self._closed: str | None = None
+        self._leases = LeaseTracker()
         try:
             self._sock.settimeout(timeout)
             self._sock.connect(path)
@@ -89,6 +91,7 @@ class Client:
                 msg, fds = self._receive()
                 if isinstance(msg, m.Event):
                     fds.close()
+                    self._leases.on_event(msg)
                     self._events.append(msg)
                 elif msg.id == call.request.id:
                     return calls.finish(call, msg, fds)
@@ -119,7 +122,7 @@ class Client:
         backend: m.Backend | str = m.Backend.AUTO,
         ioas_id: int | None = None,
     ) -> ClaimResult:
-        return self._call(calls.claim(self._conn, devices, backend, ioas_id))
+        return self._leases.add(self._call(calls.claim(self._conn, devices, backend, ioas_id)))
 
     def release(self, lease_id: int) -> None:
         self._call(calls.release(self._conn, lease_id))
@@ -165,6 +168,7 @@ class Client:
                 msg, fds = self._receive()
                 fds.close()
                 if isinstance(msg, m.Event):
+                    self._leases.on_event(msg)
                     return msg
         except TimeoutError:
             return None
