@@ -162,6 +162,11 @@ class AsyncClient:
 
     async def release(self, lease_id: int) -> None:
         await self._limited(lambda c: calls.release(c, lease_id))
+        self._leases.forget(lease_id)
+
+    def lease(self, lease_id: int) -> ClaimResult | None:
+        """The ClaimResult of a lease this client holds (None once released or revoked)."""
+        return self._leases.get(lease_id)
 
     async def ioas_create(self) -> int:
         return await self._limited(calls.ioas_create)

@@ -9,7 +9,6 @@ subclasses carrying the server's code, message and details. No sockets, no async
 from __future__ import annotations
 
 import errno as _errno
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -66,7 +65,7 @@ class ClaimedDeviceFd:
     fd: OwnedFd
 
 
-@dataclass(slots=True, weakref_slot=True)
+@dataclass(slots=True)
 class ClaimResult:
     """A granted lease and its device fds.
 
@@ -104,14 +103,24 @@ class ClaimResult:
 
 
 class LeaseTracker:
-    """The claims a client handed out, by lease id (weakly: dropping one is fine)."""
+    """The claims a client handed out and still holds, by lease id.
+
+    Strong references: a caller that keeps only the device fds (not the ClaimResult)
+    still has them closed on revocation. An entry goes on release or revocation.
+    """
 
     def __init__(self) -> None:
-        self._claims: weakref.WeakValueDictionary[int, ClaimResult] = weakref.WeakValueDictionary()
+        self._claims: dict[int, ClaimResult] = {}
 
     def add(self, result: ClaimResult) -> ClaimResult:
         self._claims[result.lease_id] = result
         return result
+
+    def get(self, lease_id: int) -> ClaimResult | None:
+        return self._claims.get(lease_id)
+
+    def forget(self, lease_id: int) -> None:
+        self._claims.pop(lease_id, None)
 
     def on_event(self, event: m.Event) -> None:
         """On ``lease_revoked`` for a lease of ours: close its device fds."""

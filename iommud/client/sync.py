@@ -126,6 +126,11 @@ class Client:
 
     def release(self, lease_id: int) -> None:
         self._call(calls.release(self._conn, lease_id))
+        self._leases.forget(lease_id)
+
+    def lease(self, lease_id: int) -> ClaimResult | None:
+        """The ClaimResult of a lease this client holds (None once released or revoked)."""
+        return self._leases.get(lease_id)
 
     def ioas_create(self) -> int:
         return self._call(calls.ioas_create(self._conn))
