@@ -1,0 +1,103 @@
+"""Fixtures for the live-viability lab tests (inside the lab guest; see support.py).
+
+``daemon`` (one per module) is the real iommud as root with its host watcher;
+``monitor`` runs ``iommuctl monitor --json`` for one test; ``spawn`` starts uid-1000
+puppets. ``restored`` (used by every vm test here) puts the guest back as it booted after every test
+(e1000 on the NIC, hotedu present and driver-less, nothing pinned) because every vm
+test of the run shares this one guest, and checks the daemon holds no lease and runs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Generator, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.support import BOOT_DRIVERS, NIC, USER, Kmsg, drivers_now, wait_until
+from tests.live.support import HOTEDU, PCI, LiveClient, LiveDaemon, Monitor, sysfs_write
+
+
+@pytest.fixture(scope="module")
+def daemon() -> Iterator[LiveDaemon]:
+    if os.geteuid() != 0:
+        pytest.skip("the live tests run as root inside the lab guest")
+    workdir = Path(tempfile.mkdtemp(prefix="iommud-live-", dir="/tmp"))
+    workdir.chmod(0o755)
+    d = LiveDaemon(workdir)
+    try:
+        yield d
+    finally:
+        d.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _put_back() -> None:
+    for bdf in (*BOOT_DRIVERS, HOTEDU):
+        if (PCI / "devices" / bdf).exists():
+            sysfs_write(PCI / "devices" / bdf / "driver_override", "\n")
+    link = PCI / "devices" / NIC / "driver"
+    if link.is_symlink() and os.path.basename(os.readlink(link)) != "e1000":
+        sysfs_write(PCI / "devices" / NIC / "driver" / "unbind", NIC)
+    if not link.is_symlink():
+        sysfs_write(PCI / "drivers" / "e1000" / "bind", NIC)
+
+
+@pytest.fixture
+def restored(daemon: LiveDaemon, request: pytest.FixtureRequest) -> Iterator[None]:
+    request.node.daemon = daemon
+    yield
+    ok = wait_until(lambda: not daemon.status()["leases"], 10.0, 0.05)
+    if drivers_now() != BOOT_DRIVERS:
+        _put_back()
+    if not (PCI / "devices" / HOTEDU).exists():
+        from qmp_guest import qmp
+
+        qmp("device_add", driver="edu", bus="rp1", id="hotedu")
+        wait_until(lambda: (PCI / "devices" / HOTEDU).exists(), 10.0, 0.05)
+    assert daemon.proc.poll() is None, f"the daemon died:\n{daemon.log_tail()}"
+    assert ok is not None, daemon.status()
+    assert drivers_now() == BOOT_DRIVERS
+
+
+@pytest.fixture
+def monitor(daemon: LiveDaemon) -> Iterator[Monitor]:
+    mon = Monitor(daemon.socket)
+    yield mon
+    mon.close()
+
+
+@pytest.fixture
+def spawn(daemon: LiveDaemon) -> Iterator[Callable[..., LiveClient]]:
+    clients: list[LiveClient] = []
+
+    def make(uid: int = USER) -> LiveClient:
+        c = LiveClient(daemon.socket, uid)
+        clients.append(c)
+        return c
+
+    yield make
+    for c in clients:
+        c.close()
+
+
+@pytest.fixture
+def kmsg() -> Iterator[Kmsg]:
+    k = Kmsg()
+    yield k
+    k.close()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A failing live test carries the daemon's log tail in its report."""
+    report = yield
+    d = getattr(item, "daemon", None)
+    if report.failed and isinstance(d, LiveDaemon) and not d._log.closed:
+        report.sections.append(("iommud log (tail)", d.log_tail(120)))
+    return report
