@@ -59,6 +59,9 @@ from iommud.protocol.messages import Claim, ClaimedDevice, ClaimReply
 
 log = structlog.get_logger(__name__)
 
+RELEASE_WAIT = 1.5
+"""Seconds a release waits for the drivers to come back before it answers anyway."""
+
 RefreshGroups = Callable[[list[str]], Awaitable[tuple[HostSnapshot, int]]]
 """Re-read the groups of these BDFs; returns the fresh snapshot and THE group id."""
 
@@ -80,6 +83,9 @@ class ClaimManager:
         self._holds = holds
         self._refresh = refresh
         self._lock = asyncio.Lock()  # one claim/release changes ownership at a time
+        # group id -> the background task giving a released group back to its drivers;
+        # claims of that group get BusyError until it is done.
+        self._restoring: dict[int, asyncio.Task[None]] = {}
         self._next_lease = 1
 
     # ------------------------------------------------------------------ claim
@@ -90,6 +96,20 @@ class ClaimManager:
     async def _claim(self, session: Session, req: Claim) -> tuple[ClaimReply, list[OwnedFd]]:
         devices = list(req.devices)
         snap, gid = await self._refresh(devices)
+        # Policy first: a peer that may not claim these devices learns nothing about
+        # who holds them.
+        for bdf in devices:
+            check_claim(self._config, session.identity, snap.devices[bdf]).raise_if_denied(
+                session.identity, snap.devices[bdf]
+            )
+        restoring = self._restoring.get(gid)
+        if restoring is not None and not restoring.done():
+            waiting = {b: self._drivers.pending[b] for b in self._drivers.pending}
+            raise BusyError(
+                f"IOMMU group {gid} is being given back to its host drivers",
+                group_id=gid,
+                restoring=waiting,
+            )
         hold = self._holds.get(gid)
         if hold is not None and hold.session is not session:
             first = next(iter(hold.leases.values()), None)
@@ -103,10 +123,6 @@ class ClaimManager:
             )
         if hold is not None and any(le.state is LeaseState.REVOKED for le in hold.leases.values()):
             raise RevokedError(f"IOMMU group {gid} was revoked; release it first", group_id=gid)
-        for bdf in devices:
-            check_claim(self._config, session.identity, snap.devices[bdf]).raise_if_denied(
-                session.identity, snap.devices[bdf]
-            )
 
         safe = self._config.dma_safe_drivers
         members = snap.group_devices(gid)
@@ -316,9 +332,21 @@ class ClaimManager:
             raise NotFoundError(f"no lease {lease_id} in this session", lease_id=lease_id)
         async with self._lock:
             await asyncio.shield(self.release_lease(lease, why="release"))
+        # Outside the lock: a restore stalled by this client's own open device fd must
+        # not hold up anyone else. Wait briefly so a well-behaved client (fds closed
+        # first) gets its answer after the drivers are back; never longer.
+        await self.wait_restored([lease.group_id], RELEASE_WAIT)
+
+    async def wait_restored(self, group_ids: list[int], bound: float) -> None:
+        """Wait (bounded, never cancelling them) for these groups' driver restores."""
+        tasks = {t for g in group_ids if (t := self._restoring.get(g)) is not None}
+        if tasks:
+            await asyncio.wait(tasks, timeout=bound)
 
     async def release_lease(self, lease: Lease, *, why: str) -> list[str]:
-        """Block DMA, reset, close, restore. Returns BDFs whose restore is still pending."""
+        """Block DMA, reset, close, then start the driver restore in the background.
+
+        Returns the BDFs whose restore had not finished when this returned."""
         hold = self._holds[lease.group_id]
         session = lease.session
         last = len(hold.leases) == 1
@@ -333,7 +361,7 @@ class ClaimManager:
                 hold.group.close()
                 hold.group = None
             del self._holds[hold.group_id]
-            pending = await self._restore(hold)
+            pending = self._start_restore(hold)
         log.info(
             "lease.released",
             session=session.session_id,
@@ -373,15 +401,33 @@ class ClaimManager:
             close_request_fd(ld)
             ld.device.close()
 
-    async def _restore(self, hold: GroupHold) -> list[str]:
+    def _restore_entries(self, hold: GroupHold) -> list[JournalEntry]:
         bdfs = list(hold.pinned) + [b for b in hold.rebound if b not in hold.pinned]
-        entries = [
+        return [
             JournalEntry(
                 b, hold.group_id, hold.rebound.get(b), hold.pinned.get(b), rebound=b in hold.rebound
             )
             for b in bdfs
         ]
-        return await self._drivers.restore(entries)
+
+    async def _restore(self, hold: GroupHold) -> list[str]:
+        """Restore now, bounded by the sysfs timeout (used to unwind a failed claim)."""
+        return await self._drivers.restore(self._restore_entries(hold))
+
+    def _start_restore(self, hold: GroupHold) -> list[str]:
+        entries = self._restore_entries(hold)
+        if not entries:
+            return []
+        gid = hold.group_id
+        task = self._drivers.restore_in_background(entries)
+        self._restoring[gid] = task
+
+        def done(t: asyncio.Task[None]) -> None:
+            if self._restoring.get(gid) is t:
+                del self._restoring[gid]
+
+        task.add_done_callback(done)
+        return [e.bdf for e in entries]
 
     # ------------------------------------------------------------------ revoke
     def active_leases(self, group_id: int) -> list[Lease]:

@@ -86,6 +86,7 @@ class Broker:
         self._kernel = kernel
         self._clock = clock
         self._started = clock()
+        self._sysfs_timeout = sysfs_timeout
         self._journal = Journal(config.daemon.state_dir)
         self._drivers = DriverManager(
             kernel.binder,
@@ -218,6 +219,19 @@ class Broker:
         await asyncio.shield(self._teardown(session))
 
     async def _teardown(self, session: Session) -> None:
+        released = [lease.group_id for lease in session.leases.values()]
+        try:
+            await self._teardown_locked(session)
+        finally:
+            # Outside the lock, bounded: the drivers usually come back within a second;
+            # a restore stalled by a lingering fd goes on in the background.
+            try:
+                await self._claims.wait_restored(released, self._sysfs_timeout)
+            finally:
+                session.closed.set()
+                log.info("session.closed", session=session.session_id)
+
+    async def _teardown_locked(self, session: Session) -> None:
         try:
             async with session.lock, self._claims._lock:
                 # 1. Block DMA: unmap every IOAS, detach every device.
@@ -246,8 +260,6 @@ class Broker:
             if session.pidfd is not None:
                 session.pidfd.close()
             self._sessions.pop(session.session_id, None)
-            session.closed.set()
-            log.info("session.closed", session=session.session_id)
 
     @staticmethod
     async def _quietly(what: str, coro: object) -> None:

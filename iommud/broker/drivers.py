@@ -16,6 +16,7 @@ Decides nothing about who may be rebound (the claim code asks iommud.policy).
 from __future__ import annotations
 
 import asyncio
+import errno
 from collections.abc import Callable
 from typing import Final
 
@@ -114,7 +115,29 @@ class DriverManager:
                 )
         return pending
 
-    async def _restore_one(self, entry: JournalEntry) -> None:
+    def restore_in_background(self, entries: list[JournalEntry]) -> asyncio.Task[None]:
+        """Put a released group's devices back, in order, in one background task.
+
+        Each device waits for the one before it: on the legacy path the original driver
+        of one member (e1000) can only probe once every member has left vfio-pci, and
+        vfio-pci's unbind of a member blocks until the client closes its copy of the
+        device fd. So nothing here has a deadline; a step refused while the group is
+        still user-owned (EBUSY) is retried for as long as it takes, and ``pending``
+        says what is awaited. The caller decides how long it waits for the task.
+        """
+
+        async def run() -> None:
+            for entry in entries:
+                self.pending[entry.bdf] = "queued"
+            for entry in entries:
+                await self._restore_one(entry, retry_busy_forever=True)
+
+        task = asyncio.create_task(run(), name=f"restore:{','.join(e.bdf for e in entries)}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _restore_one(self, entry: JournalEntry, *, retry_busy_forever: bool = False) -> None:
         attempt = 0
         while True:
             attempt += 1
@@ -130,6 +153,12 @@ class DriverManager:
                     op=exc.op,
                     errno=exc.errno,
                 )
+                if retry_busy_forever and exc.errno == errno.EBUSY:
+                    # The group is still user-owned: a client holds a device fd. The
+                    # probe will succeed once it is closed; keep trying, gently.
+                    self.pending[entry.bdf] = "group still in use (a device fd is open)"
+                    await asyncio.sleep(min(self._retry_delay * attempt, 5.0))
+                    continue
                 if attempt >= self._retries:
                     self.pending[entry.bdf] = f"gave up after {attempt} attempts: {exc.message}"
                     log.exception("driver.restore_abandoned", bdf=entry.bdf, error=exc.message)
