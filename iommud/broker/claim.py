@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import errno
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import replace
 
 import structlog
@@ -87,6 +88,12 @@ class ClaimManager:
         # claims of that group get BusyError until it is done.
         self._restoring: dict[int, asyncio.Task[None]] = {}
         self._next_lease = 1
+
+    def held(self) -> AbstractAsyncContextManager[None]:
+        """Hold the claim lock: ``async with claims.held():``. Ownership changes (claim,
+        release, revoke, enforcement, teardown) happen only under it, so racing clients
+        and host events see one owner per group."""
+        return self._lock
 
     # ------------------------------------------------------------------ claim
     async def claim(self, session: Session, req: Claim) -> tuple[ClaimReply, list[OwnedFd]]:

@@ -1,0 +1,249 @@
+"""Enforcement: what the broker does when the host changes under an owned group.
+
+A uevent (or a bind-guard audit) touching an owned group: pin driver_override on
+devices that joined it (hot-add), re-pin overrides someone changed, forget devices that
+left, and revoke the group's leases if it lost viability; a group that vanished ends its
+leases. The kernel asking for a handed-out device back (vfio-pci's REQ irq, i.e. a
+hot-unplug) revokes its lease and closes the daemon's fds of the device. ``iommuctl
+revoke`` takes the same revoke path.
+
+Revoke blocks DMA at once and tells the owner (lease_revoked); the lease stays (state
+revoked, group still owned, overrides pinned) until the client releases it or
+disconnects. Everything here runs under the claim lock and shielded from cancellation.
+Never decides viability itself (iommud.host.viability does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+from typing import Final
+
+import structlog
+
+from iommud.broker.claim import ClaimManager, close_request_fd
+from iommud.broker.drivers import VFIO_PCI, DriverManager
+from iommud.broker.events import EventHub
+from iommud.broker.hostview import HostView
+from iommud.broker.ioas import IoasManager
+from iommud.broker.journal import Journal, JournalEntry
+from iommud.broker.sessions import Spawn, quietly
+from iommud.broker.state import GroupHold, Lease, LeasedDevice, LeaseState, Session
+from iommud.config import Config
+from iommud.errors import KernelError
+from iommud.fds import OwnedFd
+from iommud.host.snapshot import HostSnapshot, PciDevice
+from iommud.host.viability import group_viability
+from iommud.kernel.uapi import VFIO_PCI_REQ_IRQ_INDEX
+from iommud.protocol import messages as m
+
+log = structlog.get_logger(__name__)
+
+DEVICE_REQUESTED: Final = "device removal requested by the kernel"
+
+
+class Enforcer:
+    """Host changes on owned groups, revoke, and the kernel's device requests."""
+
+    def __init__(
+        self,
+        config: Config,
+        view: HostView,
+        claims: ClaimManager,
+        ioas: IoasManager,
+        drivers: DriverManager,
+        journal: Journal,
+        holds: dict[int, GroupHold],
+        sessions: dict[int, Session],
+        hub: EventHub,
+        *,
+        spawn: Spawn,
+        on_owners_changed: Callable[[], None],
+    ) -> None:
+        self._config = config
+        self._view = view
+        self._claims = claims
+        self._ioas = ioas
+        self._drivers = drivers
+        self._journal = journal
+        self._holds = holds
+        self._sessions = sessions
+        self._hub = hub
+        self._spawn = spawn
+        self._on_owners_changed = on_owners_changed
+
+    # ------------------------------------------------------------------ host changes
+    async def on_host_change(self, group_id: int, snapshot: HostSnapshot | None = None) -> None:
+        """A uevent touched one group: take its fresh view, enforce on owned groups.
+
+        ``snapshot`` is the udev watcher's view, which already holds this group as just
+        re-read (so the group is not read twice per event); without it the group is read
+        here.
+        """
+        await self._view.refresh_group(group_id, snapshot)
+        if group_id in self._holds:
+            await asyncio.shield(self._enforce(group_id))
+
+    async def _enforce(self, group_id: int) -> None:
+        revoke: str | None = None
+        gone = False
+        async with self._claims.held():
+            hold = self._holds.get(group_id)
+            if hold is None:
+                return
+            snap = self._view.snapshot
+            if group_id not in snap.groups:
+                gone = True
+                members: dict[str, PciDevice] = {}
+            else:
+                members = {d.bdf: d for d in snap.group_devices(group_id)}
+            await self._track_members(hold, members)
+            if gone:
+                revoke = f"IOMMU group {group_id} disappeared"
+            else:
+                v = group_viability(snap, group_id, self._config.dma_safe_drivers)
+                if not v.is_viable:
+                    names = ", ".join(f"{o.bdf} ({o.driver})" for o in v.offenders)
+                    revoke = f"viability lost: {names}"
+            if revoke is not None:
+                await self.revoke_locked(group_id, revoke)
+            if gone:
+                # Nothing is left to give back: end the leases (the owner was told).
+                for lease in list(hold.leases.values()):
+                    await self._claims.release_lease(lease, why="group vanished")
+        self._on_owners_changed()
+
+    async def _track_members(self, hold: GroupHold, members: dict[str, PciDevice]) -> None:
+        """Keep every device of an owned group pinned to vfio-pci (called with the lock)."""
+        left = [b for b in hold.pinned if b not in members]
+        if left:
+            for b in left:
+                hold.pinned.pop(b, None)
+                hold.rebound.pop(b, None)
+            await asyncio.to_thread(self._journal.drop, left)
+            log.info("group.members_left", group_id=hold.group_id, devices=left)
+        joined = [d for d in members.values() if d.bdf not in hold.pinned]
+        if joined:
+            await self._drivers.journal(
+                [
+                    JournalEntry(d.bdf, hold.group_id, d.driver, d.driver_override, rebound=False)
+                    for d in joined
+                ]
+            )
+        for d in joined:
+            hold.pinned[d.bdf] = d.driver_override
+            await quietly("driver.pin", self._drivers.pin(d.bdf))
+            log.warning(
+                "group.device_joined",
+                group_id=hold.group_id,
+                bdf=d.bdf,
+                driver=d.driver,
+                pinned=VFIO_PCI,
+            )
+        new = {d.bdf for d in joined}
+        for d in members.values():
+            if d.bdf not in new and d.driver_override != VFIO_PCI:
+                log.warning(
+                    "guard.override_repinned",
+                    group_id=hold.group_id,
+                    bdf=d.bdf,
+                    found=d.driver_override,
+                )
+                await quietly("driver.pin", self._drivers.pin(d.bdf))
+
+    # ------------------------------------------------------------------ revoke
+    async def revoke_group(self, group_id: int, reason: str) -> list[int]:
+        """Block DMA for every active lease on the group at once and tell the owner.
+
+        iommufd: detach the devices AND unmap their IOAS (the client holds the device fd
+        and could re-attach it to that IOAS itself); legacy: unmap the container. The
+        leases stay (state revoked, group still owned, overrides still pinned) until the
+        client releases them or disconnects; maps into that IOAS are refused meanwhile.
+        """
+
+        async def work() -> list[int]:
+            async with self._claims.held():
+                return await self.revoke_locked(group_id, reason)
+
+        return await asyncio.shield(work())
+
+    async def revoke_locked(self, group_id: int, reason: str) -> list[int]:
+        """:meth:`revoke_group` for a caller already holding the claim lock."""
+        revoked: list[int] = []
+        for lease in self._claims.active_leases(group_id):
+            await self._claims.block_dma(lease, drop_shared_container=False)
+            await self._ioas.unmap_all(lease.session, lease.ioas)
+            lease.state = LeaseState.REVOKED
+            lease.revoke_reason = reason
+            revoked.append(lease.lease_id)
+            ev = self._hub.make(
+                m.EventName.LEASE_REVOKED,
+                lease_id=lease.lease_id,
+                group_id=group_id,
+                reason=reason,
+            )
+            self._hub.publish(
+                ev, [s.sink for s in self._sessions.values()], must_reach=lease.session.sink
+            )
+            log.warning(
+                "group.revoked",
+                group_id=group_id,
+                lease_id=lease.lease_id,
+                session=lease.session.session_id,
+                uid=lease.session.identity.uid,
+                reason=reason,
+            )
+        return revoked
+
+    # ------------------------------------------------------------------ device requests
+    def watch_requests(self, lease: Lease) -> None:
+        """Register an eventfd on each leased device's REQ irq and watch it on the loop.
+
+        vfio-pci's remove path (drivers/vfio/vfio_main.c vfio_unregister_group_dev)
+        waits until every fd of the device is closed and meanwhile signals this irq
+        (vfio_pci_core_request); the remove uevent only comes after, so this is the
+        daemon's only timely news of a hot-unplug of a device it handed out.
+        """
+        loop = asyncio.get_running_loop()
+        for ld in lease.devices:
+            efd = OwnedFd(os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK))
+            try:
+                ld.device.set_irq_eventfd(VFIO_PCI_REQ_IRQ_INDEX, efd.fileno())
+            except KernelError as exc:
+                efd.close()
+                log.warning("device.request_irq_unavailable", bdf=ld.bdf, errno=exc.errno)
+                continue
+            ld.request_fd = efd
+            loop.add_reader(efd.fileno(), self._device_requested, lease, ld)
+
+    def _device_requested(self, lease: Lease, ld: LeasedDevice) -> None:
+        fd = ld.request_fd
+        if fd is None or fd.closed:
+            return
+        try:
+            os.eventfd_read(fd.fileno())
+        except BlockingIOError:
+            return
+        log.warning(
+            "device.removal_requested",
+            bdf=ld.bdf,
+            lease_id=lease.lease_id,
+            group_id=lease.group_id,
+            session=lease.session.session_id,
+        )
+        self._spawn(self._give_back(lease, ld))
+
+    async def _give_back(self, lease: Lease, ld: LeasedDevice) -> None:
+        """The kernel wants the device back: revoke the lease, close our fds of it."""
+
+        async def work() -> None:
+            async with self._claims.held():
+                if lease.state is LeaseState.ACTIVE:
+                    await self.revoke_locked(lease.group_id, DEVICE_REQUESTED)
+                for dev in lease.devices:
+                    if dev.bdf == ld.bdf:
+                        close_request_fd(dev)
+                        dev.device.close()
+
+        await asyncio.shield(work())

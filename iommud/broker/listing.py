@@ -1,0 +1,102 @@
+"""Read-only answers: list_devices, list_groups and status.
+
+Builds the wire replies from the host view, the owned groups and the sessions. Changes
+no state but the view's snapshot (a listing re-reads the host so it never shows a stale
+tree); never touches the kernel layer.
+"""
+
+from __future__ import annotations
+
+from iommud import __version__
+from iommud.broker.hostview import HostView
+from iommud.broker.state import GroupHold, Lease, Session
+from iommud.config import Config
+from iommud.host.viability import group_viability, whole_group_path
+from iommud.protocol import messages as m
+
+
+class Listing:
+    """The list/status handlers of Broker.handle."""
+
+    def __init__(
+        self,
+        config: Config,
+        view: HostView,
+        holds: dict[int, GroupHold],
+        sessions: dict[int, Session],
+    ) -> None:
+        self._config = config
+        self._view = view
+        self._holds = holds
+        self._sessions = sessions
+
+    async def list_devices(self, rid: int) -> m.ListDevicesReply:
+        snap = await self._view.read_all()
+        return m.ListDevicesReply(
+            id=rid,
+            devices=tuple(
+                m.DeviceEntry(
+                    bdf=d.bdf,
+                    vendor=d.vendor,
+                    device=d.device,
+                    class_code=d.class_code,
+                    driver=d.driver,
+                    driver_override=d.driver_override,
+                    group_id=d.group_id,
+                    is_bridge=d.is_bridge,
+                    vfio_cdev=d.vfio_cdev,
+                )
+                for d in sorted(snap.devices.values(), key=lambda d: d.bdf)
+            ),
+        )
+
+    async def list_groups(self, rid: int) -> m.ListGroupsReply:
+        snap = await self._view.read_all()
+        safe = self._config.dma_safe_drivers
+        out = []
+        for gid in sorted(snap.groups):
+            v = group_viability(snap, gid, safe)
+            hold = self._holds.get(gid)
+            path = hold.backend if hold else whole_group_path(snap, gid, safe)
+            out.append(
+                m.GroupEntry(
+                    group_id=gid,
+                    devices=snap.groups[gid].devices,
+                    is_viable=v.is_viable,
+                    offenders=tuple(
+                        m.Offender(bdf=o.bdf, driver=o.driver)
+                        for o in v.offenders
+                        if o.bdf in snap.devices
+                    ),
+                    path=None if path is None else str(path),
+                    owner=None
+                    if hold is None
+                    else m.Owner(uid=hold.session.identity.uid, pid=hold.session.identity.pid),
+                )
+            )
+        return m.ListGroupsReply(id=rid, groups=tuple(out))
+
+    def status(self, rid: int, *, event_source: str | None, uptime_s: float) -> m.StatusReply:
+        return m.StatusReply(
+            id=rid,
+            version=__version__,
+            event_source=event_source,
+            clients=len(self._sessions),
+            leases=tuple(
+                lease_info(le) for s in self._sessions.values() for le in s.leases.values()
+            ),
+            uptime_s=max(0.0, uptime_s),
+        )
+
+
+def lease_info(lease: Lease) -> m.LeaseInfo:
+    ident = lease.session.identity
+    return m.LeaseInfo(
+        lease_id=lease.lease_id,
+        group_id=lease.group_id,
+        uid=ident.uid,
+        pid=ident.pid,
+        backend=str(lease.backend),
+        devices=tuple(d.bdf for d in lease.devices),
+        ioas_id=lease.ioas.ioas_id,
+    )
