@@ -4,4 +4,4 @@ Keep this file to plugin loading; fixtures belong in the conftest of the test su
 uses them.
 """
 
-pytest_plugins = ["pytest_labvm", "pytester"]
+pytest_plugins = ["pytest_labvm", "pytester", "tests.labharness"]

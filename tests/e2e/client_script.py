@@ -187,12 +187,13 @@ class Puppet:
         self.client.close()
 
 
-def main() -> int:
+def main(puppet_type: type[Puppet] = Puppet) -> int:
+    """Serve one JSON command per stdin line with a ``puppet_type`` (tests/live extends it)."""
     if os.getuid() == 0:
         print(json.dumps({"ok": False, "fatal": "refusing to run as root"}), flush=True)
         return 2
     try:
-        puppet = Puppet(sys.argv[1])
+        puppet = puppet_type(sys.argv[1])
     except (OSError, IommudError) as exc:
         print(json.dumps({"ok": False, "fatal": f"connect: {exc!r}"}), flush=True)
         return 1
@@ -212,6 +213,8 @@ def main() -> int:
                     "message": exc.message,
                     "details": exc.details,
                 }
+            except OSError as exc:  # e.g. a DMA through a device fd that is gone
+                answer = {"ok": False, "code": "os_error", "errno": exc.errno, "details": {}}
             print(json.dumps(answer), flush=True)
     finally:
         puppet.close()

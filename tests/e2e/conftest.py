@@ -8,11 +8,7 @@ starts unprivileged clients and ends them after the test.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-from collections.abc import Callable, Generator, Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -21,26 +17,17 @@ from tests.e2e.support import (
     USER,
     ClientProc,
     Daemon,
-    Kmsg,
     Timings,
     drivers_now,
     wait_until,
 )
+from tests.labharness import running_daemon
 
 
 @pytest.fixture(scope="module")
 def daemon() -> Iterator[Daemon]:
-    if os.geteuid() != 0:
-        pytest.skip("the e2e tests run as root inside the lab guest")
-    # Short path (sun_path is 108 bytes) and searchable by uid 1000 for the socket.
-    workdir = Path(tempfile.mkdtemp(prefix="iommud-e2e-", dir="/tmp"))
-    workdir.chmod(0o755)
-    d = Daemon(workdir)
-    try:
+    with running_daemon(Daemon, "iommud-e2e-") as d:
         yield d
-    finally:
-        d.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
@@ -75,24 +62,5 @@ def spawn(daemon: Daemon) -> Iterator[Callable[..., ClientProc]]:
 
 
 @pytest.fixture
-def kmsg() -> Iterator[Kmsg]:
-    k = Kmsg()
-    yield k
-    k.close()
-
-
-@pytest.fixture
 def timing(capsys: pytest.CaptureFixture[str], request: pytest.FixtureRequest) -> Timings:
     return Timings(capsys, request.node.name)
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(
-    item: pytest.Item, call: pytest.CallInfo[None]
-) -> Generator[None, pytest.TestReport, pytest.TestReport]:
-    """A failing e2e test carries the daemon's log tail in its report."""
-    report = yield
-    d = getattr(item, "daemon", None)
-    if report.failed and isinstance(d, Daemon):
-        report.sections.append(("iommud log (tail)", d.log_tail()))
-    return report

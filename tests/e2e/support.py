@@ -93,14 +93,22 @@ def wait_until(pred: Callable[[], bool], timeout: float, step: float = 0.01) -> 
 class Daemon:
     """The real iommud as a root subprocess, logging (JSON) into ``log_path``."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, config: str = CONFIG, **fields: object) -> None:
+        """``config`` is a template filled with the lab's BDFs, ``dir`` and ``fields``."""
         self.dir = workdir
         self.socket = str(workdir / "iommud.sock")
         self.config = workdir / "iommud.toml"
         self.log_path = workdir / "iommud.log"
         self.config.write_text(
-            CONFIG.format(
-                dir=workdir, edu0=EDU0, edu1=EDU1, edu2=EDU2, nic=NIC, user=USER, quota=QUOTA_BYTES
+            config.format(
+                dir=workdir,
+                edu0=EDU0,
+                edu1=EDU1,
+                edu2=EDU2,
+                nic=NIC,
+                user=USER,
+                quota=QUOTA_BYTES,
+                **fields,
             )
         )
         self._log = self.log_path.open("wb")
@@ -110,7 +118,7 @@ class Daemon:
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
-        took = wait_until(self._answers, timeout=30.0, step=0.05)
+        took = wait_until(self._answers, timeout=60.0, step=0.05)
         if took is None:
             self.stop()
             raise AssertionError(f"the daemon did not come up:\n{self.log_tail()}")
@@ -213,11 +221,13 @@ def client_command() -> tuple[list[str], dict[str, str]]:
 class ClientProc:
     """client_script.py as ``uid``/``gid`` with no supplementary groups."""
 
-    def __init__(self, socket: str, uid: int = USER, gid: int | None = None) -> None:
+    def __init__(
+        self, socket: str, uid: int = USER, gid: int | None = None, script: Path = CLIENT_SCRIPT
+    ) -> None:
         self.uid = uid
         argv, env = client_command()
         self.proc = subprocess.Popen(
-            [*argv, str(CLIENT_SCRIPT), socket],
+            [*argv, str(script), socket],
             env=env,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,

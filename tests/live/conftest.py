@@ -10,29 +10,19 @@ test of the run shares this one guest, and checks the daemon holds no lease and 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
-from collections.abc import Callable, Generator, Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.e2e.support import BOOT_DRIVERS, NIC, USER, Kmsg, drivers_now, wait_until
+from tests.e2e.support import BOOT_DRIVERS, NIC, USER, drivers_now, wait_until
+from tests.labharness import running_daemon
 from tests.live.support import HOTEDU, PCI, LiveClient, LiveDaemon, Monitor, sysfs_write
 
 
 @pytest.fixture(scope="module")
 def daemon() -> Iterator[LiveDaemon]:
-    if os.geteuid() != 0:
-        pytest.skip("the live tests run as root inside the lab guest")
-    workdir = Path(tempfile.mkdtemp(prefix="iommud-live-", dir="/tmp"))
-    workdir.chmod(0o755)
-    d = LiveDaemon(workdir)
-    try:
+    with running_daemon(LiveDaemon, "iommud-live-") as d:
         yield d
-    finally:
-        d.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _put_back() -> None:
@@ -82,22 +72,3 @@ def spawn(daemon: LiveDaemon) -> Iterator[Callable[..., LiveClient]]:
     yield make
     for c in clients:
         c.close()
-
-
-@pytest.fixture
-def kmsg() -> Iterator[Kmsg]:
-    k = Kmsg()
-    yield k
-    k.close()
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(
-    item: pytest.Item, call: pytest.CallInfo[None]
-) -> Generator[None, pytest.TestReport, pytest.TestReport]:
-    """A failing live test carries the daemon's log tail in its report."""
-    report = yield
-    d = getattr(item, "daemon", None)
-    if report.failed and isinstance(d, LiveDaemon) and not d._log.closed:
-        report.sections.append(("iommud log (tail)", d.log_tail(120)))
-    return report

@@ -16,14 +16,11 @@ Test code only; runs inside the lab guest as uid 1000.
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 from typing import Any
 
 from iommud.client import ClaimResult
-from iommud.errors import IommudError
-from tests.e2e.client_script import Puppet
+from tests.e2e.client_script import Puppet, main
 
 
 class LivePuppet(Puppet):
@@ -63,38 +60,5 @@ class LivePuppet(Puppet):
         return {}
 
 
-def main() -> int:
-    if os.getuid() == 0:
-        print(json.dumps({"ok": False, "fatal": "refusing to run as root"}), flush=True)
-        return 2
-    try:
-        puppet = LivePuppet(sys.argv[1])
-    except (OSError, IommudError) as exc:
-        print(json.dumps({"ok": False, "fatal": f"connect: {exc!r}"}), flush=True)
-        return 1
-    print(json.dumps({"ok": True, "ready": True, "pid": os.getpid()}), flush=True)
-    try:
-        for line in sys.stdin:
-            command: dict[str, Any] = json.loads(line)
-            name = command["cmd"]
-            if name == "exit":
-                break
-            try:
-                answer: dict[str, Any] = {"ok": True, **getattr(puppet, name)(command)}
-            except IommudError as exc:
-                answer = {
-                    "ok": False,
-                    "code": str(exc.code),
-                    "message": exc.message,
-                    "details": exc.details,
-                }
-            except OSError as exc:  # e.g. a DMA through a device fd that is gone
-                answer = {"ok": False, "code": "os_error", "errno": exc.errno, "details": {}}
-            print(json.dumps(answer), flush=True)
-    finally:
-        puppet.close()
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(LivePuppet))

@@ -20,15 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from tests.e2e.support import (
-    EDU0,
-    EDU1,
-    EDU2,
-    NIC,
-    QUOTA_BYTES,
     USER,
     ClientProc,
     Daemon,
-    client_command,
     wait_until,
 )
 
@@ -61,34 +55,7 @@ class LiveDaemon(Daemon):
     """tests.e2e.support.Daemon with the live config (hotedu may be rebound)."""
 
     def __init__(self, workdir: Path) -> None:
-        self.dir = workdir
-        self.socket = str(workdir / "iommud.sock")
-        self.config = workdir / "iommud.toml"
-        self.log_path = workdir / "iommud.log"
-        self.config.write_text(
-            CONFIG.format(
-                dir=workdir,
-                edu0=EDU0,
-                edu1=EDU1,
-                edu2=EDU2,
-                nic=NIC,
-                hot=HOTEDU,
-                user=USER,
-                quota=QUOTA_BYTES,
-            )
-        )
-        self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "iommud", "--config", str(self.config), "--socket-mode", "0666"],
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-        took = wait_until(self._answers, timeout=60.0, step=0.05)
-        if took is None:
-            self.stop()
-            raise AssertionError(f"the daemon did not come up:\n{self.log_tail()}")
-        self.startup_seconds = took
+        super().__init__(workdir, CONFIG, hot=HOTEDU)
         # The watcher's startup rescan runs after the daemon answers: wait for it.
         if wait_until(lambda: bool(self.log_events("udev.rescanned")), 60.0, 0.05) is None:
             raise AssertionError(f"no startup rescan:\n{self.log_tail()}")
@@ -108,23 +75,7 @@ class LiveClient(ClientProc):
     """tests/live/live_client.py as ``uid`` (the e2e puppet plus wait_event etc.)."""
 
     def __init__(self, socket: str, uid: int = USER) -> None:
-        self.uid = uid
-        argv, env = client_command()
-        self.proc = subprocess.Popen(
-            [*argv, str(LIVE_CLIENT), socket],
-            env=env,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            user=uid,
-            group=uid,
-            extra_groups=[],
-            cwd="/",
-        )
-        hello = self._read()
-        assert hello.get("ready"), hello
-        self.pid: int = hello["pid"]
+        super().__init__(socket, uid, script=LIVE_CLIENT)
 
 
 class Monitor:
