@@ -168,6 +168,8 @@ def requests() -> list[dict[str, Any]]:
         ),
         ("revoke", Revoke(id=19, group_id=4, reason="maintenance")),
         ("max_id", Ping(id=2**32 - 1)),
+        ("list_devices_page", ListDevices(id=20, offset=312, limit=100)),
+        ("list_groups_page", ListGroups(id=21, offset=1)),
     ]
     return [_vector(name, TO_SERVER, msg) for name, msg in msgs]
 
@@ -203,6 +205,8 @@ def replies() -> list[dict[str, Any]]:
             "list_devices_reply",
             ListDevicesReply(
                 id=4,
+                total=2,
+                next_offset=None,
                 devices=(
                     DeviceEntry(
                         bdf=NIC,
@@ -233,6 +237,8 @@ def replies() -> list[dict[str, Any]]:
             "list_groups_reply",
             ListGroupsReply(
                 id=5,
+                total=2,
+                next_offset=None,
                 groups=(
                     GroupEntry(
                         group_id=2,
@@ -287,6 +293,56 @@ def replies() -> list[dict[str, Any]]:
                 backend="legacy",
                 ioas_id=5,
                 devices=(ClaimedDevice(bdf=EDU, fd_index=0, devid=None),),
+            ),
+        ),
+        (
+            "list_devices_reply_page",
+            ListDevicesReply(
+                id=20,
+                total=3000,
+                next_offset=314,
+                devices=(
+                    DeviceEntry(
+                        bdf="0000:02:07.0",
+                        vendor=0x8086,
+                        device=0x10CA,
+                        class_code=0x020000,
+                        driver="vfio-pci",
+                        driver_override=None,
+                        group_id=312,
+                        is_bridge=False,
+                        vfio_cdev="/dev/vfio/devices/vfio44",
+                    ),
+                    DeviceEntry(
+                        bdf="0000:02:07.1",
+                        vendor=0x8086,
+                        device=0x10CA,
+                        class_code=0x020000,
+                        driver=None,
+                        driver_override=None,
+                        group_id=313,
+                        is_bridge=False,
+                        vfio_cdev=None,
+                    ),
+                ),
+            ),
+        ),
+        (
+            "list_groups_reply_last_page",
+            ListGroupsReply(
+                id=21,
+                total=2,
+                next_offset=None,
+                groups=(
+                    GroupEntry(
+                        group_id=4,
+                        devices=(EDU,),
+                        is_viable=True,
+                        offenders=(),
+                        path="iommufd",
+                        owner=None,
+                    ),
+                ),
             ),
         ),
         ("release_reply", ReleaseReply(id=9)),
@@ -514,6 +570,23 @@ def invalid() -> list[dict[str, Any]]:
             6,
         ),
         _bad("ping_with_fds", '{"op":"ping","fds":1,"id":3}', 1, bad, 3),
+        _bad(
+            "list_devices_limit_zero", '{"op":"list_devices","fds":0,"id":4,"limit":0}', 0, bad, 4
+        ),
+        _bad(
+            "list_devices_offset_negative",
+            '{"op":"list_devices","fds":0,"id":4,"offset":-1}',
+            0,
+            bad,
+            4,
+        ),
+        _bad(
+            "list_groups_offset_as_string",
+            '{"op":"list_groups","fds":0,"id":5,"offset":"2"}',
+            0,
+            bad,
+            5,
+        ),
     ]
 
 

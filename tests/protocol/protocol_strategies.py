@@ -112,6 +112,20 @@ def _claim_reply(data: dict[str, Any]) -> dict[str, Any]:
     return {**data, "devices": devices, "fds": n}
 
 
+def _page(field: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """Make total and next_offset consistent with the page's entries."""
+
+    def fix(data: dict[str, Any]) -> dict[str, Any]:
+        count = len(data[field])
+        total = max(data["total"], count)
+        nxt = data["next_offset"]
+        if nxt is not None:
+            nxt = None if count == 0 or total <= count else min(max(nxt, count), total - 1)
+        return {**data, "total": total, "next_offset": nxt}
+
+    return fix
+
+
 FIXUPS: dict[type[BaseModel], Callable[[dict[str, Any]], dict[str, Any]]] = {
     m.IovaRange: lambda d: {
         **d,
@@ -121,6 +135,8 @@ FIXUPS: dict[type[BaseModel], Callable[[dict[str, Any]], dict[str, Any]]] = {
     m.Claim: lambda d: {**d, "devices": tuple(dict.fromkeys(d["devices"]))},
     m.IoasMap: _dense_fd_indexes,
     m.ClaimReply: _claim_reply,
+    m.ListDevicesReply: _page("devices"),
+    m.ListGroupsReply: _page("groups"),
 }
 
 
