@@ -191,6 +191,7 @@ class FakeIommuFd(_FdBacked):
     def __init__(self, kernel: FakeKernel, label: str) -> None:
         super().__init__(kernel, label)
         self.ioas: dict[int, _Ioas] = {}
+        self.devices: dict[int, FakeDevice] = {}  # devid -> device bound here
         self._next_id = 1
         self.rlimit_per_process = False
 
@@ -298,6 +299,25 @@ class FakeIommuFd(_FdBacked):
             self.rlimit_per_process = per_process
         return self.rlimit_per_process
 
+    def is_device_bound(self, dev_id: int) -> bool:
+        """Bound while any fd of the device (the daemon's or a client's dup) is open,
+        as a VFIO cdev stays bound until its file is released."""
+        self._check("is_device_bound")
+        dev = self.devices.get(dev_id)
+        if dev is None:
+            return False
+        if dev.inode in _open_inodes():
+            return True
+        self._unbind(dev)
+        return False
+
+    def _unbind(self, dev: FakeDevice) -> None:
+        """The device's last fd is gone: it leaves its IOAS and this iommufd."""
+        self.devices.pop(dev.devid or 0, None)
+        if dev.attached_to is not None and dev.attached_to in self.ioas:
+            self.ioas[dev.attached_to].attached.discard(dev.bdf)
+        dev.attached_to = None
+
     def _on_close(self) -> None:
         for ioas in self.ioas.values():
             ioas.space.unmap("close", 0, U64_MAX)
@@ -317,6 +337,7 @@ class FakeDevice(_FdBacked):
         self.attached_to: int | None = None
         self.devid: int | None = None
         kernel.device_inodes.setdefault(bdf, set()).add(self.inode)
+        kernel.devices.append(self)
 
     @property
     def name(self) -> str:
@@ -333,6 +354,7 @@ class FakeDevice(_FdBacked):
         k.claim_group(op, self.group_id, iommufd.inode, {self.inode})
         self.bound_to = iommufd
         self.devid = k.next_devid()
+        iommufd.devices[self.devid] = self
         k.record(op, self.bdf, self.devid)
         return self.devid
 
@@ -633,6 +655,7 @@ class FakeKernel:
         self._devid = 0
         self._mutex = threading.Lock()
         self._binder = FakeBinder(self)
+        self.devices: list[FakeDevice] = []  # every device object ever opened
         # (bdf, irq index) -> the kernel's reference to a registered eventfd (a dup).
         self.irq_eventfds: dict[tuple[str, int], int] = {}
         # drivers_probe without an override binds the driver the device had at start.
@@ -666,6 +689,28 @@ class FakeKernel:
             return False
         os.eventfd_write(fd, 1)
         return True
+
+    def device_of_fd(self, fd: int) -> FakeDevice:
+        """The device a (client's) fd refers to: its open file, wherever it came from."""
+        st = os.fstat(fd)
+        for dev in self.devices:
+            if dev.inode == (st.st_dev, st.st_ino):
+                return dev
+        raise KernelError("device_of_fd", errno.EBADF)
+
+    def client_attach(self, fd: int, pt_id: int) -> None:
+        """VFIO_DEVICE_ATTACH_IOMMUFD_PT issued by a client on its own copy of a device
+        fd: works while the device file is open (bound), whatever the daemon did."""
+        dev = self.device_of_fd(fd)
+        iommufd = dev.bound_to
+        if iommufd is None or iommufd.devices.get(dev.devid or 0) is not dev:
+            raise KernelError("attach_ioas", errno.EINVAL)
+        ioas = iommufd._get("attach_ioas", pt_id)
+        if dev.attached_to is not None and dev.attached_to in iommufd.ioas:
+            iommufd.ioas[dev.attached_to].attached.discard(dev.bdf)
+        ioas.attached.add(dev.bdf)
+        dev.attached_to = pt_id
+        self.record("client_attach", dev.bdf, pt_id)
 
     def fail_next(self, op: str, err: int, *, after: int = 0) -> None:
         """Make the call to ``op`` after ``after`` successful ones fail with ``err`` (once)."""

@@ -27,6 +27,7 @@ from dataclasses import replace
 import structlog
 
 from iommud.broker.drivers import VFIO_PCI, DriverManager
+from iommud.broker.freeze import check_not_frozen
 from iommud.broker.ioas import IoasManager
 from iommud.broker.journal import JournalEntry
 from iommud.broker.state import (
@@ -163,6 +164,9 @@ class ClaimManager:
             ioas_backend=target.backend if target else None,
         )
         decision = select_path(planned, gid, intent, existing, safe)  # NotViable/GroupSplit
+        if decision.backend is Backend.IOMMUFD:
+            # A new bind could take a revoked device's id while the freeze waits for it.
+            check_not_frozen(session, claim_group_id=gid)
         for dev in refused:
             if dev.bdf in devices:
                 raise PermissionDeniedError(

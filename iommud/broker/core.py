@@ -12,6 +12,7 @@ This module is the facade and the request dispatch; the work lives in:
 - iommud.broker.sessions: opening sessions, teardown (disconnect, peer exit, stop);
 - iommud.broker.claim: claim and release; iommud.broker.ioas: IOAS and mappings;
 - iommud.broker.enforcement: host changes on owned groups, revoke, device requests;
+- iommud.broker.freeze: a revoke's freeze of the session's iommufd (maps refused);
 - iommud.broker.audit: the bind guard's reports;
 - iommud.broker.listing: list_devices, list_groups and status;
 - iommud.broker.hostview: the snapshot the broker decides on.
@@ -36,6 +37,7 @@ from iommud.broker.claim import ClaimManager
 from iommud.broker.drivers import DriverManager
 from iommud.broker.enforcement import DEVICE_REQUESTED, Enforcer
 from iommud.broker.events import EventHub, Subscription
+from iommud.broker.freeze import check_not_frozen, frozen_error, holding
 from iommud.broker.hostview import HostView
 from iommud.broker.ioas import IoasManager
 from iommud.broker.journal import Journal
@@ -238,6 +240,7 @@ class Broker:
                 await self._claims.release(session, request.lease_id)
             finally:
                 self._audit.sync()
+                holding(session)  # a freeze this release ends lifts now, not at next map
             return Outcome(m.ReleaseReply(id=request.id))
         if isinstance(request, m.IoasCreate):
             backend = Backend.IOMMUFD if self.snapshot.has_iommufd else Backend.LEGACY
@@ -249,6 +252,8 @@ class Broker:
         if isinstance(request, m.IoasMap):
             ioas = self._usable_ioas(session, request.ioas_id)
             mapped = await self._ioas.map(session, ioas, request.ranges, fds)
+            if ioas.backend is Backend.IOMMUFD and session.freezes:
+                await self._undo_frozen_map(session, ioas)
             return Outcome(m.IoasMapReply(id=request.id, mappings=tuple(mapped)))
         if isinstance(request, m.IoasUnmap):
             ioas = self._ioas.get(session, request.ioas_id)
@@ -270,8 +275,16 @@ class Broker:
             return Outcome(m.DeviceResetReply(id=request.id))
         raise BadRequestError(f"unexpected op {request.op!r}", op=request.op)
 
+    async def _undo_frozen_map(self, session: Session, ioas: IoasState) -> None:
+        """A revoke froze the iommufd while this map was pinning: take it back out."""
+        f = next(iter(session.freezes.values()))
+        await asyncio.shield(self._ioas.unmap_all(session, ioas))
+        raise frozen_error(session, f, ioas_id=ioas.ioas_id)
+
     def _usable_ioas(self, session: Session, ioas_id: int) -> IoasState:
         ioas = self._ioas.get(session, ioas_id)
+        if ioas.backend is Backend.IOMMUFD:
+            check_not_frozen(session, ioas_id=ioas_id)
         for lease in session.leases.values():
             if lease.ioas is ioas and lease.state is LeaseState.REVOKED:
                 raise RevokedError(

@@ -9,7 +9,10 @@ revoke`` takes the same revoke path.
 
 Revoke blocks DMA at once and tells the owner (lease_revoked); the lease stays (state
 revoked, group still owned, overrides pinned) until the client releases it or
-disconnects. Everything here runs under the claim lock and shielded from cancellation.
+disconnects. On the iommufd path a revoke also freezes the session's iommufd (every
+IOAS unmapped, maps refused) until the revoked devices are gone: see
+iommud.broker.freeze for why and when it lifts. Everything here runs under the claim
+lock and shielded from cancellation.
 Never decides viability itself (iommud.host.viability does).
 """
 
@@ -25,6 +28,7 @@ import structlog
 from iommud.broker.claim import ClaimManager, close_request_fd
 from iommud.broker.drivers import VFIO_PCI, DriverManager
 from iommud.broker.events import EventHub
+from iommud.broker.freeze import freeze
 from iommud.broker.hostview import HostView
 from iommud.broker.ioas import IoasManager
 from iommud.broker.journal import Journal, JournalEntry
@@ -34,7 +38,7 @@ from iommud.config import Config
 from iommud.errors import KernelError
 from iommud.fds import OwnedFd
 from iommud.host.snapshot import HostSnapshot, PciDevice
-from iommud.host.viability import group_viability
+from iommud.host.viability import Backend, group_viability
 from iommud.kernel.uapi import VFIO_PCI_REQ_IRQ_INDEX
 from iommud.protocol import messages as m
 
@@ -156,10 +160,11 @@ class Enforcer:
     async def revoke_group(self, group_id: int, reason: str) -> list[int]:
         """Block DMA for every active lease on the group at once and tell the owner.
 
-        iommufd: detach the devices AND unmap their IOAS (the client holds the device fd
-        and could re-attach it to that IOAS itself); legacy: unmap the container. The
-        leases stay (state revoked, group still owned, overrides still pinned) until the
-        client releases them or disconnects; maps into that IOAS are refused meanwhile.
+        iommufd: detach the devices, freeze the session's iommufd and unmap EVERY IOAS
+        in it (the client holds the device fd and could re-attach it to any of them;
+        see iommud.broker.freeze); legacy: unmap the container. The leases stay (state
+        revoked, group still owned, overrides still pinned) until the client releases
+        them or disconnects; maps are refused meanwhile.
         """
 
         async def work() -> list[int]:
@@ -172,8 +177,26 @@ class Enforcer:
         """:meth:`revoke_group` for a caller already holding the claim lock."""
         revoked: list[int] = []
         for lease in self._claims.active_leases(group_id):
+            session = lease.session
             await self._claims.block_dma(lease, drop_shared_container=False)
-            await self._ioas.unmap_all(lease.session, lease.ioas)
+            if lease.backend is Backend.IOMMUFD:
+                # The client's copy of the device fd stays bound to the session's
+                # iommufd and can be re-attached to any IOAS there: empty them all
+                # and keep them empty until the device is gone (iommud.broker.freeze).
+                freeze(session, lease, reason)
+                targets = [i for i in session.ioases.values() if i.backend is Backend.IOMMUFD]
+            else:
+                targets = [lease.ioas]
+            for ioas in targets:
+                try:
+                    await self._ioas.unmap_all(session, ioas)
+                except KernelError as exc:
+                    log.exception(
+                        "group.revoke_unmap_failed",
+                        group_id=group_id,
+                        ioas_id=ioas.ioas_id,
+                        errno=exc.errno,
+                    )
             lease.state = LeaseState.REVOKED
             lease.revoke_reason = reason
             revoked.append(lease.lease_id)

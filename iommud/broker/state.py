@@ -96,6 +96,20 @@ class Lease:
 
 
 @dataclass(eq=False)
+class Freeze:
+    """A revoke's hold on its session's iommufd (see iommud.broker.freeze).
+
+    ``devices`` maps each revoked device's BDF to its devid in that iommufd; an entry
+    goes once the device is seen unbound (every copy of its fd closed).
+    """
+
+    lease_id: int
+    group_id: int
+    reason: str
+    devices: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
 class GroupHold:
     """A group owned by one session: its leases, and what the daemon changed in sysfs.
 
@@ -124,6 +138,8 @@ class Session:
     iommufd: IommuFd | None = None
     ioases: dict[int, IoasState] = field(default_factory=dict)
     leases: dict[int, Lease] = field(default_factory=dict)
+    # Revoked leases (by id) whose devices may still reach this session's iommufd.
+    freezes: dict[int, Freeze] = field(default_factory=dict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     next_ioas_id: int = 1
     closing: bool = False

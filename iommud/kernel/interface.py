@@ -115,6 +115,15 @@ class IommuFd(FdObject, Protocol):
         """IOMMU_OPTION RLIMIT_MODE: set when ``per_process`` is given; returns the value."""
         ...
 
+    def is_device_bound(self, dev_id: int) -> bool:
+        """Whether the device ``dev_id`` (a bind's out_devid) is still bound here.
+
+        A VFIO cdev stays bound to the iommufd until every fd of it is closed (its
+        file's release unbinds it), so this answers "does anyone still hold a copy of
+        that device fd". Linux: IOMMU_GET_HW_INFO on the id, ENOENT once unbound.
+        """
+        ...
+
 
 class VfioDevice(FdObject, Protocol):
     """A VFIO device fd: a cdev (/dev/vfio/devices/vfioN) or from VFIO_GROUP_GET_DEVICE_FD."""

@@ -295,6 +295,26 @@ class LinuxIommuFd(_FdOwner):
             data=buf.raw[: min(int(cmd.data_len), ctypes.sizeof(buf))],
         )
 
+    def is_device_bound(self, dev_id: int) -> bool:
+        """IOMMU_GET_HW_INFO as a probe: ENOENT means ``dev_id`` names no device here.
+
+        iommufd_get_hw_info (drivers/iommu/iommufd/device.c) looks the id up with
+        iommufd_get_device -> iommufd_get_object (main.c), which answers ENOENT for an
+        id with no object or an object of another type. The VFIO cdev's last fput
+        (vfio_device_fops_release -> vfio_df_unbind_iommufd -> iommufd_device_unbind)
+        destroys the device object, so ENOENT = no fd of the device is left. An id
+        reused by a later IOAS or HWPT is still ENOENT (not a device); a later device
+        bind could reuse it, which the broker prevents while it waits (see
+        iommud.broker.freeze). Any other error is raised: callers fail closed.
+        """
+        try:
+            self.get_hw_info(dev_id)
+        except KernelError as exc:
+            if exc.errno == errno.ENOENT:
+                return False
+            raise
+        return True
+
 
 def _map_flags(flags: MapFlag, iova: int | None) -> MapFlag:
     flags = MapFlag(flags) & ~MapFlag.FIXED_IOVA
