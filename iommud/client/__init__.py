@@ -2,8 +2,9 @@
 
 Both connect to the daemon's socket, say hello, and offer the same methods (claim,
 ioas_create, ioas_map with memfds, ioas_unmap, release, subscribe and events, status,
-list_devices, list_groups, ping, revoke). Errors come back as ``IommudError``
-subclasses with the server's code and details; fds come back as ``OwnedFd`` objects.
+list_devices and list_groups (every page; ``*_page`` for one), ping, revoke). Errors
+come back as ``IommudError`` subclasses with the server's code and details; fds come
+back as ``OwnedFd`` objects.
 """
 
 from iommud.client.aio import AsyncClient
@@ -12,6 +13,7 @@ from iommud.client.calls import (
     ClaimResult,
     ClientClosedError,
     MapSpec,
+    PagingError,
     error_from_reply,
 )
 from iommud.client.sync import Client
@@ -23,5 +25,6 @@ __all__ = [
     "Client",
     "ClientClosedError",
     "MapSpec",
+    "PagingError",
     "error_from_reply",
 ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import socket
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TypeVar
@@ -146,10 +147,32 @@ class AsyncClient:
         return await self._limited(calls.status)
 
     async def list_devices(self) -> tuple[m.DeviceEntry, ...]:
-        return await self._limited(calls.list_devices)
+        """Every device, sorted by bdf, read page by page (one request per page)."""
+        pager = calls.device_pager()
+        while not pager.done:
+            page = functools.partial(calls.list_devices_page, offset=pager.offset)
+            pager.add(await self._limited(page))
+        return pager.result()
+
+    async def list_devices_page(
+        self, offset: int = 0, limit: int | None = None
+    ) -> m.ListDevicesReply:
+        """One page: devices from index ``offset`` (``next_offset`` says where to go on)."""
+        return await self._limited(lambda c: calls.list_devices_page(c, offset, limit))
 
     async def list_groups(self) -> tuple[m.GroupEntry, ...]:
-        return await self._limited(calls.list_groups)
+        """Every IOMMU group, sorted by id, read page by page."""
+        pager = calls.group_pager()
+        while not pager.done:
+            page = functools.partial(calls.list_groups_page, offset=pager.offset)
+            pager.add(await self._limited(page))
+        return pager.result()
+
+    async def list_groups_page(
+        self, offset: int = 0, limit: int | None = None
+    ) -> m.ListGroupsReply:
+        """One page: groups from index ``offset``."""
+        return await self._limited(lambda c: calls.list_groups_page(c, offset, limit))
 
     async def claim(
         self,

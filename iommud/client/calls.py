@@ -196,16 +196,85 @@ def status(conn: ClientConnection) -> Call[m.StatusReply]:
     return _make(conn, conn.build(m.Status), [], lambda r, _f: _expect(r, m.StatusReply))
 
 
-def list_devices(conn: ClientConnection) -> Call[tuple[m.DeviceEntry, ...]]:
-    return _make(
-        conn, conn.build(m.ListDevices), [], lambda r, _f: _expect(r, m.ListDevicesReply).devices
-    )
+def list_devices_page(
+    conn: ClientConnection, offset: int = 0, limit: int | None = None
+) -> Call[m.ListDevicesReply]:
+    """One page of devices (see ``Pager`` for reading them all)."""
+    req = conn.build(m.ListDevices, offset=offset, limit=limit)
+    return _make(conn, req, [], lambda r, _f: _expect(r, m.ListDevicesReply))
 
 
-def list_groups(conn: ClientConnection) -> Call[tuple[m.GroupEntry, ...]]:
-    return _make(
-        conn, conn.build(m.ListGroups), [], lambda r, _f: _expect(r, m.ListGroupsReply).groups
-    )
+def list_groups_page(
+    conn: ClientConnection, offset: int = 0, limit: int | None = None
+) -> Call[m.ListGroupsReply]:
+    """One page of groups (see ``Pager`` for reading them all)."""
+    req = conn.build(m.ListGroups, offset=offset, limit=limit)
+    return _make(conn, req, [], lambda r, _f: _expect(r, m.ListGroupsReply))
+
+
+class PagingError(RuntimeError):
+    """The daemon's pages do not lead to the end of the list (``next_offset`` did not
+    advance): a daemon bug, reported instead of looping forever."""
+
+
+E = TypeVar("E")
+K = TypeVar("K", str, int)
+P = TypeVar("P", m.ListDevicesReply, m.ListGroupsReply)
+
+MAX_RESTARTS = 3
+"""How often ``Pager`` starts over when the list changes size between pages."""
+
+
+class Pager(Generic[P, E, K]):
+    """Reads a whole list page by page (PROTOCOL.md, "Paging"); no I/O.
+
+    The caller asks for the page at ``offset`` until ``done``, feeding each reply to
+    ``add``. When ``total`` changes between pages (devices came or went) the pager
+    starts over from offset 0, at most ``MAX_RESTARTS`` times; after that it merges
+    what it got. Entries are kept by key, so an entry seen on two pages counts once,
+    and ``result`` is sorted by key, as the daemon orders them.
+    """
+
+    def __init__(self, entries: Callable[[P], tuple[E, ...]], key: Callable[[E], K]) -> None:
+        self._entries: Callable[[P], tuple[E, ...]] = entries
+        self._key: Callable[[E], K] = key
+        self._seen: dict[K, E] = {}
+        self._total: int | None = None
+        self.offset = 0
+        self.pages = 0
+        self.restarts = 0
+        self.done = False
+
+    def add(self, reply: P) -> None:
+        self.pages += 1
+        if self._total is not None and reply.total != self._total and self.restarts < MAX_RESTARTS:
+            self.restarts += 1
+            self._seen.clear()
+            self._total = None
+            self.offset = 0
+            return
+        self._total = reply.total
+        for entry in self._entries(reply):
+            self._seen[self._key(entry)] = entry
+        if reply.next_offset is None:
+            self.done = True
+        elif reply.next_offset <= self.offset:
+            raise PagingError(
+                f"daemon sent next_offset {reply.next_offset} for a page at offset {self.offset}"
+            )
+        else:
+            self.offset = reply.next_offset
+
+    def result(self) -> tuple[E, ...]:
+        return tuple(self._seen[k] for k in sorted(self._seen))
+
+
+def device_pager() -> Pager[m.ListDevicesReply, m.DeviceEntry, str]:
+    return Pager(lambda r: r.devices, lambda d: d.bdf)
+
+
+def group_pager() -> Pager[m.ListGroupsReply, m.GroupEntry, int]:
+    return Pager(lambda r: r.groups, lambda g: g.group_id)
 
 
 def claim(

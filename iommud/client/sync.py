@@ -111,10 +111,26 @@ class Client:
         return self._call(calls.status(self._conn))
 
     def list_devices(self) -> tuple[m.DeviceEntry, ...]:
-        return self._call(calls.list_devices(self._conn))
+        """Every device, sorted by bdf, read page by page (one request per page)."""
+        pager = calls.device_pager()
+        while not pager.done:
+            pager.add(self._call(calls.list_devices_page(self._conn, pager.offset)))
+        return pager.result()
+
+    def list_devices_page(self, offset: int = 0, limit: int | None = None) -> m.ListDevicesReply:
+        """One page: devices from index ``offset`` (``next_offset`` says where to go on)."""
+        return self._call(calls.list_devices_page(self._conn, offset, limit))
 
     def list_groups(self) -> tuple[m.GroupEntry, ...]:
-        return self._call(calls.list_groups(self._conn))
+        """Every IOMMU group, sorted by id, read page by page."""
+        pager = calls.group_pager()
+        while not pager.done:
+            pager.add(self._call(calls.list_groups_page(self._conn, pager.offset)))
+        return pager.result()
+
+    def list_groups_page(self, offset: int = 0, limit: int | None = None) -> m.ListGroupsReply:
+        """One page: groups from index ``offset``."""
+        return self._call(calls.list_groups_page(self._conn, offset, limit))
 
     def claim(
         self,
