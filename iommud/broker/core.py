@@ -203,9 +203,9 @@ class Broker:
             if isinstance(request, m.Status):
                 return Outcome(self._status(request.id))
             if isinstance(request, m.ListDevices):
-                return Outcome(await self._listing.list_devices(request.id))
+                return Outcome(await self._listing.list_devices(request))
             if isinstance(request, m.ListGroups):
-                return Outcome(await self._listing.list_groups(request.id))
+                return Outcome(await self._listing.list_groups(request))
             if isinstance(request, m.Subscribe):
                 session.sink.subscription = Subscription(
                     None if request.events is None else frozenset(request.events),

@@ -1,16 +1,19 @@
 """Read-only answers: list_devices, list_groups and status.
 
 Builds the wire replies from the host view, the owned groups and the sessions. Changes
-no state but the view's snapshot (a listing re-reads the host so it never shows a stale
-tree); never touches the kernel layer.
+no state but the view's snapshot (a listing re-reads the host so it never starts from a
+stale tree); never touches the kernel layer. Lists come in pages that fit in one
+datagram (``iommud.broker.paging``): devices sorted by bdf, groups by id.
 """
 
 from __future__ import annotations
 
 from iommud import __version__
 from iommud.broker.hostview import HostView
+from iommud.broker.paging import fill_page
 from iommud.broker.state import GroupHold, Lease, Session
 from iommud.config import Config
+from iommud.host.snapshot import HostSnapshot
 from iommud.host.viability import group_viability, whole_group_path
 from iommud.protocol import messages as m
 
@@ -30,11 +33,16 @@ class Listing:
         self._holds = holds
         self._sessions = sessions
 
-    async def list_devices(self, rid: int) -> m.ListDevicesReply:
-        snap = await self._view.read_all()
-        return m.ListDevicesReply(
-            id=rid,
-            devices=tuple(
+    async def _snapshot(self, offset: int) -> HostSnapshot:
+        # The first page re-reads the host; later pages use that reading (as the host
+        # watcher keeps it current), so a walk of N pages reads sysfs once, not N times
+        # (3,000 devices: ~0.15 s per read).
+        return await self._view.read_all() if offset == 0 else self._view.snapshot
+
+    async def list_devices(self, request: m.ListDevices) -> m.ListDevicesReply:
+        snap = await self._snapshot(request.offset)
+        return fill_page(
+            tuple(
                 m.DeviceEntry(
                     bdf=d.bdf,
                     vendor=d.vendor,
@@ -48,10 +56,15 @@ class Listing:
                 )
                 for d in sorted(snap.devices.values(), key=lambda d: d.bdf)
             ),
+            request.offset,
+            request.limit,
+            lambda page, total, nxt: m.ListDevicesReply(
+                id=request.id, total=total, next_offset=nxt, devices=page
+            ),
         )
 
-    async def list_groups(self, rid: int) -> m.ListGroupsReply:
-        snap = await self._view.read_all()
+    async def list_groups(self, request: m.ListGroups) -> m.ListGroupsReply:
+        snap = await self._snapshot(request.offset)
         safe = self._config.dma_safe_drivers
         out = []
         for gid in sorted(snap.groups):
@@ -74,7 +87,14 @@ class Listing:
                     else m.Owner(uid=hold.session.identity.uid, pid=hold.session.identity.pid),
                 )
             )
-        return m.ListGroupsReply(id=rid, groups=tuple(out))
+        return fill_page(
+            out,
+            request.offset,
+            request.limit,
+            lambda page, total, nxt: m.ListGroupsReply(
+                id=request.id, total=total, next_offset=nxt, groups=page
+            ),
+        )
 
     def status(self, rid: int, *, event_source: str | None, uptime_s: float) -> m.StatusReply:
         return m.StatusReply(

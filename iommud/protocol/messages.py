@@ -366,14 +366,9 @@ class ListDevicesReply(ReplyBase):
     ``next_offset`` (null: this page ends the list)."""
 
     op: Literal["list_devices_reply"] = "list_devices_reply"
-    total: U32 = 0  # TRANSITIONAL default (see _fill_unpaged)
-    next_offset: U32 | None = None
+    total: U32
+    next_offset: U32 | None
     devices: tuple[DeviceEntry, ...]
-
-    @model_validator(mode="before")
-    @classmethod
-    def _unpaged(cls, data: Any) -> Any:
-        return _fill_unpaged(data, "devices")
 
     @model_validator(mode="after")
     def _page(self) -> ListDevicesReply:
@@ -385,14 +380,9 @@ class ListGroupsReply(ReplyBase):
     """A page of ``list_groups``; see ``ListDevicesReply``."""
 
     op: Literal["list_groups_reply"] = "list_groups_reply"
-    total: U32 = 0  # TRANSITIONAL default (see _fill_unpaged)
-    next_offset: U32 | None = None
+    total: U32
+    next_offset: U32 | None
     groups: tuple[GroupEntry, ...]
-
-    @model_validator(mode="before")
-    @classmethod
-    def _unpaged(cls, data: Any) -> Any:
-        return _fill_unpaged(data, "groups")
 
     @model_validator(mode="after")
     def _page(self) -> ListGroupsReply:
@@ -657,16 +647,6 @@ def _fill_fds(data: Any, field: str, *, dense: bool = False) -> Any:
     if len(ints) != len(items):
         return data
     return {**data, "fds": max(ints) + 1}
-
-
-def _fill_unpaged(data: Any, field: str) -> Any:
-    # TRANSITIONAL: lets the broker's pre-paging list handlers (no total/next_offset)
-    # keep working until they page; removed together with that change.
-    if isinstance(data, dict) and "total" not in data and "next_offset" not in data:
-        items = data.get(field)
-        if isinstance(items, list | tuple):
-            return {**data, "total": len(items), "next_offset": None}
-    return data
 
 
 def _check_page(count: int, total: int, next_offset: int | None) -> None:

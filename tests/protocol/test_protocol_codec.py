@@ -76,7 +76,9 @@ def test_encode_refuses_oversize_message() -> None:
         "vfio_cdev": None,
     }
     devices = [{"bdf": f"0000:{b:02x}:{d:02x}.0", **device} for b in range(256) for d in range(2)]
-    reply = ListDevicesReply.model_validate({"id": 9, "devices": devices})
+    reply = ListDevicesReply.model_validate(
+        {"id": 9, "total": len(devices), "next_offset": None, "devices": devices}
+    )
     with pytest.raises(ProtocolError) as info:
         encode(reply)
     assert info.value.code is ErrorCode.LIMIT_REACHED
