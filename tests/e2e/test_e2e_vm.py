@@ -10,7 +10,6 @@ each test that the daemon's fds, leases and the guest's drivers are as before.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import mmap
 import os
@@ -20,7 +19,6 @@ from pathlib import Path
 
 import pytest
 
-from iommud.kernel.interface import MapFlag
 from iommud.kernel.linux import LinuxKernel
 from tests.e2e.support import (
     BOOT_DRIVERS,
@@ -351,50 +349,6 @@ def test_legacy_release_with_the_device_fd_still_open_gives_e1000_back(
         binder.bind("e1000", NIC)
     assert released["seconds"] < 2.0, released
     assert back is not None, daemon.log_events("driver.restore_abandoned")
-
-
-def test_brokered_map_versus_direct_ioas_map(daemon: Daemon, spawn: Spawn, timing: Timings) -> None:
-    """Cost of the broker: IOMMU_IOAS_MAP of 1 MiB through the daemon (uid 1000, edu
-    attached) vs done directly by root on the same device (best of 5 each)."""
-    rng = {"buf": "e2e-bench", "offset": 0, "length": MiB, "iova": IOVA}
-    c = spawn()
-    claim = c.ok("claim", devices=[EDU0])
-    c.ok("memfd", name="e2e-bench", size=MiB)
-    brokered = []
-    for _ in range(5):
-        brokered.append(c.ok("map", ioas_id=claim["ioas_id"], ranges=[rng])["seconds"])
-        c.ok("unmap", ioas_id=claim["ioas_id"], iova=IOVA, length=MiB)
-    c.ok("close_device", bdf=EDU0)
-    c.ok("release", lease_id=claim["lease_id"])
-
-    direct = []
-    kernel = LinuxKernel("/dev", "/sys")
-    binder = kernel.binder
-    binder.set_driver_override(EDU0, "vfio-pci")
-    try:
-        binder.drivers_probe(EDU0)
-        (cdev,) = os.listdir(f"/sys/bus/pci/devices/{EDU0}/vfio-dev")
-        fd = os.memfd_create("e2e-direct", os.MFD_CLOEXEC)
-        os.ftruncate(fd, MiB)
-        with kernel.open_iommufd() as ifd, kernel.open_cdev(cdev) as dev, mmap.mmap(fd, MiB) as mm:
-            os.close(fd)
-            dev.bind_iommufd(ifd)
-            kid = ifd.ioas_alloc()
-            dev.attach_ioas(kid)
-            addr = ctypes.addressof(ctypes.c_char.from_buffer(mm))
-            for _ in range(5):
-                t0 = time.perf_counter()
-                assert ifd.ioas_map(kid, addr, MiB, IOVA, MapFlag.READABLE | MapFlag.WRITEABLE)
-                direct.append(time.perf_counter() - t0)
-                assert ifd.ioas_unmap(kid, IOVA, MiB) == MiB
-            dev.detach_ioas()
-            ifd.destroy(kid)
-    finally:
-        binder.set_driver_override(EDU0, None)
-        binder.unbind(EDU0)
-    timing("ioas_map 1 MiB brokered, device attached (best of 5)", min(brokered))
-    timing("ioas_map 1 MiB direct, device attached (best of 5)", min(direct))
-    assert min(brokered) < 1.0  # a sanity bound under TCG, not a benchmark
 
 
 def test_daemon_fds_unchanged_after_all_scenarios(daemon: Daemon) -> None:

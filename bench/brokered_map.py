@@ -1,0 +1,140 @@
+"""Cost of the broker: IOMMU_IOAS_MAP through iommud vs the same ioctl called directly.
+
+Runs INSIDE the lab guest as root (the real kernel, the real daemon):
+
+    lab/run -- .venv/bin/python bench/brokered_map.py [--rounds N]
+
+Brokered: an unprivileged client (uid 1000, tests/e2e/client_script.py) has claimed the
+edu at 0000:00:10.0 (iommufd path, device attached) and maps a sealed memfd through the
+daemon; the time is the client's full round trip (request, fd passing, the daemon's
+checks and mmap, IOMMU_IOAS_MAP, reply). Direct: root binds the same device itself and
+calls IOMMU_IOAS_MAP on an mmap of a memfd of the same size. Each map is followed by an
+unmap (not timed here). Reported as medians and the ratio brokered/direct, measured in
+one run on one machine; nothing is asserted (the lab is emulated and the machine shared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import mmap
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from iommud.kernel.interface import MapFlag
+from iommud.kernel.linux import LinuxKernel
+from tests.e2e.support import EDU0, ClientProc, Daemon
+
+SIZES = (4 << 10, 64 << 10, 1 << 20, 16 << 20)
+IOVA = 0x100000
+CONFIG = """\
+[daemon]
+socket = "{dir}/iommud.sock"
+state_dir = "{dir}/state"
+
+[manage]
+rebind = ["{edu0}"]
+
+[[access]]
+uid = {user}
+devices = ["{edu0}"]
+quota = "bench"
+
+[quotas.bench]
+pinned_bytes = "64MiB"
+max_ioas = 2
+max_mappings = 16
+"""
+
+
+def brokered(socket: str, rounds: int) -> dict[int, list[float]]:
+    c = ClientProc(socket)
+    try:
+        claim = c.ok("claim", devices=[EDU0])
+        c.ok("memfd", name="bench", size=max(SIZES))
+        out: dict[int, list[float]] = {}
+        for size in SIZES:
+            rng = {"buf": "bench", "offset": 0, "length": size, "iova": IOVA}
+            out[size] = []
+            for _ in range(rounds):
+                out[size].append(c.ok("map", ioas_id=claim["ioas_id"], ranges=[rng])["seconds"])
+                c.ok("unmap", ioas_id=claim["ioas_id"], iova=IOVA, length=size)
+        c.ok("close_device", bdf=EDU0)
+        c.ok("release", lease_id=claim["lease_id"])
+        return out
+    finally:
+        c.close()
+
+
+def direct(rounds: int) -> dict[int, list[float]]:
+    kernel = LinuxKernel("/dev", "/sys")
+    binder = kernel.binder
+    binder.set_driver_override(EDU0, "vfio-pci")
+    out: dict[int, list[float]] = {}
+    try:
+        binder.drivers_probe(EDU0)
+        (cdev,) = os.listdir(f"/sys/bus/pci/devices/{EDU0}/vfio-dev")
+        fd = os.memfd_create("bench-direct", os.MFD_CLOEXEC)
+        os.ftruncate(fd, max(SIZES))
+        with (
+            kernel.open_iommufd() as ifd,
+            kernel.open_cdev(cdev) as dev,
+            mmap.mmap(fd, max(SIZES)) as mm,
+        ):
+            os.close(fd)
+            dev.bind_iommufd(ifd)
+            ioas = ifd.ioas_alloc()
+            dev.attach_ioas(ioas)
+            addr = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+            flags = MapFlag.READABLE | MapFlag.WRITEABLE
+            for size in SIZES:
+                out[size] = []
+                for _ in range(rounds):
+                    t0 = time.perf_counter()
+                    ifd.ioas_map(ioas, addr, size, IOVA, flags)
+                    out[size].append(time.perf_counter() - t0)
+                    ifd.ioas_unmap(ioas, IOVA, size)
+            dev.detach_ioas()
+            ifd.destroy(ioas)
+    finally:
+        binder.set_driver_override(EDU0, None)
+        binder.unbind(EDU0)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=10)
+    args = ap.parse_args()
+    if os.geteuid() != 0 or not os.path.exists("/dev/iommu"):
+        print("brokered_map: run inside the lab guest as root (lab/run -- ...)")
+        return 2
+    workdir = Path(tempfile.mkdtemp(prefix="iommud-bench-", dir="/tmp"))
+    workdir.chmod(0o755)
+    daemon = Daemon(workdir, CONFIG)
+    try:
+        b = brokered(daemon.socket, args.rounds)
+    finally:
+        daemon.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    d = direct(args.rounds)
+    print(f"IOMMU_IOAS_MAP, median of {args.rounds}, edu attached, emulated lab guest")
+    print(f"{'size':>8} {'brokered':>11} {'direct':>11} {'ratio':>8} {'overhead':>11}")
+    for size in SIZES:
+        bm, dm = statistics.median(b[size]), statistics.median(d[size])
+        print(
+            f"{size >> 10:>6}Ki {bm * 1e3:>9.2f}ms {dm * 1e3:>9.3f}ms {bm / dm:>7.1f}x "
+            f"{(bm - dm) * 1e3:>9.2f}ms"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
