@@ -324,7 +324,9 @@ def test_release_with_the_device_fd_still_open(
     restored = wait_until(lambda: not Path(f"/sys/bus/pci/drivers/vfio-pci/{EDU0}").exists(), 15)
     timing("fd closed -> unbound", restored if restored is not None else -1.0)
     assert restored is not None
-    assert (release < 2.0, other_claim < 2.0) == (True, True), (release, other_claim)
+    # The daemon waits at most RELEASE_WAIT (1.5 s) for the drivers; the old behaviour
+    # took the whole sysfs timeout (10 s). The bound sits between, with room for TCG.
+    assert (release < 5.0, other_claim < 5.0) == (True, True), (release, other_claim)
 
 
 def test_legacy_release_with_the_device_fd_still_open_gives_e1000_back(
@@ -347,7 +349,7 @@ def test_legacy_release_with_the_device_fd_still_open_gives_e1000_back(
         if driver_of(NIC) is not None:
             binder.unbind(NIC)
         binder.bind("e1000", NIC)
-    assert released["seconds"] < 2.0, released
+    assert released["seconds"] < 5.0, released  # RELEASE_WAIT 1.5 s; it used to be 10-15 s
     assert back is not None, daemon.log_events("driver.restore_abandoned")
 
 
