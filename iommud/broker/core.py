@@ -75,8 +75,10 @@ class Broker:
         sysfs_timeout: float = 10.0,
         restore_retries: int = 5,
         restore_retry_delay: float = 0.5,
+        close_grace: float = 30.0,
     ) -> None:
         self._config = config
+        self._close_grace = close_grace
         self._kernel = kernel
         self._clock = clock
         self._started = clock()
@@ -160,8 +162,15 @@ class Broker:
             legacy=snap.has_legacy_container,
         )
 
-    async def aclose(self, *, grace: float = 30.0) -> None:
-        """Release every session (shielded), then wait (bounded) for driver restores."""
+    async def aclose(self, *, grace: float | None = None) -> None:
+        """Release every session (shielded), then wait (bounded) for driver restores.
+
+        ``grace`` (default: the constructor's ``close_grace``) bounds the wait for
+        restores still running; a restore stuck in sysfs is abandoned to its daemon
+        thread and stays in the journal for the next start (see drivers.py).
+        """
+        if grace is None:
+            grace = self._close_grace
 
         async def _all() -> None:
             await self._sessions.close_all()

@@ -1,11 +1,18 @@
 """Driver changes for owned groups: pin driver_override, rebind to vfio-pci, restore.
 
-Every sysfs write goes through the kernel layer's DriverBinder in a worker thread
-(``asyncio.to_thread``) under a timeout, because writes can block: unbinding vfio-pci
-waits until every holder of the device has closed it (drivers/vfio/vfio_main.c,
-vfio_unregister_group_dev). A write that outlives its timeout cannot be cancelled (the
-thread sits in the kernel), so the restore keeps waiting for it in the background and is
-reported as pending until it completes; a restore step that fails is retried with a delay.
+Every sysfs write goes through the kernel layer's DriverBinder on a thread under a
+timeout, because writes can block: unbinding vfio-pci waits until every holder of the
+device has closed it (drivers/vfio/vfio_main.c, vfio_unregister_group_dev). A write that
+outlives its timeout cannot be cancelled (the thread sits in the kernel), so the restore
+keeps waiting for it in the background and is reported as pending until it completes; a
+restore step that fails is retried with a delay.
+
+Those threads are daemon threads of their own (:func:`off_loop`), never the loop's
+default executor: asyncio.Runner.close() joins the default executor without a timeout on
+Python 3.11 (and ThreadPoolExecutor workers are joined again at interpreter exit), so one
+unbind stuck behind a client's open device fd would hang the daemon's SIGTERM forever.
+With daemon threads, :meth:`DriverManager.aclose`'s grace is the real bound; what is
+left pending stays in the journal and the next start restores it.
 
 Write-ahead: the journal records a device's original driver and override BEFORE the
 first write to it, and forgets it only once the device is back.
@@ -16,9 +23,11 @@ Decides nothing about who may be rebound (the claim code asks iommud.policy).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
+import threading
 from collections.abc import Callable
-from typing import Final
+from typing import Final, TypeVar
 
 import structlog
 
@@ -29,6 +38,8 @@ from iommud.kernel.interface import DriverBinder
 log = structlog.get_logger(__name__)
 
 VFIO_PCI: Final = "vfio-pci"
+
+T = TypeVar("T")
 
 
 class DriverManager:
@@ -57,7 +68,7 @@ class DriverManager:
         On timeout the thread keeps running (it cannot be interrupted); callers that
         must see it finish use :meth:`restore`, which keeps waiting.
         """
-        fut = asyncio.ensure_future(asyncio.to_thread(fn))
+        fut = off_loop(op, fn)
         done, _ = await asyncio.wait({fut}, timeout=self._timeout)
         if not done:
             fut.add_done_callback(_consume)
@@ -142,9 +153,8 @@ class DriverManager:
         while True:
             attempt += 1
             self.pending[entry.bdf] = "unbind" if entry.rebound else "driver_override"
-            fut = asyncio.to_thread(self._restore_step, entry)
             try:
-                await fut
+                await off_loop(f"restore:{entry.bdf}", lambda: self._restore_step(entry))
             except KernelError as exc:
                 log.warning(
                     "driver.restore_failed",
@@ -183,6 +193,39 @@ class DriverManager:
             for t in not_done:
                 log.error("driver.restore_unfinished", task=t.get_name())
                 t.cancel()
+
+
+def off_loop(name: str, fn: Callable[[], T]) -> asyncio.Future[T]:
+    """Run ``fn`` on a new daemon thread; its outcome completes the returned future.
+
+    Cancelling the future does not stop the thread (nothing can interrupt a write
+    sleeping in the kernel); a result that arrives after that, or after the loop has
+    closed, is dropped.
+    """
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[T] = loop.create_future()
+
+    def settle(value: T | None, exc: BaseException | None) -> None:
+        if fut.done():
+            return
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(value)  # type: ignore[arg-type]
+
+    def target() -> None:
+        value: T | None = None
+        error: BaseException | None = None
+        try:
+            value = fn()
+        except BaseException as exc:
+            error = exc
+        # RuntimeError: the loop closed while this thread was blocked (daemon stopped).
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(settle, value, error)
+
+    threading.Thread(target=target, name=f"iommud-sysfs:{name}", daemon=True).start()
+    return fut
 
 
 def _consume(fut: asyncio.Future[object]) -> None:

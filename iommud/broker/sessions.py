@@ -107,8 +107,8 @@ class SessionManager:
         await asyncio.shield(self._teardown(session))
 
     async def close_all(self) -> None:
-        for session in list(self.sessions.values()):
-            await self.close(session)
+        """Tear every session down; their bounded waits for restores overlap."""
+        await asyncio.gather(*(self.close(s) for s in list(self.sessions.values())))
 
     async def _teardown(self, session: Session) -> None:
         released = [lease.group_id for lease in session.leases.values()]
