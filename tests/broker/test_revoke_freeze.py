@@ -5,6 +5,7 @@ closed, because a still-bound device fd can be re-attached to any IOAS by the cl
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import threading
 from typing import Any
@@ -12,7 +13,8 @@ from typing import Any
 import pytest
 
 from iommud.broker import Broker
-from iommud.errors import RevokedError
+from iommud.errors import KernelError, RevokedError
+from iommud.kernel.linux import HwInfo, LinuxIommuFd
 from iommud.protocol import messages as m
 from tests.broker.conftest import ALICE, EDU, PAGE, Client, memfd
 from tests.fakekernel import FakeIommuFd, FakeKernel
@@ -193,3 +195,42 @@ async def test_a_map_pinning_while_the_revoke_lands_is_undone(
     assert c.session.ioases[b_id].mappings == {}
     await c.close()
     os.close(ram)
+
+
+async def test_a_failing_probe_keeps_the_freeze(broker: Broker, kernel: FakeKernel) -> None:
+    """Fail closed: a bound-probe error other than 'unbound' leaves the iommufd frozen."""
+    c = Client(broker, ALICE)
+    reply, b_id, ram = await _two_ioases(c)
+    await broker.revoke_group(3, "admin says so")
+    c.close_received()
+    kernel.fail_next("is_device_bound", errno.EIO)
+    await c.call(m.Release(id=c.next_id(), lease_id=reply.lease_id))  # probes, fails
+    assert list(c.session.freezes) == [reply.lease_id]
+    await c.map(b_id, ram, m.MapRange(fd_index=0, offset=0, length=PAGE, iova=0xB000))
+    assert c.session.freezes == {}  # the next probe works: thawed
+    await c.close()
+    os.close(ram)
+
+
+def test_linux_is_device_bound_maps_enoent_to_unbound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """IOMMU_GET_HW_INFO: success = bound, ENOENT = unbound, anything else is raised."""
+    ictx = LinuxIommuFd(-1)
+    outcomes: list[KernelError | None] = [
+        None,
+        KernelError("IOMMU_GET_HW_INFO", errno.ENOENT),
+        KernelError("IOMMU_GET_HW_INFO", errno.ENOTTY),
+    ]
+
+    def get_hw_info(dev_id: int) -> HwInfo:
+        assert dev_id == 7
+        exc = outcomes.pop(0)
+        if exc is not None:
+            raise exc
+        return HwInfo(data_type=1, capabilities=0, max_pasid_log2=0, data=b"")
+
+    monkeypatch.setattr(ictx, "get_hw_info", get_hw_info)
+    assert ictx.is_device_bound(7) is True
+    assert ictx.is_device_bound(7) is False
+    with pytest.raises(KernelError) as ei:
+        ictx.is_device_bound(7)
+    assert (ei.value.op, ei.value.errno) == ("IOMMU_GET_HW_INFO", errno.ENOTTY)
