@@ -58,8 +58,10 @@ def test_aclose_and_loop_close_are_prompt_while_an_unbind_blocks(
             closing = time.monotonic()
         close_s = time.monotonic() - closing
         print(f"aclose(grace=0.5) took {aclose_s:.2f} s, Runner.close {close_s:.3f} s")
-        assert aclose_s < 2.0
-        assert close_s < 1.0
+        # Hang guards, not performance bounds: the blocked unbind holds for 30 s, so a
+        # join would take ~28 s; measured here 0.5 s and 0.001 s.
+        assert aclose_s < 10.0
+        assert close_s < 10.0
         stuck = _sysfs_threads()
         assert [t.daemon for t in stuck] == [True]  # still in the kernel, not joined
         assert driver(fs, EDU) == "vfio-pci"
@@ -98,7 +100,7 @@ def test_sigterm_exits_promptly_while_an_unbind_blocks(tmp_path: Path) -> None:
         took = time.monotonic() - t0
         print(f"SIGTERM -> exit took {took:.2f} s")
         assert rc == 0, (tmp_path / "daemon.log").read_text()
-        assert took < 6.0
+        assert took < 15.0  # hang guard: before the fix it was still running after 20 s
     finally:
         if proc.poll() is None:
             proc.kill()
