@@ -161,8 +161,10 @@ def unprivileged_python() -> tuple[list[str], dict[str, str]]:
 
 
 def driver_of(bdf: str) -> str | None:
-    link = Path("/sys/bus/pci/devices") / bdf / "driver"
-    return os.path.basename(os.readlink(link)) if link.exists() else None
+    try:  # no check-then-read: the daemon may be rebinding right now
+        return os.path.basename(os.readlink(Path("/sys/bus/pci/devices") / bdf / "driver"))
+    except FileNotFoundError:
+        return None
 
 
 def kmsg_lines(fd: int) -> list[str]:

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
+from kmsg import Kmsg
 
-from tests.e2e.support import Daemon, Kmsg
+from tests.e2e.support import Daemon
 
 D = TypeVar("D", bound=Daemon)
 

@@ -71,8 +71,11 @@ max_mappings = 16
 
 
 def driver_of(bdf: str) -> str | None:
-    link = PCI / bdf / "driver"
-    return os.path.basename(os.readlink(link)) if link.exists() else None
+    """The device's driver now, or None (no check-then-read: the daemon may be rebinding)."""
+    try:
+        return os.path.basename(os.readlink(PCI / bdf / "driver"))
+    except FileNotFoundError:
+        return None
 
 
 def drivers_now() -> dict[str, str | None]:
@@ -296,35 +299,6 @@ class ClientProc:
         for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             if stream is not None:
                 stream.close()
-
-
-class Kmsg:
-    """Kernel log records written after it was opened (as tests/kernel does)."""
-
-    def __init__(self) -> None:
-        self.fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        os.lseek(self.fd, 0, os.SEEK_END)
-        self.seen: list[str] = []
-
-    def wait_for(self, pred: Callable[[str], bool], timeout: float = 5.0) -> str:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                record = os.read(self.fd, 8192).decode(errors="replace")
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"no matching kernel log line in {self.seen}") from None
-                time.sleep(0.05)
-                continue
-            except BrokenPipeError:  # records were overwritten; keep reading
-                continue
-            message = record.split(";", 1)[-1].strip()
-            self.seen.append(message)
-            if pred(message):
-                return message
-
-    def close(self) -> None:
-        os.close(self.fd)
 
 
 class Timings:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from kmsg import Kmsg
 
 from iommud.kernel.linux import LinuxKernel
 from tests.e2e.support import (
@@ -30,7 +31,6 @@ from tests.e2e.support import (
     USER,
     ClientProc,
     Daemon,
-    Kmsg,
     Timings,
     driver_of,
     wait_until,
@@ -68,9 +68,14 @@ def _dma_then_blocked(
 
     assert c.ok("unmap", ioas_id=ioas_id, iova=IOVA, length=MiB)["unmapped"] == MiB
     assert f"/memfd:{buf}" not in daemon.maps()
-    blocked = c.ok("dma_to_ram", bdf=bdf, buf=buf, iova=IOVA + 0x2000, offset=0x2000)
-    assert blocked == {"ok": True, "untouched": True, "nonzero": 0}
-    return kmsg.wait_for(lambda m: "DMAR" in m and f"fault addr {IOVA + 0x2000:#x}" in m)
+
+    def blocked_write() -> None:
+        blocked = c.ok("dma_to_ram", bdf=bdf, buf=buf, iova=IOVA + 0x2000, offset=0x2000)
+        assert blocked == {"ok": True, "untouched": True, "nonzero": 0}
+
+    return kmsg.expect_fault(
+        blocked_write, lambda m: "DMAR" in m and f"fault addr {IOVA + 0x2000:#x}" in m
+    )
 
 
 def test_uid_1000_cannot_open_the_kernel_nodes(spawn: Spawn) -> None:

@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kmsg import Kmsg
 
 from iommud.client import Client
-from tests.e2e.support import EDU0, ClientProc, Daemon, Kmsg
+from tests.e2e.support import EDU0, ClientProc, Daemon
 
 pytestmark = pytest.mark.vm
 
@@ -77,7 +78,14 @@ def test_reattached_revoked_device_gets_no_dma_until_it_is_gone(
             got = c.ok("dma_kept", bdf=EDU0, buf=buf, iova=IOVA + 0x2000, offset=0x2000)
             assert got == {"ok": True, "untouched": True, "nonzero": 0}, (pt_id, buf, got)
     assert tried, attached
-    line = kmsg.wait_for(lambda m: "DMAR" in m and f"fault addr {IOVA + 0x2000:#x}" in m)
+
+    def blocked_write() -> None:
+        got = c.ok("dma_kept", bdf=EDU0, buf="frz-b", iova=IOVA + 0x2000, offset=0x2000)
+        assert got == {"ok": True, "untouched": True, "nonzero": 0}, got
+
+    line = kmsg.expect_fault(
+        blocked_write, lambda m: "DMAR" in m and f"fault addr {IOVA + 0x2000:#x}" in m
+    )
     print(f"fault after re-attach: {line} (pt_ids accepted: {attached['accepted']})")
     frozen_msg = FROZEN.format(lease=lease, group=group)
     for ioas_id in (a_id, b_id):

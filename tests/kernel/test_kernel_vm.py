@@ -27,6 +27,7 @@ from typing import Self
 
 import pytest
 from edu import Edu, EduError
+from kmsg import Kmsg
 
 from iommud.errors import KernelError
 from iommud.kernel import uapi
@@ -157,40 +158,6 @@ class SealedMemfd:
         os.close(self.fd)
 
 
-class Kmsg:
-    """Reads kernel log records written after it was opened."""
-
-    def __init__(self) -> None:
-        self.fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        os.lseek(self.fd, 0, os.SEEK_END)
-        self.seen: list[str] = []
-
-    def wait_for(self, pred: Callable[[str], bool], timeout: float = 5.0) -> str:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                record = os.read(self.fd, 8192).decode(errors="replace")
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"no matching kernel log line in {self.seen}") from None
-                time.sleep(0.05)
-                continue
-            except BrokenPipeError:  # EPIPE: records were overwritten; keep reading
-                continue
-            message = record.split(";", 1)[-1].strip()
-            self.seen.append(message)
-            if pred(message):
-                return message
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        os.close(self.fd)
-
-
 def _round_trip(edu: Edu, mm: mmap.mmap, src_iova: int, base_iova: int) -> float:
     """RAM -> device -> RAM through the IOMMU; returns the seconds it took."""
     pattern = os.urandom(2048)
@@ -242,10 +209,13 @@ def test_iommufd_dma_round_trip_then_unmap_blocks_dma(
         )
 
         assert ifd.ioas_unmap(ioas, IOVA, MiB) == MiB
-        with Kmsg() as kmsg:
+
+        def blocked_write() -> None:
             edu.dma_to_ram(IOVA + 0x2000, 2048)
             assert buf.mm[0x2000:0x2800] == bytes(2048)
-            line = kmsg.wait_for(lambda m: "DMAR" in m and "[00:10.0]" in m)
+
+        with Kmsg() as kmsg:
+            line = kmsg.expect_fault(blocked_write, lambda m: "DMAR" in m and "[00:10.0]" in m)
         assert "DMA Write" in line
         assert f"fault addr {IOVA + 0x2000:#x}" in line
 

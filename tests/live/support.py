@@ -142,11 +142,6 @@ class Monitor:
                 s.close()
 
 
-def driver_of(bdf: str) -> str | None:
-    link = PCI / "devices" / bdf / "driver"
-    return os.path.basename(os.readlink(link)) if link.is_symlink() else None
-
-
 def override_of(bdf: str) -> str:
     return (PCI / "devices" / bdf / "driver_override").read_text().strip()
 

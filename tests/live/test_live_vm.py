@@ -16,16 +16,16 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from kmsg import Kmsg
 
 from iommud.broker.core import DEVICE_REQUESTED
-from tests.e2e.support import EDU0, EDU1, NIC, USER, Kmsg, wait_until
+from tests.e2e.support import EDU0, EDU1, NIC, USER, driver_of, wait_until
 from tests.live.support import (
     HOTEDU,
     PCI,
     LiveClient,
     LiveDaemon,
     Monitor,
-    driver_of,
     group_of,
     override_of,
     percentile,
@@ -207,9 +207,11 @@ def test_revoke_blocks_dma_tells_the_client_and_the_daemon_serves_on(
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout) == {"group_id": gid, "revoked_leases": [claim["lease_id"]]}
 
-    blocked = c.ok("dma_to_ram", bdf=EDU0, buf="live-revoke", iova=IOVA + 0x2000, offset=0x2000)
-    assert (blocked["untouched"], blocked["nonzero"]) == (True, 0)
-    fault = kmsg.wait_for(lambda line: "DMAR" in line and "[00:10.0]" in line)
+    def blocked_write() -> None:
+        blocked = c.ok("dma_to_ram", bdf=EDU0, buf="live-revoke", iova=IOVA + 0x2000, offset=0x2000)
+        assert (blocked["untouched"], blocked["nonzero"]) == (True, 0)
+
+    fault = kmsg.expect_fault(blocked_write, lambda line: "DMAR" in line and "[00:10.0]" in line)
     print(f"fault: {fault}")
 
     got = c.ok("wait_event", event="lease_revoked", timeout=10)

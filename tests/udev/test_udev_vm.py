@@ -36,8 +36,10 @@ def _group_of(bdf: str) -> int:
 
 
 def _driver(bdf: str) -> str | None:
-    link = PCI / "devices" / bdf / "driver"
-    return os.path.basename(os.readlink(link)) if link.is_symlink() else None
+    try:  # no check-then-read: the driver may be changing right now
+        return os.path.basename(os.readlink(PCI / "devices" / bdf / "driver"))
+    except FileNotFoundError:
+        return None
 
 
 def _settle() -> None:
