@@ -89,6 +89,36 @@ ROOTFLAGS = "rootflags=version=9p2000.L,trans=virtio,access=any,msize=524288,cac
 # the check is meaningless for an emulated timer (arch/x86/kernel/apic/io_apic.c).
 NO_TIMER_CHECK = "no_timer_check"
 
+# With --systemd, vng runs the command from serial-getty@ttyS0: it writes a drop-in for
+# serial-getty@.service (agetty replaced by its own init) into a fresh dir under
+# $HOME/.cache/virtme-ng/guest/ and points the guest's SYSTEMD_UNIT_PATH at it. The
+# guest's root is this host's, and a host with /.dockerenv makes the guest's systemd
+# believe it runs in a Docker container (src/basic/virt.c, detect_container_files): then
+# systemd-getty-generator starts console-getty.service instead, the command never runs
+# (a login prompt appears, seen), and the kernel command line is ignored (systemd reads
+# PID 1's argv in a container), so no systemd.wants=/mask= can fix it. The runner gives
+# vng a HOME of its own and copies vng's drop-in for console-getty.service as soon as vng
+# wrote it, seconds before the guest's systemd reads its units.
+VNG_HOME = "vng-home"
+_GETTY_DROP_IN = Path("serial-getty@.service.d") / "virtme-ng.conf"
+_CONSOLE_DROP_IN = Path("console-getty.service.d") / "virtme-ng.conf"
+
+
+def _mirror_getty_drop_in(home: Path, stop: threading.Event) -> None:
+    """Copy vng's serial-getty drop-in to console-getty (on /dev/ttyS0) once it appears."""
+    root = home / ".cache" / "virtme-ng" / "guest"
+    while not stop.wait(0.02):
+        for run_dir in root.glob("run-*"):
+            src, dst = run_dir / _GETTY_DROP_IN, run_dir / _CONSOLE_DROP_IN
+            if not src.is_file() or dst.exists():
+                continue
+            text = src.read_text()
+            if "ExecStart=/" not in text:  # vng is still writing it
+                continue
+            dst.parent.mkdir(exist_ok=True)
+            dst.write_text(text.replace("TTYPath=/dev/%I", "TTYPath=/dev/ttyS0"))
+
+
 _KERNEL_PANIC = re.compile(r"^.*(?:Kernel panic - .*|BUG: .*|Oops: .*)$", re.MULTILINE)
 _QEMU_PROBLEM = re.compile(
     r"^(qemu-system-\w+: .*|.*hardware error.*|.*Aborted.*|.*core dumped.*)$", re.MULTILINE
@@ -232,6 +262,10 @@ class LabRun:
     extra_qemu: tuple[str, ...] = ()
     extra_env: dict[str, str] = dataclasses.field(default_factory=dict)
     kernel_append: tuple[str, ...] = (ROOTFLAGS, NO_TIMER_CHECK)
+    #: Boot with systemd as PID 1 (vng --systemd) instead of virtme-ng's own init. The
+    #: command then runs from a serial-getty unit; the root stays read-only without the
+    #: /etc, /var ... overlays of the default boot, and the guest kernel needs cgroups.
+    systemd: bool = False
 
     @property
     def qmp_socket(self) -> Path:
@@ -315,6 +349,8 @@ class LabRun:
         ]
         if os.geteuid() != 0:
             argv.append("--user=root")
+        if self.systemd:
+            argv.append("--systemd")
         if exec_script is not None:
             argv.append(f"--exec={exec_script}")
         if shell is not None:
@@ -325,6 +361,8 @@ class LabRun:
         env = dict(os.environ)
         # vng calls virtme-run by name: the venv's bin must be on PATH.
         env["PATH"] = f"{find_vng().parent}{os.pathsep}{env.get('PATH', '')}"
+        if self.systemd:
+            env["HOME"] = str(self.workdir / VNG_HOME)  # see VNG_HOME
         return env
 
 
@@ -336,8 +374,11 @@ def prepared(
     extra_qemu: Sequence[str] = (),
     extra_env: dict[str, str] | None = None,
     keep: bool = False,
+    systemd: bool = False,
 ) -> Iterator[LabRun]:
-    """A LabRun with a fresh host temp dir (removed afterwards unless keep) and a QMP agent."""
+    """A LabRun with a fresh host temp dir (removed afterwards unless keep) and a QMP agent.
+
+    ``systemd=True`` boots the guest with systemd as init (see ``LabRun.systemd``)."""
     kernel = kernel or check_available()
     workdir = Path(tempfile.mkdtemp(prefix="iommud-lab-"))
     run = LabRun(
@@ -346,6 +387,7 @@ def prepared(
         cwd=(cwd or Path.cwd()).resolve(),
         extra_qemu=tuple(extra_qemu),
         extra_env=dict(extra_env or {}),
+        systemd=systemd,
     )
     run.qmp_dir.mkdir()
     agent = QmpAgent(run.qmp_socket, run.qmp_dir)
@@ -385,7 +427,15 @@ def execute(
     failed: list[str] = []
     while True:
         left = max(deadline - time.monotonic(), 1.0)
-        result = _boot_once(run, vng, left, on_output, on_console)
+        stop = threading.Event()
+        if run.systemd:
+            home = run.workdir / VNG_HOME
+            args = (home, stop)
+            threading.Thread(target=_mirror_getty_drop_in, args=args, daemon=True).start()
+        try:
+            result = _boot_once(run, vng, left, on_output, on_console)
+        finally:
+            stop.set()
         if result.boot_seconds is not None or result.timed_out or len(failed) >= boot_retries:
             break
         failed.append(result.console)
@@ -482,7 +532,11 @@ def run_command(
     timeout: float = DEFAULT_TIMEOUT,
     on_output: Callable[[str], None] | None = None,
     on_console: Callable[[str], None] | None = None,
+    systemd: bool = False,
 ) -> GuestResult:
-    """Boot a fresh guest, run argv as root in cwd, and return the result (the simple API)."""
-    with prepared(cwd=cwd) as run:
+    """Boot a fresh guest, run argv as root in cwd, and return the result (the simple API).
+
+    ``systemd=True`` boots with systemd as PID 1 (vng --systemd); the default is
+    virtme-ng's own init."""
+    with prepared(cwd=cwd, systemd=systemd) as run:
         return execute(run, argv, timeout=timeout, on_output=on_output, on_console=on_console)
