@@ -212,8 +212,10 @@ def client_main(socket_path: str) -> int:
 
 
 def _driver_of(bdf: str) -> str | None:
-    link = Path("/sys/bus/pci/devices") / bdf / "driver"
-    return os.path.basename(os.readlink(link)) if link.exists() else None
+    try:  # no check-then-read: the daemon may be rebinding right now
+        return os.path.basename(os.readlink(Path("/sys/bus/pci/devices") / bdf / "driver"))
+    except FileNotFoundError:
+        return None
 
 
 # --------------------------------------------------------------------------- root half
