@@ -105,13 +105,18 @@ def drop_in(python: str, pythonpath: str) -> str:
 
     The venv's interpreter lives under /root (ProtectHome=yes hides it from the service,
     as it should), so the system Python of the same minor version runs the repo and the
-    venv's site-packages instead (cp311 wheels work in any 3.11).
+    venv's site-packages instead (cp311 wheels work in any 3.11). The checkout may itself
+    live under /tmp (CI clones wherever it likes), which PrivateTmp=yes hides: every
+    PYTHONPATH entry is bound read-only into the service's namespace ("-": skip a missing
+    one), which systemd mounts after the private /tmp.
     """
+    binds = " ".join(f"-{p}" for p in pythonpath.split(os.pathsep) if p)
     return (
         "[Service]\n"
         "ExecStart=\n"
         f"ExecStart={python} -s -m iommud --config {CONFIG}\n"
         f"Environment=PYTHONPATH={pythonpath} PYTHONDONTWRITEBYTECODE=1\n"
+        f"BindReadOnlyPaths={binds}\n"
         f"WatchdogSec={LAB_WATCHDOG_SEC}s\n"
     )
 
