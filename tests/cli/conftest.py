@@ -38,13 +38,10 @@ from iommud.server.listen import bind_listener
 from iommud.udev import HostEvent, HostWatcher, broker_sink
 from tests.fakekernel import FakeKernel
 from tests.fakesys import FakeSys, lab_topology
+from tests.serving import open_fds
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[2]
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 class Daemon:

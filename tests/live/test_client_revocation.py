@@ -9,7 +9,6 @@ group as ``iommuctl revoke`` or a violation would.
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator
@@ -20,35 +19,18 @@ import pytest
 from iommud.broker import Broker
 from iommud.client import AsyncClient, Client
 from iommud.protocol import messages as m
-from iommud.server import Server, ServerInfo
-from iommud.server.listen import bind_listener
-from tests.broker.conftest import EDU, make_config
-from tests.fakekernel import FakeKernel
-from tests.fakesys import lab_topology
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
+from tests.broker.conftest import EDU
+from tests.serving import served_broker
 
 
 @pytest.fixture
 async def served(tmp_path: Path) -> AsyncIterator[tuple[str, Broker]]:
     sockdir = tempfile.mkdtemp(dir="/tmp", prefix="iommud-r")
-    before = open_fds()
-    fs = lab_topology(tmp_path / "host")
-    broker = Broker(make_config(tmp_path, fs), FakeKernel(fs), restore_retry_delay=0.01)
-    await broker.start()
-    path = os.path.join(sockdir, "s")
-    server = Server(broker, [bind_listener(path)], info=ServerInfo(capabilities=("iommufd",)))
-    ready = asyncio.Event()
-    task = asyncio.create_task(server.serve(ready.set))
-    await ready.wait()
-    yield path, broker
-    server.stop()
-    await asyncio.wait_for(task, 5)
-    await broker.aclose(grace=5.0)
-    assert open_fds() == before
-    shutil.rmtree(sockdir, ignore_errors=True)
+    try:
+        async with served_broker(tmp_path, sockdir) as pair:
+            yield pair
+    finally:
+        shutil.rmtree(sockdir, ignore_errors=True)
 
 
 async def test_async_client_closes_a_revoked_claims_fds(served: tuple[str, Broker]) -> None:

@@ -28,13 +28,10 @@ from iommud.sdnotify import Notifier
 from iommud.udev import UdevSource, watch_host
 from tests.fakekernel import FakeKernel
 from tests.fakesys import FakeSys, lab_topology
+from tests.serving import open_fds
 from tests.udev.fakemonitor import FakeMonitor, uevent
 
 NIC = "0000:01:03.0"
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 @pytest.fixture

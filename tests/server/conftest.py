@@ -26,10 +26,7 @@ from iommud.protocol import messages as m
 from iommud.protocol.messages import EVENT_TYPES
 from iommud.server import Server, ServerInfo
 from iommud.server.listen import bind_listener
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
+from tests.serving import open_fds
 
 
 @dataclass

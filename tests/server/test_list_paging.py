@@ -34,7 +34,7 @@ from tests.broker.conftest import make_config
 from tests.cli.conftest import ctl
 from tests.fakekernel import FakeKernel
 from tests.fakesys import FakeSys, large_host
-from tests.server.conftest import open_fds
+from tests.serving import open_fds
 
 N_DEVICES = 3000
 N_GROUPS = 1500

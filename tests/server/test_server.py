@@ -16,7 +16,8 @@ from iommud.errors import NotFoundError
 from iommud.protocol import messages as m
 from iommud.protocol.codec import encode
 from iommud.protocol.limits import MAX_FDS
-from tests.server.conftest import Running, StandInBroker, open_fds
+from tests.server.conftest import Running, StandInBroker
+from tests.serving import open_fds
 
 
 def _memfd(content: bytes) -> int:

@@ -17,33 +17,15 @@ import pytest
 from iommud.broker import Broker
 from iommud.client import AsyncClient, MapSpec
 from iommud.errors import BusyError, InvalidRangeError
-from iommud.server import Server, ServerInfo
-from iommud.server.listen import bind_listener
-from tests.broker.conftest import EDU, PAGE, make_config, memfd
-from tests.fakekernel import FakeKernel
-from tests.fakesys import lab_topology
-from tests.server.conftest import open_fds
+from tests.broker.conftest import EDU, PAGE, memfd
+from tests.serving import served_broker
 
 
 @pytest.fixture
 async def served(tmp_path: Path, sockdir: str) -> AsyncIterator[tuple[str, Broker]]:
     """A started Broker behind the real server; checks the fd count after shutdown."""
-    before = open_fds()
-    fs = lab_topology(tmp_path / "host")
-    broker = Broker(
-        make_config(tmp_path, fs), FakeKernel(fs), sysfs_timeout=1.0, restore_retry_delay=0.01
-    )
-    await broker.start()
-    path = os.path.join(sockdir, "s")
-    server = Server(broker, [bind_listener(path)], info=ServerInfo(capabilities=("iommufd",)))
-    ready = asyncio.Event()
-    task = asyncio.create_task(server.serve(ready.set))
-    await ready.wait()
-    yield path, broker
-    server.stop()
-    await asyncio.wait_for(task, 5)
-    await broker.aclose(grace=5.0)
-    assert open_fds() == before
+    async with served_broker(tmp_path, sockdir, sysfs_timeout=1.0) as pair:
+        yield pair
 
 
 async def test_claim_map_unmap_release(served: tuple[str, Broker]) -> None:

@@ -12,7 +12,6 @@ A root "monitor" session subscribes to everything; a uid-1000 client claims edus
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,15 +36,12 @@ from iommud.udev import (
 )
 from tests.fakekernel import FakeKernel
 from tests.fakesys import FakeSys, lab_topology
+from tests.serving import open_fds
 from tests.udev.fakemonitor import FakeMonitor, uevent
 
 E1000_BDF = "0000:01:03.0"
 EDUS = ("0000:01:01.0", "0000:01:02.0")
 A = HostAction
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 @dataclass

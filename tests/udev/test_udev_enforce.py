@@ -36,16 +36,13 @@ from iommud.protocol import messages as m
 from iommud.udev import HostAction, HostEvent, HostWatcher, broker_sink
 from tests.fakekernel import FakeKernel
 from tests.fakesys import CLASS_EDU, CLASS_ETHERNET, E1000, EDU, FakeSys, lab_topology
+from tests.serving import open_fds
 
 NIC = "0000:01:03.0"
 EDUS = ("0000:01:01.0", "0000:01:02.0")
 EDU0 = "0000:00:10.0"
 HOT = "0000:01:05.0"
 A = HostAction
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 @dataclass
