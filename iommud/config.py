@@ -53,6 +53,7 @@ from pydantic import (
 
 from iommud.errors import ConfigError
 from iommud.host.viability import DEFAULT_DMA_SAFE_DRIVERS
+from iommud.pci import BDF_RE
 
 __all__ = [
     "DEFAULT_QUOTA",
@@ -70,7 +71,6 @@ __all__ = [
 
 DEFAULT_QUOTA: Final = "default"
 
-_BDF_RE: Final = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
 _VENDOR_DEVICE_RE: Final = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{4}$")
 _DRIVER_RE: Final = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _SIZE_RE: Final = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|TiB)?\s*$")
@@ -80,7 +80,7 @@ _UNITS: Final = {None: 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30
 def _selector(value: str) -> str:
     """A device selector: a BDF, vendor:device (hex) or "*"; normalised to lowercase."""
     v = value.strip().lower()
-    if v == "*" or _BDF_RE.match(v) or _VENDOR_DEVICE_RE.match(v):
+    if v == "*" or BDF_RE.match(v) or _VENDOR_DEVICE_RE.match(v):
         return v
     raise ValueError(
         f"{value!r} is not a device selector (a BDF like 0000:01:02.0, "

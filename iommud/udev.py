@@ -26,7 +26,6 @@ import collections
 import enum
 import errno
 import os
-import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -45,13 +44,13 @@ from iommud.host.snapshot import (
     read_snapshot,
 )
 from iommud.host.viability import Viability, group_viability
+from iommud.pci import BDF_RE
 from iommud.protocol.messages import Event, EventName
 
 log = structlog.get_logger(__name__)
 
 SourceKind = Literal["udev", "kernel"]
 
-_BDF_RE = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
 
 # udevd asks for a 128 MiB buffer on its own kernel socket (systemd src/udev/udevd.c);
 # a big buffer makes ENOBUFS rare, and the resync makes it harmless when it happens.
@@ -109,7 +108,7 @@ def translate_uevent(props: Mapping[str, str]) -> HostEvent | None:
         return None
     bdf = props.get("PCI_SLOT_NAME") or os.path.basename(props.get("DEVPATH", "").rstrip("/"))
     bdf = bdf.lower()
-    if not _BDF_RE.match(bdf):
+    if not BDF_RE.match(bdf):
         return None
     driver = props.get("DRIVER") or None
     return HostEvent(action=action, bdf=bdf, driver=driver, seqnum=parse_seqnum(props))
@@ -380,7 +379,7 @@ class HostChange:
                     "group_id": gid,
                     "is_viable": after.is_viable,
                     # non-PCI members (platform devices) cannot be named by a BDF on the wire
-                    "offenders": [o.as_dict() for o in after.offenders if _BDF_RE.match(o.bdf)],
+                    "offenders": [o.as_dict() for o in after.offenders if BDF_RE.match(o.bdf)],
                 }
             )
         return out

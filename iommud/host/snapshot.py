@@ -31,13 +31,13 @@ from __future__ import annotations
 import errno
 import math
 import os
-import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Generic, TypeVar
 
 from iommud.errors import NotFoundError, SnapshotError
+from iommud.pci import BDF_RE
 
 __all__ = [
     "PCI_CLASS_BRIDGE_PCI",
@@ -56,8 +56,6 @@ DEFAULT_DEV_ROOT: Final = Path("/dev")
 
 # include/linux/pci_ids.h: PCI_CLASS_BRIDGE_PCI 0x0604 (class code bits 23..8).
 PCI_CLASS_BRIDGE_PCI: Final = 0x0604
-
-_BDF_RE: Final = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -371,7 +369,7 @@ def _listdir(path: str, *, missing_ok: bool) -> list[str]:
 
 
 def _check_bdf(bdf: str) -> None:
-    if not _BDF_RE.match(bdf):
+    if not BDF_RE.match(bdf):
         raise NotFoundError(f"not a PCI address: {bdf!r}", bdf=bdf)
 
 
@@ -463,7 +461,7 @@ def _read_group_dir(
     for name in names:
         member_dir = f"{gdir}/devices/{name}"
         try:
-            if _BDF_RE.match(name):
+            if BDF_RE.match(name):
                 # Read through bus/pci/devices/BDF: the path admins know, in errors too.
                 devices[name] = _read_pci_device(f"{pci_dir}/{name}", name, group_id)
             else:
@@ -515,7 +513,7 @@ def read_snapshot(
     for bdf in _listdir(pci_dir, missing_ok=True):
         if bdf in devices:
             continue
-        if not _BDF_RE.match(bdf):
+        if not BDF_RE.match(bdf):
             raise SnapshotError(
                 f"unexpected entry {bdf!r} in {pci_dir}",
                 path=f"{pci_dir}/{bdf}",

@@ -28,14 +28,14 @@ import re
 from pathlib import Path
 
 from iommud.errors import KernelError
+from iommud.pci import BDF_RE
 
-_BDF_RE = re.compile(r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]")
 _DRIVER_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}")
 
 
 def check_bdf(op: str, bdf: str) -> str:
     """Return ``bdf`` if it is a canonical PCI address, else raise KernelError(EINVAL)."""
-    if not isinstance(bdf, str) or _BDF_RE.fullmatch(bdf) is None:
+    if not isinstance(bdf, str) or BDF_RE.fullmatch(bdf) is None:
         raise KernelError(op, errno.EINVAL, f"{op}: invalid PCI address {bdf!r}", value=repr(bdf))
     return bdf
 
