@@ -49,9 +49,9 @@ from iommud.errors import (
 from iommud.fds import OwnedFd
 from iommud.host.snapshot import HostSnapshot, PciDevice
 from iommud.host.viability import (
-    Backend,
     BackendRequest,
     ClaimIntent,
+    ClaimPath,
     ExistingClaim,
     select_path,
 )
@@ -164,7 +164,7 @@ class ClaimManager:
             ioas_backend=target.backend if target else None,
         )
         decision = select_path(planned, gid, intent, existing, safe)  # NotViable/GroupSplit
-        if decision.backend is Backend.IOMMUFD:
+        if decision.backend is ClaimPath.IOMMUFD:
             # A new bind could take a revoked device's id while the freeze waits for it.
             check_not_frozen(session, claim_group_id=gid)
         for dev in refused:
@@ -190,7 +190,7 @@ class ClaimManager:
             snap, _ = await self._refresh(devices)  # cdev names appear after the rebind
             if target is None:
                 target = created = self._ioas.create(session, decision.backend)
-            if decision.backend is Backend.IOMMUFD:
+            if decision.backend is ClaimPath.IOMMUFD:
                 await self._open_iommufd(session, target, snap, devices, lease_devices)
             else:
                 await self._open_legacy(hold, target, devices, lease_devices)
@@ -386,7 +386,7 @@ class ClaimManager:
     async def block_dma(self, lease: Lease, *, drop_shared_container: bool) -> None:
         """Stop the lease's devices from reaching memory: detach (iommufd); on the legacy
         path unmap the container when no other group of the session uses it."""
-        if lease.backend is Backend.IOMMUFD:
+        if lease.backend is ClaimPath.IOMMUFD:
             for ld in lease.devices:
                 if ld.attached:
                     try:
@@ -401,7 +401,7 @@ class ClaimManager:
         self, hold: GroupHold, devices: list[LeasedDevice], *, reset: bool
     ) -> None:
         for ld in devices:
-            if ld.attached and hold.backend is Backend.IOMMUFD:
+            if ld.attached and hold.backend is ClaimPath.IOMMUFD:
                 try:
                     ld.device.detach_ioas()
                 except KernelError as exc:

@@ -55,7 +55,7 @@ from iommud.errors import (
 from iommud.fds import FdSet, OwnedFd
 from iommud.guard import BindGuard
 from iommud.host.snapshot import HostSnapshot
-from iommud.host.viability import Backend
+from iommud.host.viability import ClaimPath
 from iommud.kernel.interface import Kernel
 from iommud.policy import Identity
 from iommud.protocol import messages as m
@@ -252,7 +252,7 @@ class Broker:
                 holding(session)  # a freeze this release ends lifts now, not at next map
             return Outcome(m.ReleaseReply(id=request.id))
         if isinstance(request, m.IoasCreate):
-            backend = Backend.IOMMUFD if self.snapshot.has_iommufd else Backend.LEGACY
+            backend = ClaimPath.IOMMUFD if self.snapshot.has_iommufd else ClaimPath.LEGACY
             ioas = self._ioas.create(session, backend)
             return Outcome(m.IoasCreateReply(id=request.id, ioas_id=ioas.ioas_id))
         if isinstance(request, m.IoasDestroy):
@@ -261,7 +261,7 @@ class Broker:
         if isinstance(request, m.IoasMap):
             ioas = self._usable_ioas(session, request.ioas_id)
             mapped = await self._ioas.map(session, ioas, request.ranges, fds)
-            if ioas.backend is Backend.IOMMUFD and session.freezes:
+            if ioas.backend is ClaimPath.IOMMUFD and session.freezes:
                 await self._undo_frozen_map(session, ioas)
             return Outcome(m.IoasMapReply(id=request.id, mappings=tuple(mapped)))
         if isinstance(request, m.IoasUnmap):
@@ -292,7 +292,7 @@ class Broker:
 
     def _usable_ioas(self, session: Session, ioas_id: int) -> IoasState:
         ioas = self._ioas.get(session, ioas_id)
-        if ioas.backend is Backend.IOMMUFD:
+        if ioas.backend is ClaimPath.IOMMUFD:
             check_not_frozen(session, ioas_id=ioas_id)
         for lease in session.leases.values():
             if lease.ioas is ioas and lease.state is LeaseState.REVOKED:

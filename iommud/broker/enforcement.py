@@ -38,7 +38,7 @@ from iommud.config import Config
 from iommud.errors import KernelError
 from iommud.fds import OwnedFd
 from iommud.host.snapshot import HostSnapshot, PciDevice
-from iommud.host.viability import Backend, group_viability
+from iommud.host.viability import ClaimPath, group_viability
 from iommud.kernel.uapi import VFIO_PCI_REQ_IRQ_INDEX
 from iommud.protocol import messages as m
 
@@ -179,12 +179,12 @@ class Enforcer:
         for lease in self._claims.active_leases(group_id):
             session = lease.session
             await self._claims.block_dma(lease, drop_shared_container=False)
-            if lease.backend is Backend.IOMMUFD:
+            if lease.backend is ClaimPath.IOMMUFD:
                 # The client's copy of the device fd stays bound to the session's
                 # iommufd and can be re-attached to any IOAS there: empty them all
                 # and keep them empty until the device is gone (iommud.broker.freeze).
                 freeze(session, lease, reason)
-                targets = [i for i in session.ioases.values() if i.backend is Backend.IOMMUFD]
+                targets = [i for i in session.ioases.values() if i.backend is ClaimPath.IOMMUFD]
             else:
                 targets = [lease.ioas]
             for ioas in targets:

@@ -39,7 +39,7 @@ from iommud.errors import (
     QuotaExceededError,
 )
 from iommud.fds import FdSet
-from iommud.host.viability import Backend
+from iommud.host.viability import ClaimPath
 from iommud.kernel.interface import IommuFd, IovaRange, Kernel, MapFlag
 from iommud.protocol.messages import MappedRange, MapRange
 
@@ -160,7 +160,7 @@ class IoasManager:
             raise NotFoundError(f"no IOAS {ioas_id} in this session", ioas_id=ioas_id)
         return ioas
 
-    def create(self, session: Session, backend: Backend) -> IoasState:
+    def create(self, session: Session, backend: ClaimPath) -> IoasState:
         quota = session.quota.max_ioas
         if len(session.ioases) >= quota:
             raise QuotaExceededError(
@@ -171,7 +171,7 @@ class IoasManager:
                 requested=1,
             )
         ioas_id = session.next_ioas_id
-        if backend is Backend.IOMMUFD:
+        if backend is ClaimPath.IOMMUFD:
             ioas = IoasState(ioas_id, backend, kernel_id=self.iommufd(session).ioas_alloc())
         else:
             container = self._kernel.open_container()
@@ -220,7 +220,7 @@ class IoasManager:
             log.info("ioas.destroyed", session=session.session_id, ioas_id=ioas.ioas_id)
 
     def iova_ranges(self, session: Session, ioas: IoasState) -> tuple[list[IovaRange], int]:
-        if ioas.backend is Backend.IOMMUFD:
+        if ioas.backend is ClaimPath.IOMMUFD:
             assert ioas.kernel_id is not None
             return self.iommufd(session).ioas_iova_ranges(ioas.kernel_id)
         return list(LEGACY_IOVA_RANGES), PAGE
@@ -230,7 +230,7 @@ class IoasManager:
         self, session: Session, ioas: IoasState, ranges: Sequence[MapRange], fds: FdSet
     ) -> list[MappedRange]:
         """Validate everything, check quotas, then pin range by range (all-or-nothing)."""
-        if ioas.backend is Backend.LEGACY and not ioas.container_ready:
+        if ioas.backend is ClaimPath.LEGACY and not ioas.container_ready:
             raise InvalidStateError(
                 f"legacy IOAS {ioas.ioas_id} takes maps only once a group is attached",
                 ioas_id=ioas.ioas_id,
@@ -266,7 +266,7 @@ class IoasManager:
             for i in order:
                 r = ranges[i]
                 iova = r.iova
-                if iova is None and ioas.backend is Backend.LEGACY:
+                if iova is None and ioas.backend is ClaimPath.LEGACY:
                     iova = _pick_iova(r.length, allowed, align, taken)
                     taken.append((iova, iova + r.length - 1))
                 m = await self._map_one(session, ioas, r, fds[r.fd_index].fileno(), iova)
@@ -358,7 +358,7 @@ class IoasManager:
         flags = (MapFlag.READABLE if r.read else MapFlag(0)) | (
             MapFlag.WRITEABLE if r.write else MapFlag(0)
         )
-        if ioas.backend is Backend.IOMMUFD:
+        if ioas.backend is ClaimPath.IOMMUFD:
             ictx = self.iommufd(session)
             kid = ioas.kernel_id
             assert kid is not None
@@ -369,7 +369,7 @@ class IoasManager:
                 return Mapping(got, r.length)
         dmap = self._daemon_map(fd, r)
         try:
-            if ioas.backend is Backend.IOMMUFD:
+            if ioas.backend is ClaimPath.IOMMUFD:
                 assert dmap.addr is not None
                 assert ioas.kernel_id is not None
                 got = await asyncio.to_thread(
@@ -416,7 +416,7 @@ class IoasManager:
                 m.mm.close()
 
     async def _kernel_unmap(self, session: Session, ioas: IoasState, iova: int, length: int) -> int:
-        if ioas.backend is Backend.IOMMUFD:
+        if ioas.backend is ClaimPath.IOMMUFD:
             assert ioas.kernel_id is not None
             return await asyncio.to_thread(
                 self.iommufd(session).ioas_unmap, ioas.kernel_id, iova, length
@@ -472,7 +472,7 @@ class IoasManager:
         if not ioas.mappings:
             return 0
         try:
-            if ioas.backend is Backend.IOMMUFD:
+            if ioas.backend is ClaimPath.IOMMUFD:
                 assert ioas.kernel_id is not None
                 assert session.iommufd is not None
                 n = await asyncio.to_thread(session.iommufd.ioas_unmap_all, ioas.kernel_id)

@@ -15,7 +15,7 @@ from typing import Protocol
 from iommud.broker.events import EventSink
 from iommud.config import Quota
 from iommud.fds import OwnedFd
-from iommud.host.viability import Backend
+from iommud.host.viability import ClaimPath
 from iommud.kernel.interface import IommuFd, VfioContainer, VfioDevice, VfioGroup
 from iommud.policy import Identity
 from iommud.protocol.messages import Reply
@@ -55,7 +55,7 @@ class IoasState:
     """
 
     ioas_id: int
-    backend: Backend
+    backend: ClaimPath
     kernel_id: int | None = None
     container: VfioContainer | None = None
     container_ready: bool = False
@@ -88,7 +88,7 @@ class Lease:
     lease_id: int
     session: Session
     group_id: int
-    backend: Backend
+    backend: ClaimPath
     ioas: IoasState
     devices: list[LeasedDevice]
     state: LeaseState = LeaseState.ACTIVE
@@ -119,7 +119,7 @@ class GroupHold:
 
     group_id: int
     session: Session
-    backend: Backend
+    backend: ClaimPath
     group: VfioGroup | None = None  # legacy path: the daemon's /dev/vfio/N
     leases: dict[int, Lease] = field(default_factory=dict)
     pinned: dict[str, str | None] = field(default_factory=dict)

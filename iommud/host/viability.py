@@ -38,7 +38,7 @@ from iommud.host.snapshot import HostSnapshot, IommuGroup, PciDevice
 
 __all__ = [
     "DEFAULT_DMA_SAFE_DRIVERS",
-    "Backend",
+    "ClaimPath",
     "BackendRequest",
     "ClaimIntent",
     "ExistingClaim",
@@ -106,7 +106,7 @@ def dma_capable(device: PciDevice) -> bool:
     return not device.is_bridge and device.driver != _PORT_DRIVER
 
 
-class Backend(enum.StrEnum):
+class ClaimPath(enum.StrEnum):
     IOMMUFD = "iommufd"
     LEGACY = "legacy"
 
@@ -133,7 +133,7 @@ class ClaimIntent:
     devices: tuple[str, ...]
     ioas_id: int | None = None
     backend: BackendRequest = BackendRequest.AUTO
-    ioas_backend: Backend | None = None
+    ioas_backend: ClaimPath | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,12 +142,12 @@ class ExistingClaim:
 
     client: ClientId
     ioas_id: int
-    backend: Backend
+    backend: ClaimPath
 
 
 @dataclass(frozen=True, slots=True)
 class PathDecision:
-    backend: Backend
+    backend: ClaimPath
     reason: str
 
 
@@ -202,7 +202,7 @@ def select_path(
     _check_split(group_id, intent, requested, existing_claims)
 
     # Constraints on the backend, each with why.
-    constraints: list[tuple[Backend, str]] = []
+    constraints: list[tuple[ClaimPath, str]] = []
     existing_backends = {c.backend for c in existing_claims.values()}
     if len(existing_backends) > 1:  # the broker never creates this; refuse loudly
         raise GroupSplitError(
@@ -218,7 +218,7 @@ def select_path(
             (intent.ioas_backend, f"IOAS {intent.ioas_id} is a {intent.ioas_backend} IOAS")
         )
     if intent.backend is not BackendRequest.AUTO:
-        constraints.append((Backend(intent.backend), f"{intent.backend} was requested"))
+        constraints.append((ClaimPath(intent.backend), f"{intent.backend} was requested"))
     wanted = {b for b, _ in constraints}
     if len(wanted) > 1:
         raise BadRequestError(
@@ -238,7 +238,7 @@ def select_path(
     if wanted:
         (backend,) = wanted
         ok, why = (
-            (iommufd_ok, iommufd_why) if backend is Backend.IOMMUFD else (legacy_ok, legacy_why)
+            (iommufd_ok, iommufd_why) if backend is ClaimPath.IOMMUFD else (legacy_ok, legacy_why)
         )
         if not ok:
             raise BadRequestError(
@@ -249,9 +249,9 @@ def select_path(
             )
         return PathDecision(backend, f"{constraints[0][1]}; {why}")
     if iommufd_ok:
-        return PathDecision(Backend.IOMMUFD, iommufd_why)
+        return PathDecision(ClaimPath.IOMMUFD, iommufd_why)
     if legacy_ok:
-        return PathDecision(Backend.LEGACY, f"{iommufd_why}; {legacy_why}")
+        return PathDecision(ClaimPath.LEGACY, f"{iommufd_why}; {legacy_why}")
     raise BadRequestError(
         f"no backend can claim group {group_id}: {iommufd_why}; {legacy_why}",
         group_id=group_id,
@@ -350,7 +350,7 @@ def whole_group_path(
     snapshot: HostSnapshot,
     group_id: int,
     safe_drivers: Collection[str] = DEFAULT_DMA_SAFE_DRIVERS,
-) -> Backend | None:
+) -> ClaimPath | None:
     """The path a claim of every claimable device of an unclaimed group would take.
 
     None when the group is not viable, has nothing claimable (only bridges/ports), or
@@ -361,7 +361,7 @@ def whole_group_path(
     if not claimable or not group_viability(snapshot, group_id, safe_drivers).is_viable:
         return None
     if snapshot.has_iommufd and not group.other_members:
-        return Backend.IOMMUFD
+        return ClaimPath.IOMMUFD
     if snapshot.has_legacy_container:
-        return Backend.LEGACY
+        return ClaimPath.LEGACY
     return None

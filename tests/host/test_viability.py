@@ -16,9 +16,9 @@ from iommud.errors import (
 from iommud.host.snapshot import HostSnapshot, read_snapshot
 from iommud.host.viability import (
     DEFAULT_DMA_SAFE_DRIVERS,
-    Backend,
     BackendRequest,
     ClaimIntent,
+    ClaimPath,
     ExistingClaim,
     Offender,
     PathDecision,
@@ -121,7 +121,7 @@ def claim(*devices: str, client: str = "A", ioas: int | None = None, **kw: objec
 
 def test_solo_group_takes_iommufd(lab_snap: HostSnapshot) -> None:
     assert select_path(lab_snap, 3, claim(SOLO), {}) == PathDecision(
-        Backend.IOMMUFD, "1:1 group 3 and the host has /dev/iommu"
+        ClaimPath.IOMMUFD, "1:1 group 3 and the host has /dev/iommu"
     )
 
 
@@ -129,7 +129,7 @@ def test_solo_group_without_dev_iommu_takes_legacy(fast_tmp: Path) -> None:
     snap = fresh(lab_topology(fast_tmp, iommufd=False))
     decision = select_path(snap, 3, claim(SOLO), {})
     assert decision == PathDecision(
-        Backend.LEGACY, "the host has no /dev/iommu; the host has /dev/vfio/vfio"
+        ClaimPath.LEGACY, "the host has no /dev/iommu; the host has /dev/vfio/vfio"
     )
 
 
@@ -154,7 +154,7 @@ def test_not_viable_names_offender(lab_snap: HostSnapshot) -> None:
 
 def test_partial_claim_of_multi_device_group_takes_legacy(freed: HostSnapshot) -> None:
     d = select_path(freed, 4, claim(E1, E2), {})
-    assert d.backend is Backend.LEGACY
+    assert d.backend is ClaimPath.LEGACY
     assert d.reason.startswith("multi-device group 4: 0000:01:03.0 would stay unclaimed")
 
 
@@ -162,7 +162,7 @@ def test_whole_group_into_one_ioas_takes_iommufd(freed: HostSnapshot) -> None:
     """Shared IOAS: every DMA-capable device (the bridge excluded) by one client -> iommufd."""
     d = select_path(freed, 4, claim(E1, E2, NIC, ioas=7), {})
     assert d == PathDecision(
-        Backend.IOMMUFD,
+        ClaimPath.IOMMUFD,
         "every DMA-capable device of group 4 is claimed by this client into IOAS 7, "
         "and the host has /dev/iommu",
     )
@@ -170,20 +170,23 @@ def test_whole_group_into_one_ioas_takes_iommufd(freed: HostSnapshot) -> None:
 
 def test_existing_iommufd_claims_count_toward_the_whole_group(freed: HostSnapshot) -> None:
     """A re-claim of a released device into the group's IOAS stays on iommufd."""
-    held = {E1: ExistingClaim("A", 7, Backend.IOMMUFD), E2: ExistingClaim("A", 7, Backend.IOMMUFD)}
+    held = {
+        E1: ExistingClaim("A", 7, ClaimPath.IOMMUFD),
+        E2: ExistingClaim("A", 7, ClaimPath.IOMMUFD),
+    }
     d = select_path(freed, 4, claim(NIC, ioas=7), held)
-    assert d.backend is Backend.IOMMUFD
+    assert d.backend is ClaimPath.IOMMUFD
 
 
 def test_existing_legacy_claims_fix_the_backend(freed: HostSnapshot) -> None:
-    held = {E1: ExistingClaim("A", 7, Backend.LEGACY)}
+    held = {E1: ExistingClaim("A", 7, ClaimPath.LEGACY)}
     d = select_path(freed, 4, claim(E2, NIC, ioas=7), held)
-    assert d.backend is Backend.LEGACY
+    assert d.backend is ClaimPath.LEGACY
     assert d.reason.startswith("group 4 is already claimed through legacy")
 
 
 def test_split_into_another_ioas_refused(freed: HostSnapshot) -> None:
-    held = {E1: ExistingClaim("A", 7, Backend.LEGACY)}
+    held = {E1: ExistingClaim("A", 7, ClaimPath.LEGACY)}
     with pytest.raises(GroupSplitError) as exc:
         select_path(freed, 4, claim(E2, ioas=8), held)
     assert exc.value.code is ErrorCode.GROUP_SPLIT
@@ -200,7 +203,7 @@ def test_split_into_another_ioas_refused(freed: HostSnapshot) -> None:
 
 
 def test_split_into_new_ioas_refused(freed: HostSnapshot) -> None:
-    held = {E1: ExistingClaim("A", 7, Backend.LEGACY)}
+    held = {E1: ExistingClaim("A", 7, ClaimPath.LEGACY)}
     with pytest.raises(GroupSplitError) as exc:
         select_path(freed, 4, claim(E2), held)
     assert exc.value.details["requested"] == {"devices": [E2], "ioas_id": None}
@@ -208,7 +211,7 @@ def test_split_into_new_ioas_refused(freed: HostSnapshot) -> None:
 
 
 def test_split_across_clients_refused(freed: HostSnapshot) -> None:
-    held = {E1: ExistingClaim("A", 7, Backend.LEGACY)}
+    held = {E1: ExistingClaim("A", 7, ClaimPath.LEGACY)}
     with pytest.raises(GroupSplitError) as exc:
         select_path(freed, 4, claim(E2, client="B", ioas=7), held)
     assert exc.value.details == {
@@ -220,7 +223,7 @@ def test_split_across_clients_refused(freed: HostSnapshot) -> None:
 
 
 def test_already_claimed_device_is_busy(freed: HostSnapshot) -> None:
-    held = {E1: ExistingClaim("A", 7, Backend.LEGACY)}
+    held = {E1: ExistingClaim("A", 7, ClaimPath.LEGACY)}
     with pytest.raises(BusyError) as exc:
         select_path(freed, 4, claim(E1, client="B", ioas=7), held)
     assert exc.value.details == {"bdf": E1, "group_id": 4, "holder": "A", "ioas_id": 7}
@@ -239,7 +242,7 @@ def test_explicit_iommufd_impossible_for_partial_group(freed: HostSnapshot) -> N
 
 def test_explicit_legacy_honoured_for_solo_group(lab_snap: HostSnapshot) -> None:
     d = select_path(lab_snap, 3, claim(SOLO, backend=BackendRequest.LEGACY), {})
-    assert d == PathDecision(Backend.LEGACY, "legacy was requested; the host has /dev/vfio/vfio")
+    assert d == PathDecision(ClaimPath.LEGACY, "legacy was requested; the host has /dev/vfio/vfio")
 
 
 def test_explicit_legacy_without_container(fast_tmp: Path) -> None:
@@ -250,13 +253,13 @@ def test_explicit_legacy_without_container(fast_tmp: Path) -> None:
 
 
 def test_target_ioas_kind_constrains_backend(lab_snap: HostSnapshot) -> None:
-    d = select_path(lab_snap, 3, claim(SOLO, ioas=5, ioas_backend=Backend.LEGACY), {})
-    assert d.backend is Backend.LEGACY
+    d = select_path(lab_snap, 3, claim(SOLO, ioas=5, ioas_backend=ClaimPath.LEGACY), {})
+    assert d.backend is ClaimPath.LEGACY
     with pytest.raises(BadRequestError) as exc:
         select_path(
             lab_snap,
             3,
-            claim(SOLO, ioas=5, ioas_backend=Backend.LEGACY, backend=BackendRequest.IOMMUFD),
+            claim(SOLO, ioas=5, ioas_backend=ClaimPath.LEGACY, backend=BackendRequest.IOMMUFD),
             {},
         )
     assert exc.value.details["reason"] == "conflicting_backends"
@@ -286,15 +289,15 @@ def test_unknown_device_and_empty_claim(freed: HostSnapshot) -> None:
 
 
 def test_whole_group_path_lab(lab: FakeSys, lab_snap: HostSnapshot) -> None:
-    assert whole_group_path(lab_snap, 3) is Backend.IOMMUFD
+    assert whole_group_path(lab_snap, 3) is ClaimPath.IOMMUFD
     assert whole_group_path(lab_snap, 4) is None  # e1000 bound
     lab.unbind(NIC)
-    assert whole_group_path(fresh(lab), 4) is Backend.IOMMUFD
+    assert whole_group_path(fresh(lab), 4) is ClaimPath.IOMMUFD
 
 
 def test_whole_group_path_without_dev_iommu(fast_tmp: Path) -> None:
     fs = lab_topology(fast_tmp, iommufd=False)
-    assert whole_group_path(fresh(fs), 3) is Backend.LEGACY
+    assert whole_group_path(fresh(fs), 3) is ClaimPath.LEGACY
     (fs.dev_root / "vfio" / "vfio").unlink()
     assert whole_group_path(fresh(fs), 3) is None
 
@@ -303,5 +306,5 @@ def test_whole_group_path_server(fast_tmp: Path) -> None:
     snap = fresh(real_server(fast_tmp))
     assert whole_group_path(snap, 1) is None  # only a root port: nothing claimable
     assert whole_group_path(snap, 6) is None  # mlx5_core PFs
-    assert whole_group_path(snap, 9) is Backend.IOMMUFD  # VF on mlx5_vfio_pci
-    assert whole_group_path(snap, 11) is Backend.IOMMUFD  # GPU + audio, both vfio-pci
+    assert whole_group_path(snap, 9) is ClaimPath.IOMMUFD  # VF on mlx5_vfio_pci
+    assert whole_group_path(snap, 11) is ClaimPath.IOMMUFD  # GPU + audio, both vfio-pci
