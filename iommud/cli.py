@@ -31,8 +31,8 @@ from iommud import __version__
 from iommud.client.aio import AsyncClient
 from iommud.errors import IommudError
 from iommud.protocol import messages as m
+from iommud.transport import DEFAULT_SOCKET
 
-DEFAULT_SOCKET: Final = "/run/iommud/iommud.sock"
 CLIENT_NAME: Final = f"iommuctl/{__version__}"
 
 EXIT_OK: Final = 0

@@ -52,8 +52,10 @@ from pydantic import (
 )
 
 from iommud.errors import ConfigError
+from iommud.host.snapshot import DEFAULT_DEV_ROOT, DEFAULT_SYS_ROOT
 from iommud.host.viability import DEFAULT_DMA_SAFE_DRIVERS
 from iommud.pci import BDF_RE
+from iommud.transport import DEFAULT_SOCKET
 
 __all__ = [
     "DEFAULT_QUOTA",
@@ -122,9 +124,9 @@ class _Model(BaseModel):
 
 
 class DaemonConfig(_Model):
-    socket: Path = Path("/run/iommud/iommud.sock")
-    sys_root: Path = Path("/sys")
-    dev_root: Path = Path("/dev")
+    socket: Path = Path(DEFAULT_SOCKET)
+    sys_root: Path = DEFAULT_SYS_ROOT
+    dev_root: Path = DEFAULT_DEV_ROOT
     state_dir: Path = Path("/var/lib/iommud")
 
     @field_validator("socket", "sys_root", "dev_root", "state_dir", mode="before")

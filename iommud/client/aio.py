@@ -24,11 +24,9 @@ from iommud.protocol import messages as m
 from iommud.protocol.connection import ClientConnection
 from iommud.protocol.exceptions import ProtocolError
 from iommud.protocol.limits import MAX_DATAGRAM, MAX_FDS
-from iommud.server.transport import recv_datagram, send_datagram
+from iommud.transport import DEFAULT_SOCKET, recv_datagram, send_datagram
 
 T = TypeVar("T")
-
-DEFAULT_SOCKET = "/run/iommud/iommud.sock"
 
 
 class AsyncClient:

@@ -40,6 +40,8 @@ from iommud.errors import NotFoundError, SnapshotError
 from iommud.pci import BDF_RE
 
 __all__ = [
+    "DEFAULT_DEV_ROOT",
+    "DEFAULT_SYS_ROOT",
     "PCI_CLASS_BRIDGE_PCI",
     "HostSnapshot",
     "IommuGroup",

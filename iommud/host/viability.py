@@ -38,9 +38,9 @@ from iommud.host.snapshot import HostSnapshot, IommuGroup, PciDevice
 
 __all__ = [
     "DEFAULT_DMA_SAFE_DRIVERS",
-    "ClaimPath",
     "BackendRequest",
     "ClaimIntent",
+    "ClaimPath",
     "ExistingClaim",
     "Offender",
     "PathDecision",
@@ -107,11 +107,18 @@ def dma_capable(device: PciDevice) -> bool:
 
 
 class ClaimPath(enum.StrEnum):
+    """The path a claim takes (or took): iommufd or the legacy VFIO group/container.
+
+    The decision's side; a client's wish is a ``BackendRequest`` (``Backend`` on the wire).
+    """
+
     IOMMUFD = "iommufd"
     LEGACY = "legacy"
 
 
 class BackendRequest(enum.StrEnum):
+    """The path a client asks for (``auto`` leaves the choice to :func:`select_path`)."""
+
     AUTO = "auto"
     IOMMUFD = "iommufd"
     LEGACY = "legacy"

@@ -45,7 +45,7 @@ from iommud.protocol.messages import (
     Reply,
     Request,
 )
-from iommud.server.transport import (
+from iommud.transport import (
     Datagram,
     PeerCredentials,
     open_peer_pidfd,

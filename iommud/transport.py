@@ -1,6 +1,8 @@
 """Datagram I/O on an AF_UNIX SOCK_SEQPACKET socket, with SCM_RIGHTS and peer credentials.
 
-This module moves bytes and fds between a socket and the event loop: one datagram in
+Shared by both ends: the daemon's server and the client library (``iommud.client``).
+This module moves bytes and fds between a socket and the event loop (or a blocking
+caller): one datagram in
 (``recv_datagram``: data plus an ``FdSet`` that owns every received fd from the moment
 the kernel installs it), one datagram out (``send_datagram``), and the peer's identity
 (``peer_credentials``, ``open_peer_pidfd``). It knows nothing of JSON, messages or the
@@ -21,8 +23,12 @@ import os
 import socket
 import struct
 from dataclasses import dataclass, field
+from typing import Final
 
 from iommud.fds import FdSet, OwnedFd
+
+DEFAULT_SOCKET: Final = "/run/iommud/iommud.sock"
+"""Where the daemon listens unless configured otherwise (PROTOCOL.md, "Transport")."""
 
 # Not exported by Python 3.11's socket module; values from include/uapi/asm-generic/socket.h.
 SO_PEERGROUPS = 59  # Linux 4.13
