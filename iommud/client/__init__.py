@@ -3,8 +3,9 @@
 Both connect to the daemon's socket, say hello, and offer the same methods (claim,
 ioas_create, ioas_map with memfds, ioas_unmap, release, subscribe and events, status,
 list_devices and list_groups (every page; ``*_page`` for one), ping, revoke). Errors
-come back as ``IommudError`` subclasses with the server's code and details; fds come
-back as ``OwnedFd`` objects.
+come back as the daemon's own ``IommudError`` subclasses (``iommud.errors``), with the
+server's code, message and details; fds come back as ``OwnedFd`` objects. A lost
+connection is ``ClientClosedError`` (a ``ConnectionError``: no reply, so no code).
 """
 
 from iommud.client.aio import AsyncClient
@@ -17,13 +18,17 @@ from iommud.client.calls import (
     error_from_reply,
 )
 from iommud.client.sync import Client
+from iommud.errors import IommudError
+from iommud.transport import DEFAULT_SOCKET
 
 __all__ = [
+    "DEFAULT_SOCKET",
     "AsyncClient",
     "ClaimResult",
     "ClaimedDeviceFd",
     "Client",
     "ClientClosedError",
+    "IommudError",
     "MapSpec",
     "PagingError",
     "error_from_reply",

@@ -8,7 +8,6 @@ subclasses carrying the server's code, message and details. No sockets, no async
 
 from __future__ import annotations
 
-import errno as _errno
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -17,26 +16,8 @@ from iommud import errors
 from iommud.fds import FdSet, OwnedFd
 from iommud.protocol import messages as m
 from iommud.protocol.connection import ClientConnection
-from iommud.protocol.errors import ErrorCode
 
 T = TypeVar("T")
-
-_ERRORS: dict[ErrorCode, type[errors.IommudError]] = {
-    ErrorCode.BAD_REQUEST: errors.BadRequestError,
-    ErrorCode.UNSUPPORTED_VERSION: errors.UnsupportedVersionError,
-    ErrorCode.UNKNOWN_OP: errors.UnknownOpError,
-    ErrorCode.PERMISSION_DENIED: errors.PermissionDeniedError,
-    ErrorCode.NOT_FOUND: errors.NotFoundError,
-    ErrorCode.NOT_VIABLE: errors.NotViableError,
-    ErrorCode.BUSY: errors.BusyError,
-    ErrorCode.GROUP_SPLIT: errors.GroupSplitError,
-    ErrorCode.QUOTA_EXCEEDED: errors.QuotaExceededError,
-    ErrorCode.INVALID_RANGE: errors.InvalidRangeError,
-    ErrorCode.OVERLAP: errors.OverlapError,
-    ErrorCode.REVOKED: errors.RevokedError,
-    ErrorCode.LIMIT_REACHED: errors.LimitReachedError,
-    ErrorCode.INVALID_STATE: errors.InvalidStateError,
-}
 
 
 class ClientClosedError(ConnectionError):
@@ -45,15 +26,7 @@ class ClientClosedError(ConnectionError):
 
 def error_from_reply(reply: m.ErrorReply) -> errors.IommudError:
     """The ``IommudError`` subclass for ``reply.code``, with its message and details."""
-    details: dict[str, Any] = dict(reply.details)
-    if reply.code is ErrorCode.KERNEL_ERROR:
-        op = str(details.pop("op", "?"))
-        err = details.pop("errno", _errno.EIO)
-        details.pop("errno_name", None)
-        return errors.KernelError(
-            op, err if isinstance(err, int) else _errno.EIO, reply.message, **details
-        )
-    return _ERRORS[reply.code](reply.message, **details)
+    return errors.from_reply(reply.code, reply.message, reply.details)
 
 
 @dataclass(slots=True)
