@@ -28,6 +28,7 @@ amortised O(sqrt(host)) for keeping its copy-on-write maps compact (see
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
 import os
@@ -276,25 +277,46 @@ def _read_bytes(path: str) -> bytes:
         os.close(fd)
 
 
+def _bad(path: str, problem: str, **details: object) -> SnapshotError:
+    """The one way this module reports sysfs that does not look as expected."""
+    return SnapshotError(f"sysfs {path}: {problem}", path=path, problem=problem, **details)
+
+
+@contextlib.contextmanager
+def _sysfs(
+    path: str, owner_dir: str | None = None, *, missing_ok: bool = False, einval: str = ""
+) -> Iterator[None]:
+    """Translate an OSError from reading ``path`` (httpcore's ``map_exceptions``, for sysfs).
+
+    ``owner_dir`` gone (ENOENT), or ENODEV from a device being torn down -> _Vanished:
+    the caller skips it (hot unplug, module docstring). ENOENT otherwise -> swallowed when
+    ``missing_ok`` (the caller keeps its default), else SnapshotError "missing". Any other
+    errno -> SnapshotError with the errno and its text (or ``einval`` for EINVAL, where the
+    call gives EINVAL a meaning, as readlink does).
+    """
+    try:
+        yield
+    except OSError as exc:
+        if owner_dir is not None and (
+            exc.errno == errno.ENODEV
+            or (exc.errno == errno.ENOENT and not os.path.exists(owner_dir))
+        ):
+            raise _Vanished(owner_dir) from exc
+        if exc.errno == errno.ENOENT:
+            if missing_ok:
+                return
+            raise _bad(path, "missing") from exc
+        if exc.errno == errno.EINVAL and einval:
+            raise _bad(path, einval) from exc
+        raise _bad(path, exc.strerror or "unreadable", errno=exc.errno) from exc
+
+
 def _read_text(path: str, owner_dir: str) -> str:
     """Read a small sysfs attribute; missing because ``owner_dir`` vanished -> _Vanished."""
-    try:
-        return _read_bytes(path).decode("ascii", "replace")
-    except FileNotFoundError as exc:
-        if not os.path.exists(owner_dir):
-            raise _Vanished(str(owner_dir)) from exc
-        raise SnapshotError(
-            f"sysfs attribute missing: {path}", path=str(path), problem="missing"
-        ) from exc
-    except OSError as exc:
-        if exc.errno == errno.ENODEV:  # read on a device being torn down
-            raise _Vanished(str(owner_dir)) from exc
-        raise SnapshotError(
-            f"cannot read {path}: {exc.strerror}",
-            path=str(path),
-            problem=exc.strerror or "unreadable",
-            errno=exc.errno,
-        ) from exc
+    data = b""
+    with _sysfs(path, owner_dir):
+        data = _read_bytes(path)
+    return data.decode("ascii", "replace")
 
 
 def _read_hex(path: str, owner_dir: str, bits: int) -> int:
@@ -304,70 +326,36 @@ def _read_hex(path: str, owner_dir: str, bits: int) -> int:
     except ValueError:
         value = -1
     if value < 0:
-        raise SnapshotError(
-            f"expected a hex number in {path}, got {text[:40]!r}",
-            path=str(path),
-            problem="not a hex number",
-            value=text[:40],
-        ) from None
+        raise _bad(path, "not a hex number", value=text[:40])
     if value >= 1 << bits:
-        raise SnapshotError(
-            f"value {text!r} in {path} does not fit {bits} bits",
-            path=str(path),
-            problem=f"wider than {bits} bits",
-            value=text[:40],
-        )
+        raise _bad(path, f"wider than {bits} bits", value=text[:40])
     return value
 
 
 def _link_name(path: str, owner_dir: str, *, optional: bool) -> str | None:
     """The last component of a symlink's target; None when absent and ``optional``."""
-    try:
+    target = None
+    with _sysfs(path, owner_dir, missing_ok=optional, einval="not a symlink"):
         target = os.readlink(path)
-    except FileNotFoundError as exc:
-        if not os.path.exists(owner_dir):
-            raise _Vanished(str(owner_dir)) from exc
-        if optional:
-            return None
-        raise SnapshotError(
-            f"sysfs link missing: {path}", path=str(path), problem="missing"
-        ) from exc
-    except OSError as exc:
-        problem = "not a symlink" if exc.errno == errno.EINVAL else (exc.strerror or "unreadable")
-        raise SnapshotError(
-            f"cannot read link {path}: {problem}", path=str(path), problem=problem
-        ) from exc
+    if target is None:
+        return None
     name = os.path.basename(target.rstrip("/"))
     if not name:
-        raise SnapshotError(f"empty link target at {path}", path=str(path), problem="empty target")
+        raise _bad(path, "empty target")
     return name
 
 
 def _parse_group_id(name: str, path: str) -> int:
     if not name.isdigit():
-        raise SnapshotError(
-            f"IOMMU group name {name!r} is not a number at {path}",
-            path=str(path),
-            problem="not a group number",
-        )
+        raise _bad(path, "not a group number")
     return int(name)
 
 
-def _listdir(path: str, *, missing_ok: bool) -> list[str]:
-    try:
-        return os.listdir(path)
-    except FileNotFoundError:
-        if missing_ok:
-            return []
-        raise SnapshotError(
-            f"sysfs directory missing: {path}", path=str(path), problem="missing"
-        ) from None
-    except OSError as exc:
-        raise SnapshotError(
-            f"cannot list {path}: {exc.strerror}",
-            path=str(path),
-            problem=exc.strerror or "unreadable",
-        ) from exc
+def _listdir(path: str, owner_dir: str | None = None, *, missing_ok: bool = False) -> list[str]:
+    names: list[str] = []
+    with _sysfs(path, owner_dir, missing_ok=missing_ok):
+        names = os.listdir(path)
+    return names
 
 
 def _check_bdf(bdf: str) -> None:
@@ -433,28 +421,11 @@ def _read_group_dir(
 ) -> tuple[IommuGroup, dict[str, PciDevice]] | None:
     """Read one group and its PCI members; None when the group directory is gone."""
     gdir = f"{sys_root}/kernel/iommu_groups/{group_id}"
+    gtype: str | None = None  # kernels before 5.11 do not expose the type
     try:
-        names = os.listdir(f"{gdir}/devices")
-    except FileNotFoundError:
-        if not os.path.lexists(gdir):
-            return None
-        raise SnapshotError(
-            f"sysfs directory missing: {gdir}/devices",
-            path=f"{gdir}/devices",
-            problem="missing",
-        ) from None
-    except OSError as exc:
-        raise SnapshotError(
-            f"cannot list {gdir}/devices: {exc.strerror}",
-            path=f"{gdir}/devices",
-            problem=exc.strerror or "unreadable",
-        ) from exc
-    try:
-        gtype: str | None = _read_text(f"{gdir}/type", gdir).strip() or None
-    except SnapshotError as exc:
-        if exc.details.get("problem") != "missing":
-            raise
-        gtype = None  # kernels before 5.11 do not expose the type
+        names = _listdir(f"{gdir}/devices", gdir)
+        with _sysfs(f"{gdir}/type", gdir, missing_ok=True):
+            gtype = _read_bytes(f"{gdir}/type").decode("ascii", "replace").strip() or None
     except _Vanished:
         return None
     devices: dict[str, PciDevice] = {}
@@ -516,11 +487,7 @@ def read_snapshot(
         if bdf in devices:
             continue
         if not BDF_RE.match(bdf):
-            raise SnapshotError(
-                f"unexpected entry {bdf!r} in {pci_dir}",
-                path=f"{pci_dir}/{bdf}",
-                problem="not a PCI address",
-            )
+            raise _bad(f"{pci_dir}/{bdf}", "not a PCI address")
         try:
             dev = _read_pci_device(f"{pci_dir}/{bdf}", bdf, group_id=None)
         except _Vanished:
