@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 
-from iommud.protocol import generate
 from iommud.protocol.codec import decode_request, decode_server, encode
 from iommud.protocol.errors import ErrorCode
 from iommud.protocol.exceptions import ProtocolError
@@ -19,6 +18,7 @@ from iommud.protocol.messages import (
     ErrorReply,
     Event,
 )
+from protocol import generate
 
 PROTOCOL_DIR = Path(__file__).resolve().parents[2] / "protocol"
 VALID_FILES = ("requests", "replies", "events", "errors")
@@ -37,7 +37,7 @@ def valid_vectors() -> list[dict[str, Any]]:
 
 @pytest.mark.parametrize("rel", sorted(OUTPUTS))
 def test_checked_in_files_match_generator(rel: str) -> None:
-    """Run `python -m iommud.protocol.generate` if this fails after a model change."""
+    """Run `python protocol/generate.py` if this fails after a model change."""
     assert (PROTOCOL_DIR / rel).read_text() == OUTPUTS[rel]
 
 

@@ -1,8 +1,9 @@
 """Regenerate protocol/schema.json and protocol/vectors/*.json from the models.
 
-Run ``python -m iommud.protocol.generate`` after changing a message; ``--check``
-exits 1 (and writes nothing) when the checked-in files differ. A dev tool: it writes
-files, so it stays out of the sans-I/O core (nothing in iommud.protocol imports it).
+Run ``python protocol/generate.py`` (with iommud importable, e.g. ``.venv/bin/python``)
+after changing a message; ``--check`` exits 1 (and writes nothing) when the checked-in
+files differ. A dev tool that writes files: it lives next to what it writes, outside the
+runtime package, whose ``iommud.protocol`` core stays sans-I/O.
 
 Vectors are lists of ``{name, direction, json, fds}``: ``json`` is the exact
 datagram text (canonical: compact, keys in schema order), ``fds`` the number of fds
@@ -78,7 +79,7 @@ from iommud.protocol.messages import (
     ViabilityChanged,
 )
 
-ROOT: Final = Path(__file__).resolve().parents[2] / "protocol"
+ROOT: Final = Path(__file__).resolve().parent
 TO_SERVER: Final = "client_to_server"
 TO_CLIENT: Final = "server_to_client"
 
@@ -607,7 +608,7 @@ def outputs() -> dict[str, str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m iommud.protocol.generate", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python protocol/generate.py", description=__doc__)
     parser.add_argument("--root", type=Path, default=ROOT, help="the protocol/ directory")
     parser.add_argument("--check", action="store_true", help="only compare; exit 1 on drift")
     args = parser.parse_args(argv)
