@@ -1,7 +1,9 @@
 """Every message of protocol v1 as a frozen pydantic model (protocol/PROTOCOL.md).
 
-One class per wire op: requests (client -> server), their ``<op>_reply`` replies,
-``error`` and the ``event`` family (server -> client). Two discriminated unions on
+One class per wire op: requests (client -> server), their ``<op>_reply`` replies and
+``error`` are here; the ``event`` family (server -> client) is in ``events``, the field
+types and nested objects they share in ``fields``. This module re-exports both, so
+``iommud.protocol.messages`` names every message and type. Two discriminated unions on
 ``op`` tie them together: ``Request`` and ``ServerMessage``. Models validate what a
 peer could get wrong (bdf syntax, integer bounds, fd indexes against ``fds``); the
 broker decides everything that needs state (does the device exist, is the range
@@ -13,7 +15,6 @@ Pure data: no I/O, no imports from the rest of the daemon. Encoding and decoding
 
 from __future__ import annotations
 
-import enum
 import math
 import types
 import typing
@@ -21,194 +22,134 @@ from collections.abc import Mapping
 from typing import Annotated, Any, Final, Literal, Union
 
 from annotated_types import Ge, Le, MaxLen, MinLen
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    JsonValue,
-    Strict,
-    StringConstraints,
-    model_validator,
-)
+from pydantic import Field, JsonValue, Strict, model_validator
 
 from iommud.protocol.errors import ErrorCode
-from iommud.protocol.limits import MAX_FDS, MAX_RANGES, U32_MAX, U64_MAX, Limits
+from iommud.protocol.events import (
+    AnyEvent,
+    BindRefused,
+    DeviceAdded,
+    DeviceRemoved,
+    DriverBound,
+    DriverUnbound,
+    Event,
+    LeaseRevoked,
+    ViabilityChanged,
+)
+from iommud.protocol.fields import (
+    BDF_PATTERN,
+    U16,
+    U24,
+    U32,
+    U64,
+    Backend,
+    BackendKind,
+    Bdf,
+    Bool,
+    ClaimedDevice,
+    DeviceEntry,
+    EventName,
+    FdCount,
+    FdIndex,
+    GroupEntry,
+    IovaRange,
+    LeaseInfo,
+    Length,
+    MappedRange,
+    MapRange,
+    Message,
+    Name,
+    NoFds,
+    Offender,
+    Owner,
+    PageLimit,
+    ReplyBase,
+    RequestBase,
+    Seconds,
+    Struct,
+    Text,
+)
+from iommud.protocol.limits import MAX_FDS, MAX_RANGES, Limits
 
-# --------------------------------------------------------------------------- types
-
-BDF_PATTERN: Final = r"^[0-9a-f]{4}:[0-9a-f]{2}:[01][0-9a-f]\.[0-7]$"
-"""PCI address "DDDD:BB:DD.F", lowercase hex, device 0..1f, function 0..7."""
-
-# Scalars are strict: JSON "1" is not an int, 1.0 is not an int, 0 is not a bool.
-# Containers and enums stay lax so Python callers may pass lists and plain strings.
-Bdf = Annotated[str, Strict(), StringConstraints(pattern=BDF_PATTERN)]
-U16 = Annotated[int, Strict(), Ge(0), Le(0xFFFF)]
-U24 = Annotated[int, Strict(), Ge(0), Le(0xFFFFFF)]
-U32 = Annotated[int, Strict(), Ge(0), Le(U32_MAX)]
-U64 = Annotated[int, Strict(), Ge(0), Le(U64_MAX)]
-Length = Annotated[int, Strict(), Ge(1), Le(U64_MAX)]
-FdIndex = Annotated[int, Strict(), Ge(0), Le(MAX_FDS - 1)]
-FdCount = Annotated[int, Strict(), Ge(0), Le(MAX_FDS)]
-NoFds = Annotated[int, Strict(), Ge(0), Le(0)]
-"""``fds`` of a message that never carries fds: always 0."""
-Bool = Annotated[bool, Strict()]
-Seconds = Annotated[float, Strict(), Ge(0.0)]
-Name = Annotated[str, Strict(), MaxLen(256)]
-"""Short identifiers: driver names, client and server names, versions."""
-Text = Annotated[str, Strict(), MaxLen(4096)]
-"""Free text: reasons and error messages."""
-PageLimit = Annotated[int, Strict(), Ge(1), Le(U32_MAX)]
-"""Most entries a list reply may carry (``list_devices.limit``)."""
-
-
-class Backend(enum.StrEnum):
-    """What a ``claim`` asks for."""
-
-    AUTO = "auto"
-    IOMMUFD = "iommufd"
-    LEGACY = "legacy"
-
-
-class BackendKind(enum.StrEnum):
-    """What a claim got, or what a whole-group claim would take."""
-
-    IOMMUFD = "iommufd"
-    LEGACY = "legacy"
-
-
-class EventName(enum.StrEnum):
-    """The ``event`` field of an ``event`` message."""
-
-    DRIVER_BOUND = "driver_bound"
-    DRIVER_UNBOUND = "driver_unbound"
-    DEVICE_ADDED = "device_added"
-    DEVICE_REMOVED = "device_removed"
-    VIABILITY_CHANGED = "viability_changed"
-    LEASE_REVOKED = "lease_revoked"
-    BIND_REFUSED = "bind_refused"
-
-
-def _require_wire_fields(schema: dict[str, Any]) -> None:
-    # op, fds (and an event's name) have Python defaults, but a datagram must carry them
-    # (the codec checks it); say so in the JSON Schema too.
-    required = schema.setdefault("required", [])
-    for key in ("op", "fds", "event"):
-        if key in schema.get("properties", {}) and key not in required:
-            required.append(key)
-
-
-class Struct(BaseModel):
-    """Base of nested wire objects: frozen, unknown fields rejected."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
-
-
-class Message(Struct):
-    """Base of every datagram: carries ``op`` and ``fds`` (fds attached via SCM_RIGHTS)."""
-
-    model_config = ConfigDict(json_schema_extra=_require_wire_fields)
-
-    op: str
-    fds: FdCount = 0
-
-
-class RequestBase(Message):
-    """A client request: ``id`` is chosen by the client and echoed in the reply."""
-
-    id: U32
-    fds: NoFds = 0
-
-
-class ReplyBase(Message):
-    """A successful reply: ``op`` is the request's op + ``_reply``, same ``id``."""
-
-    id: U32
-    fds: NoFds = 0
-
-
-# --------------------------------------------------------------------------- nested
-
-
-class DeviceEntry(Struct):
-    bdf: Bdf
-    vendor: U16
-    device: U16
-    class_code: U24
-    driver: Name | None
-    driver_override: Name | None
-    group_id: U32 | None
-    is_bridge: Bool
-    vfio_cdev: Annotated[str, MaxLen(4096)] | None
-
-
-class Offender(Struct):
-    """A device whose driver makes its group unsafe for user DMA."""
-
-    bdf: Bdf
-    driver: Name
-
-
-class Owner(Struct):
-    uid: U32
-    pid: U32
-
-
-class GroupEntry(Struct):
-    group_id: U32
-    devices: tuple[Bdf, ...]
-    is_viable: Bool
-    offenders: tuple[Offender, ...]
-    path: BackendKind | None
-    owner: Owner | None
-
-
-class LeaseInfo(Struct):
-    lease_id: U32
-    group_id: U32
-    uid: U32
-    pid: U32
-    backend: BackendKind
-    devices: tuple[Bdf, ...]
-    ioas_id: U32
-
-
-class ClaimedDevice(Struct):
-    """One device of a claim reply; its fd is at ``fd_index`` in the SCM_RIGHTS array."""
-
-    bdf: Bdf
-    fd_index: FdIndex
-    devid: U32 | None
-
-
-class MapRange(Struct):
-    """One range of ``ioas_map``: ``length`` bytes at ``offset`` of fd ``fd_index``."""
-
-    fd_index: FdIndex
-    offset: U64
-    length: Length
-    iova: U64 | None = None
-    read: Bool = True
-    write: Bool = True
-
-
-class MappedRange(Struct):
-    """Where one ``ioas_map`` range landed."""
-
-    iova: U64
-    length: Length
-
-
-class IovaRange(Struct):
-    """An allowed IOVA range, inclusive at both ends (``last``), as the kernel reports."""
-
-    start: U64
-    last: U64
-
-    @model_validator(mode="after")
-    def _ordered(self) -> IovaRange:
-        if self.start > self.last:
-            raise ValueError("start must be <= last")
-        return self
+__all__ = [
+    "BDF_PATTERN",
+    "EVENT_TYPES",
+    "REPLY_TYPES",
+    "REQUEST_TYPES",
+    "U16",
+    "U24",
+    "U32",
+    "U64",
+    "AnyEvent",
+    "Backend",
+    "BackendKind",
+    "Bdf",
+    "BindRefused",
+    "Bool",
+    "Claim",
+    "ClaimReply",
+    "ClaimedDevice",
+    "DeviceAdded",
+    "DeviceEntry",
+    "DeviceRemoved",
+    "DeviceReset",
+    "DeviceResetReply",
+    "DriverBound",
+    "DriverUnbound",
+    "ErrorReply",
+    "Event",
+    "EventName",
+    "FdCount",
+    "FdIndex",
+    "GroupEntry",
+    "Hello",
+    "HelloReply",
+    "IoasCreate",
+    "IoasCreateReply",
+    "IoasDestroy",
+    "IoasDestroyReply",
+    "IoasMap",
+    "IoasMapReply",
+    "IoasUnmap",
+    "IoasUnmapReply",
+    "IovaRange",
+    "IovaRanges",
+    "IovaRangesReply",
+    "LeaseInfo",
+    "LeaseRevoked",
+    "Length",
+    "ListDevices",
+    "ListDevicesReply",
+    "ListGroups",
+    "ListGroupsReply",
+    "MapRange",
+    "MappedRange",
+    "Message",
+    "Name",
+    "NoFds",
+    "Offender",
+    "Owner",
+    "PageLimit",
+    "Ping",
+    "PingReply",
+    "Release",
+    "ReleaseReply",
+    "Reply",
+    "ReplyBase",
+    "Request",
+    "RequestBase",
+    "Revoke",
+    "RevokeReply",
+    "Seconds",
+    "ServerMessage",
+    "Status",
+    "StatusReply",
+    "Struct",
+    "Subscribe",
+    "SubscribeReply",
+    "Text",
+    "ViabilityChanged",
+]
 
 
 # --------------------------------------------------------------------------- requests
@@ -476,87 +417,7 @@ class ErrorReply(Message):
         return self
 
 
-# --------------------------------------------------------------------------- events
-
-
-class Event(Message):
-    """Base of every event: no ``id``; ``seq`` counts events daemon-wide, ``ts`` is unix time."""
-
-    op: Literal["event"] = "event"
-    fds: NoFds = 0
-    event: EventName
-    ts: Seconds
-    seq: U64
-
-    @property
-    def event_group(self) -> int | None:
-        """The group the event is about (for subscription filters), if any."""
-        value = getattr(self, "group_id", None)
-        return value if isinstance(value, int) else None
-
-
-class DriverBound(Event):
-    event: Literal[EventName.DRIVER_BOUND] = EventName.DRIVER_BOUND
-    bdf: Bdf
-    driver: Name
-    group_id: U32 | None
-
-
-class DriverUnbound(Event):
-    event: Literal[EventName.DRIVER_UNBOUND] = EventName.DRIVER_UNBOUND
-    bdf: Bdf
-    driver: Name | None
-    group_id: U32 | None
-
-
-class DeviceAdded(Event):
-    event: Literal[EventName.DEVICE_ADDED] = EventName.DEVICE_ADDED
-    bdf: Bdf
-    group_id: U32 | None
-
-
-class DeviceRemoved(Event):
-    event: Literal[EventName.DEVICE_REMOVED] = EventName.DEVICE_REMOVED
-    bdf: Bdf
-    group_id: U32 | None
-
-
-class ViabilityChanged(Event):
-    event: Literal[EventName.VIABILITY_CHANGED] = EventName.VIABILITY_CHANGED
-    group_id: U32
-    is_viable: Bool
-    offenders: tuple[Offender, ...]
-
-
-class LeaseRevoked(Event):
-    event: Literal[EventName.LEASE_REVOKED] = EventName.LEASE_REVOKED
-    lease_id: U32
-    group_id: U32
-    reason: Text
-
-
-class BindRefused(Event):
-    """An unsafe driver tried to bind to a device of an owned group."""
-
-    event: Literal[EventName.BIND_REFUSED] = EventName.BIND_REFUSED
-    bdf: Bdf
-    driver: Name
-    group_id: U32
-    reason: Text
-
-
 # --------------------------------------------------------------------------- unions
-
-AnyEvent = Annotated[
-    DriverBound
-    | DriverUnbound
-    | DeviceAdded
-    | DeviceRemoved
-    | ViabilityChanged
-    | LeaseRevoked
-    | BindRefused,
-    Field(discriminator="event"),
-]
 
 Request = Annotated[
     Hello

@@ -11,7 +11,7 @@ from pathlib import Path
 import iommud.protocol
 
 PACKAGE = Path(iommud.protocol.__file__).parent
-CORE = ("codec", "connection", "errors", "exceptions", "limits", "messages")
+CORE = ("codec", "connection", "errors", "events", "exceptions", "fields", "limits", "messages")
 FORBIDDEN_ROOTS = {"asyncio", "socket", "pyudev", "structlog", "uvloop", "selectors", "os"}
 ALLOWED_IMPORTS = {
     "__future__",
