@@ -1,9 +1,20 @@
-"""The daemon's socket side: transport, listening sockets, connection handlers, server.
+"""The daemon's socket side: listening sockets, connection handlers, the server.
 
-Only glue between sockets, ``iommud.protocol`` and the broker lives here; no policy.
+Only glue between sockets, ``iommud.protocol`` and the broker lives here; no policy
+and no state beyond the connections. Datagram I/O (SCM_RIGHTS, peer credentials) is
+``iommud.transport``, shared with the client library.
 """
 
 from iommud.server.handler import BrokerAPI, ConnectionHandler, Outcome, ServerInfo
+from iommud.server.listen import bind_listener, inherited_listeners
 from iommud.server.server import Server
 
-__all__ = ["BrokerAPI", "ConnectionHandler", "Outcome", "Server", "ServerInfo"]
+__all__ = [
+    "BrokerAPI",
+    "ConnectionHandler",
+    "Outcome",
+    "Server",
+    "ServerInfo",
+    "bind_listener",
+    "inherited_listeners",
+]
