@@ -3,7 +3,7 @@
 Only glue between sockets, ``iommud.protocol`` and the broker lives here; no policy.
 """
 
-from iommud.server.handler import BrokerAPI, ConnectionHandler, Outcome, ServerInfo
+from iommud.server.handler import BrokerAPI, ConnectionHandler, ServerInfo
 from iommud.server.server import Server
 
-__all__ = ["BrokerAPI", "ConnectionHandler", "Outcome", "Server", "ServerInfo"]
+__all__ = ["BrokerAPI", "ConnectionHandler", "Server", "ServerInfo"]
