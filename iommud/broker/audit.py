@@ -71,8 +71,8 @@ class GuardAudit:
     async def _audit(self, write: SysfsWrite) -> None:
         """A guarded sysfs file was written: re-check the owned groups, report refusals."""
         try:
-            for gid in list(self._holds):
-                await self._recheck(gid)
+            for group_id in list(self._holds):
+                await self._recheck(group_id)
         except IommudError as exc:
             log.warning("guard.audit_failed", code=exc.code, **exc.details)
         if write.kind is not WriteKind.BIND or write.accepted or write.name is None:
@@ -82,8 +82,8 @@ class GuardAudit:
         driver = write.name
         snap = self._view.snapshot
         targets = [
-            (gid, bdf)
-            for gid, hold in self._holds.items()
+            (group_id, bdf)
+            for group_id, hold in self._holds.items()
             for bdf in hold.pinned
             if driver in self._view.seen_drivers.get(bdf, ())
             and getattr(snap.devices.get(bdf), "driver", None) != driver
@@ -96,12 +96,14 @@ class GuardAudit:
                 owned_groups=sorted(self._holds),
             )
             return
-        for gid, bdf in targets:
+        for group_id, bdf in targets:
             reason = (
                 f"a write to {write.path} was refused: driver_override of {bdf} is pinned "
-                f"to {VFIO_PCI} while IOMMU group {gid} is owned"
+                f"to {VFIO_PCI} while IOMMU group {group_id} is owned"
             )
-            log.warning("guard.bind_refused", bdf=bdf, driver=driver, group_id=gid, path=write.path)
+            log.warning(
+                "guard.bind_refused", bdf=bdf, driver=driver, group_id=group_id, path=write.path
+            )
             self._publish(
-                m.EventName.BIND_REFUSED, bdf=bdf, driver=driver, group_id=gid, reason=reason
+                m.EventName.BIND_REFUSED, bdf=bdf, driver=driver, group_id=group_id, reason=reason
             )

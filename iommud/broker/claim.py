@@ -103,37 +103,39 @@ class ClaimManager:
 
     async def _claim(self, session: Session, req: Claim) -> tuple[ClaimReply, list[OwnedFd]]:
         devices = list(req.devices)
-        snap, gid = await self._refresh(devices)
+        snap, group_id = await self._refresh(devices)
         # Policy first: a peer that may not claim these devices learns nothing about
         # who holds them.
         for bdf in devices:
             check_claim(self._config, session.identity, snap.devices[bdf]).raise_if_denied(
                 session.identity, snap.devices[bdf]
             )
-        restoring = self._restoring.get(gid)
+        restoring = self._restoring.get(group_id)
         if restoring is not None and not restoring.done():
             waiting = {b: self._drivers.pending[b] for b in self._drivers.pending}
             raise BusyError(
-                f"IOMMU group {gid} is being given back to its host drivers",
-                group_id=gid,
+                f"IOMMU group {group_id} is being given back to its host drivers",
+                group_id=group_id,
                 restoring=waiting,
             )
-        hold = self._holds.get(gid)
+        hold = self._holds.get(group_id)
         if hold is not None and hold.session is not session:
             first = next(iter(hold.leases.values()), None)
             ident = hold.session.identity
             raise BusyError(
-                f"IOMMU group {gid} is owned by uid {ident.uid} (pid {ident.pid})",
-                group_id=gid,
+                f"IOMMU group {group_id} is owned by uid {ident.uid} (pid {ident.pid})",
+                group_id=group_id,
                 uid=ident.uid,
                 pid=ident.pid,
                 lease_id=first.lease_id if first else None,
             )
         if hold is not None and any(le.state is LeaseState.REVOKED for le in hold.leases.values()):
-            raise RevokedError(f"IOMMU group {gid} was revoked; release it first", group_id=gid)
+            raise RevokedError(
+                f"IOMMU group {group_id} was revoked; release it first", group_id=group_id
+            )
 
         safe = self._config.dma_safe_drivers
-        members = snap.group_devices(gid)
+        members = snap.group_devices(group_id)
         to_rebind: list[PciDevice] = []
         refused: list[PciDevice] = []
         for dev in members:
@@ -143,7 +145,7 @@ class ClaimManager:
                 (to_rebind if may_rebind(self._config, dev) else refused).append(dev)
         planned = snap
         if to_rebind:
-            group = snap.groups[gid]
+            group = snap.groups[group_id]
             planned_devs = {d.bdf: d for d in members}
             planned_devs.update({d.bdf: replace(d, driver=VFIO_PCI) for d in to_rebind})
             planned = snap.with_group(group, planned_devs)
@@ -163,10 +165,10 @@ class ClaimManager:
             backend=BackendRequest(str(req.backend)),
             ioas_backend=target.backend if target else None,
         )
-        decision = select_path(planned, gid, intent, existing, safe)  # NotViable/GroupSplit
+        decision = select_path(planned, group_id, intent, existing, safe)  # NotViable/GroupSplit
         if decision.backend is ClaimPath.IOMMUFD:
             # A new bind could take a revoked device's id while the freeze waits for it.
-            check_not_frozen(session, claim_group_id=gid)
+            check_not_frozen(session, claim_group_id=group_id)
         for dev in refused:
             if dev.bdf in devices:
                 raise PermissionDeniedError(
@@ -179,14 +181,14 @@ class ClaimManager:
 
         new_hold = hold is None
         if hold is None:
-            hold = GroupHold(gid, session, decision.backend)
+            hold = GroupHold(group_id, session, decision.backend)
         created: IoasState | None = None
         lease_devices: list[LeasedDevice] = []
         fds: list[OwnedFd] = []
         try:
             await self._prepare_drivers(hold, members, to_rebind, new_hold=new_hold)
             if new_hold:
-                self._holds[gid] = hold
+                self._holds[group_id] = hold
             snap, _ = await self._refresh(devices)  # cdev names appear after the rebind
             if target is None:
                 target = created = self._ioas.create(session, decision.backend)
@@ -202,18 +204,18 @@ class ClaimManager:
             await asyncio.shield(self._unwind(session, hold, new_hold, lease_devices, created))
             raise
 
-        lease = Lease(self._next_lease, session, gid, decision.backend, target, lease_devices)
+        lease = Lease(self._next_lease, session, group_id, decision.backend, target, lease_devices)
         self._next_lease += 1
         hold.leases[lease.lease_id] = lease
         session.leases[lease.lease_id] = lease
-        target.groups.add(gid)
+        target.groups.add(group_id)
         log.info(
             "device.claimed",
             session=session.session_id,
             uid=session.identity.uid,
             pid=session.identity.pid,
             lease_id=lease.lease_id,
-            group_id=gid,
+            group_id=group_id,
             devices=devices,
             backend=str(decision.backend),
             ioas_id=target.ioas_id,
@@ -224,7 +226,7 @@ class ClaimManager:
             id=req.id,
             fds=len(fds),
             lease_id=lease.lease_id,
-            group_id=gid,
+            group_id=group_id,
             backend=str(decision.backend),
             ioas_id=target.ioas_id,
             devices=tuple(
@@ -429,13 +431,13 @@ class ClaimManager:
         entries = self._restore_entries(hold)
         if not entries:
             return []
-        gid = hold.group_id
+        group_id = hold.group_id
         task = self._drivers.restore_in_background(entries)
-        self._restoring[gid] = task
+        self._restoring[group_id] = task
 
         def done(t: asyncio.Task[None]) -> None:
-            if self._restoring.get(gid) is t:
-                del self._restoring[gid]
+            if self._restoring.get(group_id) is t:
+                del self._restoring[group_id]
 
         task.add_done_callback(done)
         return [e.bdf for e in entries]

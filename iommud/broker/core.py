@@ -127,7 +127,7 @@ class Broker:
             on_owners_changed=self._audit.sync,
         )
         self._listing = Listing(config, self._view, self._holds, self._sessions.sessions)
-        self.event_source: str | None = None  # set by the udev layer (issue 5)
+        self.event_source: str | None = None  # set by the udev layer
         self.guard_enabled = True
 
     # ------------------------------------------------------------------ lifecycle

@@ -28,7 +28,7 @@ from typing import Final
 
 import structlog
 
-from iommud.broker.state import IoasState, Mapping, Session
+from iommud.broker.state import IoasMapping, IoasState, Session
 from iommud.errors import (
     BadRequestError,
     InvalidRangeError,
@@ -260,8 +260,8 @@ class IoasManager:
         # Fixed ranges first so a kernel-chosen IOVA cannot take a spot a later fixed
         # range of the same request asked for.
         order = sorted(range(len(ranges)), key=lambda i: ranges[i].iova is None)
-        done: list[Mapping] = []
-        results: dict[int, Mapping] = {}
+        done: list[IoasMapping] = []
+        results: dict[int, IoasMapping] = {}
         try:
             for i in order:
                 r = ranges[i]
@@ -354,7 +354,7 @@ class IoasManager:
 
     async def _map_one(
         self, session: Session, ioas: IoasState, r: MapRange, fd: int, iova: int | None
-    ) -> Mapping:
+    ) -> IoasMapping:
         flags = (MapFlag.READABLE if r.read else MapFlag(0)) | (
             MapFlag.WRITEABLE if r.write else MapFlag(0)
         )
@@ -366,7 +366,7 @@ class IoasManager:
                 got = await asyncio.to_thread(
                     ictx.ioas_map_file, kid, fd, r.offset, r.length, iova, flags
                 )
-                return Mapping(got, r.length)
+                return IoasMapping(got, r.length)
         dmap = self._daemon_map(fd, r)
         try:
             if ioas.backend is ClaimPath.IOMMUFD:
@@ -389,7 +389,7 @@ class IoasManager:
         except BaseException:
             dmap.close()
             raise
-        return Mapping(got, r.length, mm=dmap)
+        return IoasMapping(got, r.length, mm=dmap)
 
     @staticmethod
     def _daemon_map(fd: int, r: MapRange) -> DaemonMap:
@@ -404,7 +404,7 @@ class IoasManager:
                 reason="mmap_failed",
             ) from exc
 
-    async def _undo(self, session: Session, ioas: IoasState, done: list[Mapping]) -> None:
+    async def _undo(self, session: Session, ioas: IoasState, done: list[IoasMapping]) -> None:
         for m in done:
             try:
                 await self._kernel_unmap(session, ioas, m.iova, m.length)
@@ -460,7 +460,7 @@ class IoasManager:
         )
         return total
 
-    async def _unmap_mapping(self, session: Session, ioas: IoasState, m: Mapping) -> int:
+    async def _unmap_mapping(self, session: Session, ioas: IoasState, m: IoasMapping) -> int:
         n = await self._kernel_unmap(session, ioas, m.iova, m.length)
         ioas.mappings.pop(m.iova, None)
         if m.mm is not None:

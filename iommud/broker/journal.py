@@ -87,14 +87,6 @@ class Journal:
             self._entries = entries
             return list(entries.values())
 
-    def entries(self) -> list[JournalEntry]:
-        with self._lock:
-            return list(self._entries.values())
-
-    def get(self, bdf: str) -> JournalEntry | None:
-        with self._lock:
-            return self._entries.get(bdf)
-
     def record(self, entries: list[JournalEntry]) -> None:
         """Add or replace entries and make it durable before returning."""
         with self._lock:

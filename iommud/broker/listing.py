@@ -67,14 +67,14 @@ class Listing:
         snap = await self._snapshot(request.offset)
         safe = self._config.dma_safe_drivers
         out = []
-        for gid in sorted(snap.groups):
-            v = group_viability(snap, gid, safe)
-            hold = self._holds.get(gid)
-            path = hold.backend if hold else whole_group_path(snap, gid, safe)
+        for group_id in sorted(snap.groups):
+            v = group_viability(snap, group_id, safe)
+            hold = self._holds.get(group_id)
+            path = hold.backend if hold else whole_group_path(snap, group_id, safe)
             out.append(
                 m.GroupEntry(
-                    group_id=gid,
-                    devices=snap.groups[gid].devices,
+                    group_id=group_id,
+                    devices=snap.groups[group_id].devices,
                     is_viable=v.is_viable,
                     offenders=tuple(
                         m.Offender(bdf=o.bdf, driver=o.driver)

@@ -34,7 +34,7 @@ class Closeable(Protocol):
 
 
 @dataclass(eq=False)
-class Mapping:
+class IoasMapping:
     """One mapped range of an IOAS: what the client gave and what the daemon holds."""
 
     iova: int
@@ -59,7 +59,7 @@ class IoasState:
     kernel_id: int | None = None
     container: VfioContainer | None = None
     container_ready: bool = False
-    mappings: dict[int, Mapping] = field(default_factory=dict)  # by iova
+    mappings: dict[int, IoasMapping] = field(default_factory=dict)  # by iova
     groups: set[int] = field(default_factory=set)  # groups with devices attached here
 
     @property

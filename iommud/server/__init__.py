@@ -5,14 +5,13 @@ and no state beyond the connections. Datagram I/O (SCM_RIGHTS, peer credentials)
 ``iommud.transport``, shared with the client library.
 """
 
-from iommud.server.handler import BrokerAPI, ConnectionHandler, Outcome, ServerInfo
+from iommud.server.handler import BrokerAPI, ConnectionHandler, ServerInfo
 from iommud.server.listen import bind_listener, inherited_listeners
 from iommud.server.server import Server
 
 __all__ = [
     "BrokerAPI",
     "ConnectionHandler",
-    "Outcome",
     "Server",
     "ServerInfo",
     "bind_listener",

@@ -28,6 +28,7 @@ from typing import Any, Protocol
 import structlog
 from pydantic import JsonValue, TypeAdapter, ValidationError
 
+from iommud.broker.state import Outcome
 from iommud.errors import IommudError
 from iommud.fds import FdSet, OwnedFd
 from iommud.policy import Identity
@@ -58,15 +59,6 @@ log = structlog.get_logger(__name__)
 
 _PEER_GONE = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF)
 _JSON: TypeAdapter[dict[str, JsonValue]] = TypeAdapter(dict[str, JsonValue])
-
-
-class Outcome(Protocol):
-    """What the broker returns for a request: the reply and the fds to send with it."""
-
-    @property
-    def reply(self) -> Reply: ...
-    @property
-    def fds(self) -> Sequence[OwnedFd]: ...
 
 
 class BrokerAPI(Protocol):

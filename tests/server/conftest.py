@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from iommud.broker import Outcome
 from iommud.errors import NotFoundError
 from iommud.fds import FdSet, OwnedFd
 from iommud.host.snapshot import HostSnapshot
@@ -35,12 +36,6 @@ class Session:
     pidfd: OwnedFd | None
     events: asyncio.Queue[m.Event] = field(default_factory=asyncio.Queue)
     closed: bool = False
-
-
-@dataclass(frozen=True)
-class Outcome:
-    reply: m.Reply
-    fds: list[OwnedFd] = field(default_factory=list)
 
 
 class StandInBroker:
