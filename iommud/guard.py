@@ -11,7 +11,7 @@ fsnotify_close), while modify is raised only by a write that succeeded
 kernfs): a refused write to ``drivers/e1000/bind`` gives IN_CLOSE_WRITE alone, an
 accepted one IN_MODIFY then IN_CLOSE_WRITE, about 10 ms after the write under TCG.
 
-``BindGuard`` owns one inotify fd (``inotify_init1`` through ctypes) registered with the
+``BindGuard`` owns one inotify fd (iommud.kernel.inotify) registered with the
 running loop (``loop.add_reader``; no thread). ``guard(bdfs)`` sets the devices to
 watch: their ``driver_override`` files, and while any device is guarded every
 ``bus/pci/drivers/*/bind`` of a driver outside the DMA-safe list plus
@@ -19,43 +19,32 @@ watch: their ``driver_override`` files, and while any device is guarded every
 inotify does not say what was written, so the write names the file, not the target.
 
 This module decides nothing and writes nothing to sysfs: the broker re-checks its
-owned groups and reports. OSError from inotify becomes KernelError.
+owned groups and reports. It makes no system call itself (iommud.kernel.inotify does).
 """
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import enum
 import errno
 import os
-import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
 
 import structlog
 
 from iommud.errors import KernelError
+from iommud.kernel.inotify import (
+    IN_CLOSE_WRITE,
+    IN_IGNORED,
+    IN_MODIFY,
+    IN_Q_OVERFLOW,
+    Inotify,
+    parse_events,
+)
 
 log = structlog.get_logger(__name__)
-
-# include/uapi/linux/inotify.h
-IN_MODIFY: Final = 0x00000002
-IN_CLOSE_WRITE: Final = 0x00000008
-IN_IGNORED: Final = 0x00008000
-IN_Q_OVERFLOW: Final = 0x00004000
-IN_NONBLOCK: Final = os.O_NONBLOCK
-IN_CLOEXEC: Final = os.O_CLOEXEC
-
-_EVENT = struct.Struct("iIII")  # wd, mask, cookie, len (then len bytes of name)
-_READ_SIZE = 64 * 1024
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.inotify_init1.argtypes = (ctypes.c_int,)
-_libc.inotify_add_watch.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32)
-_libc.inotify_rm_watch.argtypes = (ctypes.c_int, ctypes.c_int)
 
 
 class WriteKind(enum.StrEnum):
@@ -86,10 +75,6 @@ class _Target:
     path: str
 
 
-def _oserror(op: str) -> KernelError:
-    return KernelError(op, ctypes.get_errno() or errno.EIO)
-
-
 class BindGuard:
     """inotify watches on the sysfs files that can bind a driver; see the module doc."""
 
@@ -103,7 +88,7 @@ class BindGuard:
         self._pci = Path(sys_root) / "bus" / "pci"
         self._on_write = on_write
         self._safe = frozenset(dma_safe)
-        self._fd = -1
+        self._inotify: Inotify | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._by_wd: dict[int, _Target] = {}
         self._by_path: dict[str, int] = {}
@@ -114,20 +99,17 @@ class BindGuard:
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         """Open the inotify fd and register it with the running loop."""
-        fd = int(_libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC))
-        if fd < 0:
-            raise _oserror("inotify_init1")
-        self._fd = fd
+        self._inotify = Inotify()
         self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(fd, self._on_readable)
+        self._loop.add_reader(self._inotify.fileno(), self._on_readable)
 
     def close(self) -> None:
-        if self._fd < 0:
+        ino, self._inotify = self._inotify, None
+        if ino is None:
             return
         if self._loop is not None:
-            self._loop.remove_reader(self._fd)
-        os.close(self._fd)
-        self._fd = -1
+            self._loop.remove_reader(ino.fileno())
+        ino.close()
         self._by_wd.clear()
         self._by_path.clear()
         self._modified.clear()
@@ -141,7 +123,8 @@ class BindGuard:
     # ------------------------------------------------------------------ watches
     def guard(self, bdfs: Iterable[str]) -> None:
         """Watch exactly these devices (and, if any, the bind files of every driver)."""
-        if self._fd < 0:
+        ino = self._inotify
+        if ino is None:
             return
         self.devices = frozenset(bdfs)
         wanted: dict[str, _Target] = {}
@@ -165,14 +148,19 @@ class BindGuard:
             wd = self._by_path.pop(path)
             self._by_wd.pop(wd, None)
             self._modified.discard(wd)
-            _libc.inotify_rm_watch(self._fd, wd)  # EINVAL if the kernel dropped it: fine
+            try:
+                ino.rm_watch(wd)
+            except KernelError as exc:
+                if exc.errno != errno.EINVAL:  # EINVAL: the kernel dropped it already
+                    raise
         for path, target in wanted.items():
             if path in self._by_path:
                 continue
-            wd = int(_libc.inotify_add_watch(self._fd, path.encode(), IN_MODIFY | IN_CLOSE_WRITE))
-            if wd < 0:
+            try:
+                wd = ino.add_watch(path, IN_MODIFY | IN_CLOSE_WRITE)
+            except KernelError as exc:
                 # A device or driver that vanished meanwhile: nothing left to guard there.
-                log.warning("guard.watch_failed", path=path, errno=ctypes.get_errno())
+                log.warning("guard.watch_failed", path=path, errno=exc.errno)
                 continue
             self._by_wd[wd] = target
             self._by_path[path] = wd
@@ -180,11 +168,11 @@ class BindGuard:
 
     # ------------------------------------------------------------------ events
     def _on_readable(self) -> None:
-        try:
-            data = os.read(self._fd, _READ_SIZE)
-        except BlockingIOError:
+        if self._inotify is None:
             return
-        except OSError as exc:
+        try:
+            data = self._inotify.read()
+        except KernelError as exc:
             log.exception("guard.read_failed", errno=exc.errno)
             return
         for ev in self.parse(data):
@@ -193,10 +181,7 @@ class BindGuard:
     def parse(self, data: bytes) -> list[SysfsWrite]:
         """Turn raw inotify records into writes (MODIFY is folded into the close)."""
         out: list[SysfsWrite] = []
-        pos = 0
-        while pos + _EVENT.size <= len(data):
-            wd, mask, _cookie, length = _EVENT.unpack_from(data, pos)
-            pos += _EVENT.size + length
+        for wd, mask in ((ev.wd, ev.mask) for ev in parse_events(data)):
             if mask & IN_Q_OVERFLOW:
                 # Lost events: say "something was written" so the owner re-checks.
                 log.warning("guard.queue_overflow")
@@ -220,4 +205,4 @@ class BindGuard:
         return out
 
 
-__all__ = ["BindGuard", "SysfsWrite", "WriteKind"]
+__all__ = ["IN_CLOSE_WRITE", "IN_IGNORED", "IN_MODIFY", "BindGuard", "SysfsWrite", "WriteKind"]

@@ -44,6 +44,7 @@ from iommud.host.snapshot import (
     read_snapshot,
 )
 from iommud.host.viability import Viability, group_viability
+from iommud.kernel import aio
 from iommud.pci import BDF_RE
 from iommud.protocol.messages import Event, EventName
 
@@ -442,7 +443,7 @@ class HostWatcher:
     async def rescan(self, reason: str) -> None:
         """Re-read the whole host (in a worker thread) and report what changed."""
         try:
-            new = await asyncio.to_thread(read_snapshot, self.sys_root, self.dev_root)
+            new = await aio.call("read_snapshot", read_snapshot, self.sys_root, self.dev_root)
         except IommudError as exc:
             # Keep the old view but remember it is stale: the next event rescans again.
             self.is_stale = True

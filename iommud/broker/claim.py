@@ -55,6 +55,7 @@ from iommud.host.viability import (
     ExistingClaim,
     select_path,
 )
+from iommud.kernel import aio
 from iommud.kernel.interface import Kernel
 from iommud.policy import check_claim, may_rebind
 from iommud.protocol.messages import Claim, ClaimedDevice, ClaimReply
@@ -461,9 +462,9 @@ def close_request_fd(ld: LeasedDevice) -> None:
 async def _reset_quietly(ld: LeasedDevice) -> None:
     """VFIO_DEVICE_RESET when the device supports it; failures are logged, not raised."""
     try:
-        info = ld.device.get_info()
+        info = await aio.call("VFIO_DEVICE_GET_INFO", ld.device.get_info)
         if info.can_reset:
-            await asyncio.to_thread(ld.device.reset)
+            await aio.call("VFIO_DEVICE_RESET", ld.device.reset)
             log.info("device.reset", bdf=ld.bdf)
     except KernelError as exc:
         log.warning("device.reset_failed", bdf=ld.bdf, errno=exc.errno, op=exc.op)

@@ -56,6 +56,7 @@ from iommud.fds import FdSet, OwnedFd
 from iommud.guard import BindGuard
 from iommud.host.snapshot import HostSnapshot
 from iommud.host.viability import ClaimPath
+from iommud.kernel import aio
 from iommud.kernel.interface import Kernel
 from iommud.policy import Identity
 from iommud.protocol import messages as m
@@ -142,7 +143,7 @@ class Broker:
 
     async def start(self) -> None:
         """Replay the rebind journal of a previous run, then read the host."""
-        entries = await asyncio.to_thread(self._journal.load)
+        entries = await aio.call("journal_read", self._journal.load)
         if entries:
             log.warning(
                 "journal.replay", devices=[e.bdf for e in entries], path=str(self._journal.path)
@@ -312,7 +313,7 @@ class Broker:
                         raise RevokedError(
                             f"lease {lease.lease_id} was revoked", lease_id=lease.lease_id, bdf=bdf
                         )
-                    await asyncio.to_thread(ld.device.reset)
+                    await aio.call("VFIO_DEVICE_RESET", ld.device.reset)
                     log.info("device.reset", session=session.session_id, bdf=bdf)
                     return
         raise NotFoundError(f"{bdf} is not claimed by this session", bdf=bdf)

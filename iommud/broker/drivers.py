@@ -7,12 +7,10 @@ outlives its timeout cannot be cancelled (the thread sits in the kernel), so the
 keeps waiting for it in the background and is reported as pending until it completes; a
 restore step that fails is retried with a delay.
 
-Those threads are daemon threads of their own (:func:`off_loop`), never the loop's
-default executor: asyncio.Runner.close() joins the default executor without a timeout on
-Python 3.11 (and ThreadPoolExecutor workers are joined again at interpreter exit), so one
-unbind stuck behind a client's open device fd would hang the daemon's SIGTERM forever.
-With daemon threads, :meth:`DriverManager.aclose`'s grace is the real bound; what is
-left pending stays in the journal and the next start restores it.
+Those threads are the kernel layer's sysfs pool of daemon threads (iommud.kernel.aio),
+never the loop's default executor, so one unbind stuck behind a client's open device fd
+cannot hang the daemon's SIGTERM: :meth:`DriverManager.aclose`'s grace is the real
+bound; what is left pending stays in the journal and the next start restores it.
 
 Write-ahead: the journal records a device's original driver and override BEFORE the
 first write to it, and forgets it only once the device is back.
@@ -23,23 +21,20 @@ Decides nothing about who may be rebound (the claim code asks iommud.policy).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
-import threading
 from collections.abc import Callable
-from typing import Final, TypeVar
+from typing import Final
 
 import structlog
 
 from iommud.broker.journal import Journal, JournalEntry
 from iommud.errors import KernelError
+from iommud.kernel import aio
 from iommud.kernel.interface import DriverBinder
 
 log = structlog.get_logger(__name__)
 
 VFIO_PCI: Final = "vfio-pci"
-
-T = TypeVar("T")
 
 
 class DriverManager:
@@ -68,7 +63,7 @@ class DriverManager:
         On timeout the thread keeps running (it cannot be interrupted); callers that
         must see it finish use :meth:`restore`, which keeps waiting.
         """
-        fut = off_loop(op, fn)
+        fut = aio.submit(op, fn)
         done, _ = await asyncio.wait({fut}, timeout=self._timeout)
         if not done:
             fut.add_done_callback(_consume)
@@ -76,7 +71,7 @@ class DriverManager:
         fut.result()
 
     async def journal(self, entries: list[JournalEntry]) -> None:
-        await asyncio.to_thread(self._journal.record, entries)
+        await aio.call("journal_write", self._journal.record, entries)
 
     async def pin(self, bdf: str) -> None:
         await self.run("driver_override", lambda: self._binder.set_driver_override(bdf, VFIO_PCI))
@@ -154,7 +149,7 @@ class DriverManager:
             attempt += 1
             self.pending[entry.bdf] = "unbind" if entry.rebound else "driver_override"
             try:
-                await off_loop(f"restore:{entry.bdf}", lambda: self._restore_step(entry))
+                await aio.call("restore", self._restore_step, entry)
             except KernelError as exc:
                 log.warning(
                     "driver.restore_failed",
@@ -177,7 +172,7 @@ class DriverManager:
                 continue
             break
         self.pending.pop(entry.bdf, None)
-        await asyncio.to_thread(self._journal.drop, [entry.bdf])
+        await aio.call("journal_write", self._journal.drop, [entry.bdf])
         log.info(
             "driver.restored",
             bdf=entry.bdf,
@@ -193,39 +188,6 @@ class DriverManager:
             for t in not_done:
                 log.error("driver.restore_unfinished", task=t.get_name())
                 t.cancel()
-
-
-def off_loop(name: str, fn: Callable[[], T]) -> asyncio.Future[T]:
-    """Run ``fn`` on a new daemon thread; its outcome completes the returned future.
-
-    Cancelling the future does not stop the thread (nothing can interrupt a write
-    sleeping in the kernel); a result that arrives after that, or after the loop has
-    closed, is dropped.
-    """
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[T] = loop.create_future()
-
-    def settle(value: T | None, exc: BaseException | None) -> None:
-        if fut.done():
-            return
-        if exc is not None:
-            fut.set_exception(exc)
-        else:
-            fut.set_result(value)  # type: ignore[arg-type]
-
-    def target() -> None:
-        value: T | None = None
-        error: BaseException | None = None
-        try:
-            value = fn()
-        except BaseException as exc:
-            error = exc
-        # RuntimeError: the loop closed while this thread was blocked (daemon stopped).
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(settle, value, error)
-
-    threading.Thread(target=target, name=f"iommud-sysfs:{name}", daemon=True).start()
-    return fut
 
 
 def _consume(fut: asyncio.Future[object]) -> None:

@@ -19,7 +19,6 @@ Never decides viability itself (iommud.host.viability does).
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Callable
 from typing import Final
 
@@ -36,9 +35,10 @@ from iommud.broker.sessions import Spawn, quietly
 from iommud.broker.state import GroupHold, Lease, LeasedDevice, LeaseState, Session
 from iommud.config import Config
 from iommud.errors import KernelError
-from iommud.fds import OwnedFd
 from iommud.host.snapshot import HostSnapshot, PciDevice
 from iommud.host.viability import ClaimPath, group_viability
+from iommud.kernel import aio
+from iommud.kernel.eventfd import drain_eventfd, open_eventfd
 from iommud.kernel.uapi import VFIO_PCI_REQ_IRQ_INDEX
 from iommud.protocol import messages as m
 
@@ -125,7 +125,7 @@ class Enforcer:
             for b in left:
                 hold.pinned.pop(b, None)
                 hold.rebound.pop(b, None)
-            await asyncio.to_thread(self._journal.drop, left)
+            await aio.call("journal_write", self._journal.drop, left)
             log.info("group.members_left", group_id=hold.group_id, devices=left)
         joined = [d for d in members.values() if d.bdf not in hold.pinned]
         if joined:
@@ -230,7 +230,7 @@ class Enforcer:
         """
         loop = asyncio.get_running_loop()
         for ld in lease.devices:
-            efd = OwnedFd(os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK))
+            efd = open_eventfd()
             try:
                 ld.device.set_irq_eventfd(VFIO_PCI_REQ_IRQ_INDEX, efd.fileno())
             except KernelError as exc:
@@ -244,9 +244,7 @@ class Enforcer:
         fd = ld.request_fd
         if fd is None or fd.closed:
             return
-        try:
-            os.eventfd_read(fd.fileno())
-        except BlockingIOError:
+        if not drain_eventfd(fd.fileno()):
             return
         log.warning(
             "device.removal_requested",

@@ -11,7 +11,6 @@ and decides nothing.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterable
 
 from iommud.config import Config
@@ -24,6 +23,7 @@ from iommud.host.snapshot import (
     read_group,
     read_snapshot,
 )
+from iommud.kernel import aio
 
 
 class HostView:
@@ -48,7 +48,7 @@ class HostView:
     async def read_all(self) -> HostSnapshot:
         """Read the whole host (start-up, listings)."""
         d = self._config.daemon
-        self._snapshot = await asyncio.to_thread(read_snapshot, d.sys_root, d.dev_root)
+        self._snapshot = await aio.call("read_snapshot", read_snapshot, d.sys_root, d.dev_root)
         return self._snapshot
 
     async def start(self) -> HostSnapshot:
@@ -78,7 +78,7 @@ class HostView:
             group, devs = read_group(root, gid)
             return gid, group, devs
 
-        gid, group, devs = await asyncio.to_thread(work)
+        gid, group, devs = await aio.call("read_group", work)
         self._snapshot = self.snapshot.with_group(group, devs)
         return self._snapshot, gid
 
@@ -94,8 +94,8 @@ class HostView:
                 self._snapshot = self.snapshot.without_group(group_id)
         else:
             try:
-                group, devs = await asyncio.to_thread(
-                    read_group, self._config.daemon.sys_root, group_id
+                group, devs = await aio.call(
+                    "read_group", read_group, self._config.daemon.sys_root, group_id
                 )
             except NotFoundError:
                 self._snapshot = self.snapshot.without_group(group_id)

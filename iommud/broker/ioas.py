@@ -17,12 +17,10 @@ caller serialises requests per session. No policy beyond the session's quota her
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import errno
 import fcntl
 import mmap
 import os
-import stat
 from collections.abc import Sequence
 from typing import Final
 
@@ -40,7 +38,9 @@ from iommud.errors import (
 )
 from iommud.fds import FdSet
 from iommud.host.viability import ClaimPath
+from iommud.kernel import aio
 from iommud.kernel.interface import IommuFd, IovaRange, Kernel, MapFlag
+from iommud.kernel.memory import DaemonMap, inspect_file
 from iommud.protocol.messages import MappedRange, MapRange
 
 log = structlog.get_logger(__name__)
@@ -52,64 +52,27 @@ VFIO_TYPE1V2_IOMMU: Final = 3
 # x86 MSI window (0xfee00000, include/uapi/linux/vfio.h, iova range capability).
 LEGACY_IOVA_RANGES: Final = (IovaRange(0, 0xFEDFFFFF), IovaRange(0xFEF00000, (1 << 39) - 1))
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [
-    ctypes.c_void_p,
-    ctypes.c_size_t,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_long,
-]
-_libc.munmap.restype = ctypes.c_int
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_MAP_FAILED: Final = ctypes.c_void_p(-1).value
-
-
-class DaemonMap:
-    """The daemon's own MAP_SHARED mapping of a client file range (mmap fallback path)."""
-
-    __slots__ = ("addr", "length")
-
-    def __init__(self, fd: int, offset: int, length: int, *, write: bool) -> None:
-        prot = mmap.PROT_READ | (mmap.PROT_WRITE if write else 0)
-        addr = _libc.mmap(None, length, prot, mmap.MAP_SHARED, fd, offset)
-        if addr is None or addr == _MAP_FAILED:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
-        self.addr: int | None = addr
-        self.length = length
-
-    def close(self) -> None:
-        addr, self.addr = self.addr, None
-        if addr is not None:
-            _libc.munmap(addr, self.length)
-
 
 def _check_fd(index: int, r: MapRange, fd: int) -> None:
     """The fd is a sealed memfd/regular file and the range lies inside it."""
     try:
-        st = os.fstat(fd)
-    except OSError as exc:
+        st = inspect_file(fd)
+    except KernelError as exc:
         raise BadRequestError(
             f"range {index}: fd {r.fd_index} cannot be inspected",
             range=index,
             fd_index=r.fd_index,
             errno=exc.errno,
         ) from exc
-    if not stat.S_ISREG(st.st_mode):
+    if not st.is_regular:
         raise BadRequestError(
             f"range {index}: fd {r.fd_index} is not a memfd or regular file",
             range=index,
             fd_index=r.fd_index,
             reason="not_a_file",
         )
-    try:
-        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
-    except OSError:
-        seals = 0  # not a shmem/memfd file: cannot be sealed
-    if not seals & fcntl.F_SEAL_SHRINK:
+    seals = st.seals
+    if not st.has_seals(fcntl.F_SEAL_SHRINK):
         raise BadRequestError(
             f"range {index}: fd {r.fd_index} is not sealed against shrinking "
             "(memfd_create with MFD_ALLOW_SEALING, then F_ADD_SEALS F_SEAL_SHRINK)",
@@ -128,15 +91,15 @@ def _check_fd(index: int, r: MapRange, fd: int) -> None:
             length=r.length,
             page_size=PAGE,
         )
-    if r.offset + r.length > st.st_size:
+    if r.offset + r.length > st.size:
         raise InvalidRangeError(
             f"range {index}: [{r.offset:#x}, +{r.length:#x}) is outside the file "
-            f"(size {st.st_size:#x})",
+            f"(size {st.size:#x})",
             range=index,
             reason="outside_file",
             offset=r.offset,
             length=r.length,
-            file_size=st.st_size,
+            file_size=st.size,
         )
 
 
@@ -212,7 +175,7 @@ class IoasManager:
             session.ioases.pop(ioas.ioas_id, None)
             if ioas.kernel_id is not None and session.iommufd is not None:
                 try:
-                    session.iommufd.destroy(ioas.kernel_id)
+                    await aio.call("IOMMU_DESTROY", session.iommufd.destroy, ioas.kernel_id)
                 except KernelError as exc:
                     log.warning("ioas.destroy_failed", ioas_id=ioas.ioas_id, errno=exc.errno)
             if ioas.container is not None:
@@ -362,9 +325,16 @@ class IoasManager:
             ictx = self.iommufd(session)
             kid = ioas.kernel_id
             assert kid is not None
-            if ictx.has_map_file():
-                got = await asyncio.to_thread(
-                    ictx.ioas_map_file, kid, fd, r.offset, r.length, iova, flags
+            if await aio.call("IOMMU_IOAS_MAP_FILE probe", ictx.has_map_file):
+                got = await aio.call(
+                    "IOMMU_IOAS_MAP_FILE",
+                    ictx.ioas_map_file,
+                    kid,
+                    fd,
+                    r.offset,
+                    r.length,
+                    iova,
+                    flags,
                 )
                 return IoasMapping(got, r.length)
         dmap = self._daemon_map(fd, r)
@@ -372,18 +342,28 @@ class IoasManager:
             if ioas.backend is ClaimPath.IOMMUFD:
                 assert dmap.addr is not None
                 assert ioas.kernel_id is not None
-                got = await asyncio.to_thread(
-                    self.iommufd(session).ioas_map, ioas.kernel_id, dmap.addr, r.length, iova, flags
+                got = await aio.call(
+                    "IOMMU_IOAS_MAP",
+                    self.iommufd(session).ioas_map,
+                    ioas.kernel_id,
+                    dmap.addr,
+                    r.length,
+                    iova,
+                    flags,
                 )
             else:
                 container = ioas.container
                 assert container is not None
                 assert iova is not None
                 assert dmap.addr is not None
-                await asyncio.to_thread(
-                    lambda: container.map_dma(
-                        dmap.addr or 0, iova, r.length, read=r.read, write=r.write
-                    )
+                await aio.call(
+                    "VFIO_IOMMU_MAP_DMA",
+                    container.map_dma,
+                    dmap.addr,
+                    iova,
+                    r.length,
+                    read=r.read,
+                    write=r.write,
                 )
                 got = iova
         except BaseException:
@@ -395,9 +375,9 @@ class IoasManager:
     def _daemon_map(fd: int, r: MapRange) -> DaemonMap:
         try:
             return DaemonMap(fd, r.offset, r.length, write=r.write)
-        except OSError as exc:
+        except KernelError as exc:
             raise BadRequestError(
-                f"fd {r.fd_index} cannot be mapped by the daemon ({exc.strerror}); "
+                f"fd {r.fd_index} cannot be mapped by the daemon ({os.strerror(exc.errno)}); "
                 "send it read-write, without F_SEAL_WRITE, or ask write=false",
                 fd_index=r.fd_index,
                 errno=exc.errno,
@@ -418,11 +398,11 @@ class IoasManager:
     async def _kernel_unmap(self, session: Session, ioas: IoasState, iova: int, length: int) -> int:
         if ioas.backend is ClaimPath.IOMMUFD:
             assert ioas.kernel_id is not None
-            return await asyncio.to_thread(
-                self.iommufd(session).ioas_unmap, ioas.kernel_id, iova, length
+            return await aio.call(
+                "IOMMU_IOAS_UNMAP", self.iommufd(session).ioas_unmap, ioas.kernel_id, iova, length
             )
         assert ioas.container is not None
-        return await asyncio.to_thread(ioas.container.unmap_dma, iova, length)
+        return await aio.call("VFIO_IOMMU_UNMAP_DMA", ioas.container.unmap_dma, iova, length)
 
     # ------------------------------------------------------------------ unmap
     async def unmap(self, session: Session, ioas: IoasState, iova: int, length: int) -> int:
@@ -475,10 +455,12 @@ class IoasManager:
             if ioas.backend is ClaimPath.IOMMUFD:
                 assert ioas.kernel_id is not None
                 assert session.iommufd is not None
-                n = await asyncio.to_thread(session.iommufd.ioas_unmap_all, ioas.kernel_id)
+                n = await aio.call(
+                    "IOMMU_IOAS_UNMAP", session.iommufd.ioas_unmap_all, ioas.kernel_id
+                )
             else:
                 assert ioas.container is not None
-                n = await asyncio.to_thread(ioas.container.unmap_all)
+                n = await aio.call("VFIO_IOMMU_UNMAP_DMA", ioas.container.unmap_all)
         except KernelError as exc:
             if exc.errno != errno.ENOENT:
                 raise

@@ -42,11 +42,8 @@ from iommud.kernel.interface import (
     VfioDevice,
     VfioGroup,
 )
+from iommud.kernel.libc import check, libc, map_oserror
 from iommud.kernel.sysfs_bind import SysfsBinder, check_bdf
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)
-_libc.ioctl.restype = ctypes.c_int
 
 _CDEV_RE = re.compile(r"vfio[0-9]{1,9}")
 
@@ -69,10 +66,7 @@ def ioctl(
         value = arg
     else:
         value = ctypes.addressof(arg)
-    ret = int(_libc.ioctl(fd, request, value))
-    if ret < 0:
-        raise KernelError(op, ctypes.get_errno() or errno.EIO)
-    return ret
+    return check(op, int(libc.ioctl(fd, request, value)))
 
 
 def get_region_info(fd: int, index: int) -> RegionInfo:
@@ -83,10 +77,8 @@ def get_region_info(fd: int, index: int) -> RegionInfo:
 
 
 def _open(path: Path, op: str) -> int:
-    try:
+    with map_oserror(op, path=str(path)):
         return os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    except OSError as exc:
-        raise KernelError.from_oserror(op, exc, path=str(path)) from exc
 
 
 class _FdOwner:
@@ -370,10 +362,8 @@ class LinuxVfioDevice(_FdOwner):
         self._ioctl("VFIO_DEVICE_SET_IRQS", uapi.VFIO_DEVICE_SET_IRQS, cmd)
 
     def dup_fd(self) -> int:
-        try:
+        with map_oserror("dup"):
             return os.dup(self.fileno())  # non-inheritable (O_CLOEXEC) by default
-        except OSError as exc:
-            raise KernelError.from_oserror("dup", exc) from exc
 
 
 class LinuxVfioContainer(_FdOwner):

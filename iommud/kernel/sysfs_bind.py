@@ -28,6 +28,7 @@ import re
 from pathlib import Path
 
 from iommud.errors import KernelError
+from iommud.kernel.libc import map_oserror
 from iommud.pci import BDF_RE
 
 _DRIVER_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}")
@@ -82,29 +83,24 @@ class SysfsBinder:
         """The name of the bound driver (the ``driver`` link's target), or None."""
         check_bdf("current_driver", bdf)
         link = self._pci / "devices" / bdf / "driver"
-        try:
-            target = os.readlink(link)
-        except FileNotFoundError:
-            if not (self._pci / "devices" / bdf).exists():
-                raise KernelError("current_driver", errno.ENODEV, path=str(link)) from None
-            return None
-        except OSError as exc:
-            raise KernelError.from_oserror("current_driver", exc, path=str(link)) from exc
+        with map_oserror("current_driver", path=str(link)):
+            try:
+                target = os.readlink(link)
+            except FileNotFoundError:
+                if not (self._pci / "devices" / bdf).exists():
+                    raise KernelError("current_driver", errno.ENODEV, path=str(link)) from None
+                return None
         # A name we would refuse to write is one we refuse to report.
         return check_driver("current_driver", os.path.basename(target))
 
     @staticmethod
     def _write(op: str, path: Path, value: str) -> None:
         data = value.encode("ascii")
-        try:
+        with map_oserror(op, path=str(path)):
             fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW)
-        except OSError as exc:
-            raise KernelError.from_oserror(op, exc, path=str(path)) from exc
-        try:
-            written = os.write(fd, data)
-        except OSError as exc:
-            raise KernelError.from_oserror(op, exc, path=str(path)) from exc
-        finally:
-            os.close(fd)
+            try:
+                written = os.write(fd, data)
+            finally:
+                os.close(fd)
         if written != len(data):
             raise KernelError(op, errno.EIO, f"{op}: short write to {path}", path=str(path))

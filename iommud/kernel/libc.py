@@ -1,0 +1,59 @@
+"""The C library, loaded once, and the one translation of OS errors into KernelError.
+
+``libc`` is the process's C library through ctypes with the prototypes the kernel layer
+uses (ioctl, mmap/munmap, inotify). ``map_oserror(op)`` is the boundary: an OSError
+raised inside it leaves as ``KernelError(op, errno)``; ``check(op, ret)`` does the same
+for a ctypes call that returned -1 and left its errno behind (``use_errno=True`` keeps
+a private copy per thread, so worker threads cannot clobber each other's errno).
+
+Nothing here knows what the calls are for; no other module loads libc.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+from collections.abc import Iterator
+from typing import Any, Final
+
+from iommud.errors import KernelError
+
+libc: Final = ctypes.CDLL(None, use_errno=True)
+libc.ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)
+libc.ioctl.restype = ctypes.c_int
+libc.mmap.argtypes = (
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+)
+libc.mmap.restype = ctypes.c_void_p
+libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+libc.munmap.restype = ctypes.c_int
+libc.inotify_init1.argtypes = (ctypes.c_int,)
+libc.inotify_init1.restype = ctypes.c_int
+libc.inotify_add_watch.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32)
+libc.inotify_add_watch.restype = ctypes.c_int
+libc.inotify_rm_watch.argtypes = (ctypes.c_int, ctypes.c_int)
+libc.inotify_rm_watch.restype = ctypes.c_int
+
+MAP_FAILED: Final = ctypes.c_void_p(-1).value
+
+
+@contextlib.contextmanager
+def map_oserror(op: str, **details: Any) -> Iterator[None]:
+    """Re-raise an OSError from the block as KernelError(op, errno, **details)."""
+    try:
+        yield
+    except OSError as exc:
+        raise KernelError.from_oserror(op, exc, **details) from exc
+
+
+def check(op: str, ret: int) -> int:
+    """Return ``ret`` unless it is negative; then raise KernelError with the call's errno."""
+    if ret < 0:
+        raise KernelError(op, ctypes.get_errno() or errno.EIO)
+    return ret
