@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+import topology
 
 from iommud.broker import Broker, Session
 from iommud.config import AccessRule, Config, DaemonConfig, ManageConfig, Quota
@@ -28,10 +29,10 @@ from iommud.protocol import messages as m
 from tests.fakekernel import FakeKernel
 from tests.fakesys import FakeSys, lab_topology
 
-EDU = "0000:00:10.0"
-BR_EDU1 = "0000:01:01.0"
-BR_EDU2 = "0000:01:02.0"
-E1000 = "0000:01:03.0"
+EDU = topology.EDU0
+BR_EDU1 = topology.EDU1
+BR_EDU2 = topology.EDU2
+E1000 = topology.NIC
 PAGE = 4096
 
 ALICE = Identity(uid=1000, gid=1000, pid=4242)

@@ -78,7 +78,7 @@ def test_sigterm_exits_promptly_while_an_unbind_blocks(tmp_path: Path) -> None:
     """A daemon process (uvloop, iommud.app.serve) with a restore stuck behind a held
     device fd exits 0 within seconds of SIGTERM; the journal keeps the device."""
     sockdir = tempfile.mkdtemp(dir="/tmp", prefix="iommud-t")
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join((str(REPO), str(REPO / "lab")))}
     env.pop("NOTIFY_SOCKET", None)
     args = [sys.executable, "-m", "tests.broker.blocked_daemon", str(tmp_path)]
     args.append(os.path.join(sockdir, "s"))

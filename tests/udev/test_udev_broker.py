@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import topology
 
 from iommud.broker import Broker
 from iommud.broker.state import Session
@@ -39,8 +40,8 @@ from tests.fakesys import FakeSys, lab_topology
 from tests.serving import open_fds
 from tests.udev.fakemonitor import FakeMonitor, uevent
 
-E1000_BDF = "0000:01:03.0"
-EDUS = ("0000:01:01.0", "0000:01:02.0")
+E1000_BDF = topology.NIC
+EDUS = topology.BRIDGE_EDUS
 A = HostAction
 
 
