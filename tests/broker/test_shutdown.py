@@ -19,7 +19,7 @@ from pathlib import Path
 from iommud.broker import Broker
 from iommud.broker.journal import Journal
 from iommud.protocol import messages as m
-from tests.broker.conftest import ALICE, EDU, Client, make_config
+from tests.broker.support import ALICE, EDU, Client, make_config
 from tests.broker.test_claim import driver
 from tests.fakekernel import FakeKernel
 from tests.fakesys import FakeSys
@@ -32,7 +32,7 @@ def _sysfs_threads() -> list[threading.Thread]:
 
 
 def test_aclose_and_loop_close_are_prompt_while_an_unbind_blocks(
-    fd_baseline: None, tmp_path: Path, fs: FakeSys
+    no_fd_leak: None, tmp_path: Path, fs: FakeSys
 ) -> None:
     """The whole run, including asyncio.Runner.close() (which joins the default
     executor without a timeout on 3.11), ends promptly with the unbind still blocked."""

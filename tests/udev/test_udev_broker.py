@@ -37,7 +37,7 @@ from iommud.udev import (
 )
 from tests.fakekernel import FakeKernel
 from tests.fakesys import FakeSys, lab_topology
-from tests.serving import open_fds
+from tests.serving import FdSnapshot
 from tests.udev.fakemonitor import FakeMonitor, uevent
 
 E1000_BDF = topology.NIC
@@ -55,7 +55,7 @@ class Host:
 
 @pytest.fixture
 async def host(tmp_path: Path) -> AsyncIterator[Host]:
-    before = open_fds()
+    before = FdSnapshot.take()
     fs = lab_topology(tmp_path / "root")
     config = Config(
         daemon=DaemonConfig(
@@ -73,7 +73,7 @@ async def host(tmp_path: Path) -> AsyncIterator[Host]:
     await broker.handle(monitor, m.Subscribe(id=1), FdSet())
     yield Host(fs, broker, watcher, monitor)
     await broker.aclose()
-    assert open_fds() == before
+    before.assert_unchanged()
 
 
 def drain(broker: Broker, session: Session) -> list[dict[str, Any]]:

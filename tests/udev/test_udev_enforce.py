@@ -38,7 +38,7 @@ from iommud.protocol import messages as m
 from iommud.udev import HostAction, HostEvent, HostWatcher, broker_sink
 from tests.fakekernel import FakeKernel
 from tests.fakesys import CLASS_EDU, CLASS_ETHERNET, E1000, EDU, FakeSys, lab_topology
-from tests.serving import open_fds
+from tests.serving import FdSnapshot
 
 EDUS = topology.BRIDGE_EDUS
 HOT = "0000:01:05.0"
@@ -68,7 +68,7 @@ class Host:
 
 @pytest.fixture
 async def host(tmp_path: Path) -> AsyncIterator[Host]:
-    before = open_fds()
+    before = FdSnapshot.take()
     fs = lab_topology(tmp_path / "root")
     state = tmp_path / "state"
     config = Config(
@@ -88,7 +88,7 @@ async def host(tmp_path: Path) -> AsyncIterator[Host]:
     await watcher.handle(HostEvent(A.UNBIND, NIC))
     yield Host(fs, kernel, broker, watcher, monitor, state)
     await broker.aclose()
-    assert open_fds() == before
+    before.assert_unchanged()
 
 
 def drain(broker: Broker, session: Session) -> list[dict[str, Any]]:
