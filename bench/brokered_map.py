@@ -26,11 +26,14 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.e2e
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lab"))  # for topology
+
+from topology import EDU0
 
 from iommud.kernel.interface import MapFlag
 from iommud.kernel.linux import LinuxKernel
-from tests.e2e.support import EDU0, ClientProc, Daemon
+from tests.e2e.support import ClientProc, Daemon
 
 SIZES = (4 << 10, 64 << 10, 1 << 20, 16 << 20)
 IOVA = 0x100000

@@ -33,9 +33,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from topology import EDU0
+
 LAB = Path(__file__).resolve().parent
 REPO = LAB.parent
-DEVICE = "0000:00:10.0"
+DEVICE = EDU0  # alone in its group: the iommufd path
 IOVA = 0x100000
 SIZE = 1 << 20
 CHUNK = 2048  # edu: at most 2048 bytes per transfer (QEMU 7.2 off-by-one)

@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+import topology
 from qmp_agent import QmpAgent
 
 LAB_DIR = Path(__file__).resolve().parent
@@ -48,34 +49,7 @@ ENV_QMP_DIR = "IOMMUD_LAB_QMP_DIR"  # where qmp_guest drops its requests
 
 DEFAULT_TIMEOUT = 600.0
 
-# The fixed topology (see lab/README.md for the BDF map and IOMMU groups it gives).
-# q35 + intel-iommu with interrupt remapping (needs the split irqchip); vng itself passes
-# `-machine q35`, and QEMU merges a later -machine option into the earlier one.
-TOPOLOGY: tuple[str, ...] = (
-    "-machine",
-    "q35,kernel-irqchip=split",
-    "-device",
-    "intel-iommu,intremap=on,id=iommu0",
-    # 00:10.0: an edu directly on the root complex, alone in its group.
-    "-device",
-    "edu,addr=0x10,id=edu0",
-    # 00:11.0: a conventional PCI bridge; everything behind it shares one group.
-    "-device",
-    "pci-bridge,id=br1,chassis_nr=1,bus=pcie.0,addr=0x11",
-    "-device",
-    "edu,bus=br1,addr=0x1,id=edu1",
-    "-device",
-    "edu,bus=br1,addr=0x2,id=edu2",
-    "-device",
-    "e1000,bus=br1,addr=0x3,netdev=n0,id=nic0",
-    "-netdev",
-    "user,id=n0",
-    # 00:12.0: a PCIe root port with a hot-unpluggable edu behind it (02:00.0).
-    "-device",
-    "pcie-root-port,id=rp1,chassis=2,slot=1,bus=pcie.0,addr=0x12",
-    "-device",
-    "edu,bus=rp1,id=hotedu",
-)
+# The guest's devices come from topology.QEMU_OPTIONS (lab/topology.py).
 
 # vng mounts the host root over 9p without caching: every stat and read is a round trip
 # through emulated virtio. The root is read-only and a guest lives for one run, so a loose
@@ -324,7 +298,7 @@ class LabRun:
 
     def vng_argv(self, *, exec_script: Path | None, shell: Path | None = None) -> list[str]:
         qemu_opts = (
-            *TOPOLOGY,
+            *topology.QEMU_OPTIONS,
             "-qmp",
             f"unix:{self.qmp_socket},server=on,wait=off",
             *self.extra_qemu,

@@ -46,6 +46,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from topology import EDU0, HOTEDU
+
 LAB = Path(__file__).resolve().parent
 REPO = LAB.parent
 UNITS = REPO / "systemd"
@@ -55,8 +57,8 @@ CONFIG = Path("/etc/iommud/iommud.toml")
 RESULT_MARKER = "IOMMUD-SYSTEMD-RESULT "  # then the path of the JSON file
 RESULT_FILE = "systemd-check.json"  # in $IOMMUD_LAB_DIR, the dir shared with the host
 
-EDU0 = "0000:00:10.0"  # alone in its group: the iommufd path
-HOTEDU = "0000:02:00.0"  # alone in its group too: claimed through the legacy container
+# EDU0 is alone in its group: the iommufd path. HOTEDU is alone in its group too: it is
+# claimed through the legacy container.
 USER = 1000
 IOVA = 0x100000
 SIZE = 1 << 20

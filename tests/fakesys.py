@@ -45,6 +45,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import topology
+
 __all__ = [
     "CLASS_BRIDGE",
     "CLASS_EDU",
@@ -57,8 +59,8 @@ __all__ = [
     "real_server",
 ]
 
-EDU = (0x1234, 0x11E8)  # QEMU's edu teaching device
-E1000 = (0x8086, 0x100E)  # QEMU's e1000 NIC
+EDU = topology.EDU_ID  # QEMU's edu teaching device
+E1000 = topology.E1000_ID  # QEMU's e1000 NIC
 CLASS_EDU = 0x00FF00
 CLASS_ETHERNET = 0x020000
 CLASS_BRIDGE = 0x060400
@@ -260,7 +262,7 @@ def _relink(link: Path, target: Path) -> None:
 
 
 def lab_topology(root: Path, *, iommufd: bool = True, legacy: bool = True) -> FakeSys:
-    """The QEMU lab guest (shared/lab-notes.md)::
+    """The QEMU lab guest (lab/topology.py; group numbers are this fake's own)::
 
     group 3:  0000:00:10.0  edu    (alone, driver-less)
     group 4:  0000:00:11.0  pci-bridge (no driver)
@@ -277,12 +279,12 @@ def lab_topology(root: Path, *, iommufd: bool = True, legacy: bool = True) -> Fa
         fs.enable_legacy_container()
     fs.add_device("0000:00:00.0", 0x8086, 0x29C0, CLASS_HOST_BRIDGE, group=0)
     fs.add_device("0000:00:01.0", 0x1AF4, 0x1009, 0x000200, group=6, driver="virtio-pci")
-    fs.add_device("0000:00:10.0", *EDU, CLASS_EDU, group=3)
-    fs.add_device("0000:00:11.0", 0x1B36, 0x0001, CLASS_BRIDGE, group=4)
-    fs.add_device("0000:01:01.0", *EDU, CLASS_EDU, parent="0000:00:11.0", group=4)
-    fs.add_device("0000:01:02.0", *EDU, CLASS_EDU, parent="0000:00:11.0", group=4)
+    fs.add_device(topology.EDU0, *EDU, CLASS_EDU, group=3)
+    fs.add_device(topology.BRIDGE, 0x1B36, 0x0001, CLASS_BRIDGE, group=4)
+    for edu in topology.BRIDGE_EDUS:
+        fs.add_device(edu, *EDU, CLASS_EDU, parent=topology.BRIDGE, group=4)
     fs.add_device(
-        "0000:01:03.0", *E1000, CLASS_ETHERNET, parent="0000:00:11.0", group=4, driver="e1000"
+        topology.NIC, *E1000, CLASS_ETHERNET, parent=topology.BRIDGE, group=4, driver="e1000"
     )
     fs.add_device("0000:00:1f.0", 0x8086, 0x2918, CLASS_ISA_BRIDGE, group=5, driver="lpc_ich")
     fs.add_device("0000:00:1f.2", 0x8086, 0x2922, 0x010601, group=5, driver="ahci")

@@ -1,29 +1,77 @@
-"""Host-test helpers shared across suites: fd counting and a served broker.
+"""Host-test helpers shared across suites: the fd-leak check and a served broker.
 
-``open_fds`` counts this process's open fds (tests compare it before and after a
-scenario to prove nothing leaked). ``served_broker`` runs a started Broker on the fake
-kernel and the lab-shaped fake sysfs behind the REAL server on a real AF_UNIX socket, and
-after shutdown asserts the fd count is back where it was. Test code only.
+``FdSnapshot`` records this process's open fds (/proc/self/fd, with what each points
+at); ``assert_unchanged`` fails with the fds opened and closed since, by number and
+target. The ``no_fd_leak`` fixture (this module is a pytest plugin, loaded from
+tests/conftest.py) wraps a whole test in one snapshot. ``served_broker`` runs a started
+Broker on the fake kernel and the lab-shaped fake sysfs behind the REAL server on a real
+AF_UNIX socket, and after shutdown asserts no fd leaked. Test code only.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
+
+import pytest
 
 from iommud.broker import Broker
 from iommud.server import Server, ServerInfo
 from iommud.server.listen import bind_listener
-from tests.broker.conftest import make_config
+from tests.broker.support import make_config
 from tests.fakekernel import FakeKernel
 from tests.fakesys import lab_topology
 
 
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
+def _target(fd: str) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except FileNotFoundError:  # the fd of the listing itself, closed by now
+        return "?"
+
+
+@dataclass(frozen=True)
+class FdSnapshot:
+    """This process's open fds at one moment: fd number -> what it points at."""
+
+    fds: dict[int, str]
+
+    @classmethod
+    def take(cls) -> FdSnapshot:
+        names = os.listdir("/proc/self/fd")
+        fds = {int(n): _target(n) for n in names}
+        # listdir's own directory fd was open while it listed and is closed now.
+        return cls({fd: t for fd, t in fds.items() if t != "?"})
+
+    def __len__(self) -> int:
+        return len(self.fds)
+
+    def changes(self, now: FdSnapshot) -> str:
+        """The fds opened and closed between this snapshot and ``now``, for a message."""
+        opened = {fd: now.fds[fd] for fd in sorted(now.fds.keys() - self.fds.keys())}
+        closed = {fd: self.fds[fd] for fd in sorted(self.fds.keys() - now.fds.keys())}
+        return f"opened {opened}, closed {closed}"
+
+    def assert_unchanged(self, *, opened: int = 0) -> None:
+        """The same fd numbers are open now as then (plus ``opened`` new ones, if given)."""
+        now = FdSnapshot.take()
+        if opened:
+            assert len(now) == len(self) + opened, f"fd count: {self.changes(now)}"
+            assert self.fds.keys() <= now.fds.keys(), f"fd closed: {self.changes(now)}"
+        else:
+            assert now.fds.keys() == self.fds.keys(), f"fd leak: {self.changes(now)}"
+
+
+@pytest.fixture
+def no_fd_leak() -> Iterator[None]:
+    """Fails the test if it leaves other fds open than it started with."""
+    before = FdSnapshot.take()
+    yield
+    before.assert_unchanged()
 
 
 @asynccontextmanager
@@ -31,7 +79,7 @@ async def served_broker(
     tmp_path: Path, sockdir: str, *, sysfs_timeout: float = 10.0
 ) -> AsyncIterator[tuple[str, Broker]]:
     """(socket path, broker): the lab topology served by the real server."""
-    before = open_fds()
+    before = FdSnapshot.take()
     fs = lab_topology(tmp_path / "host")
     broker = Broker(
         make_config(tmp_path, fs),
@@ -49,4 +97,4 @@ async def served_broker(
     server.stop()
     await asyncio.wait_for(task, 5)
     await broker.aclose(grace=5.0)
-    assert open_fds() == before
+    before.assert_unchanged()

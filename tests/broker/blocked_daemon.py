@@ -19,7 +19,7 @@ from iommud.app import DaemonBroker, run, serve
 from iommud.broker import Broker
 from iommud.config import Config
 from iommud.protocol import messages as m
-from tests.broker.conftest import ALICE, EDU, Client, make_config
+from tests.broker.support import ALICE, EDU, Client, make_config
 from tests.fakekernel import FakeKernel
 from tests.fakesys import lab_topology
 

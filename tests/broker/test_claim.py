@@ -11,7 +11,7 @@ from iommud.broker import Broker
 from iommud.broker.journal import Journal
 from iommud.errors import BusyError, GroupSplitError, NotViableError, PermissionDeniedError
 from iommud.protocol import messages as m
-from tests.broker.conftest import (
+from tests.broker.support import (
     ALICE,
     BOB,
     BR_EDU1,
@@ -167,10 +167,12 @@ async def test_group_split_into_two_ioases_is_refused(broker: Broker, fs: FakeSy
 
 
 async def test_not_viable_when_offender_may_not_be_rebound(
-    tmp_path: object, fs: FakeSys, kernel: FakeKernel, fd_baseline: None
+    tmp_path: object, fs: FakeSys, kernel: FakeKernel, no_fd_leak: None
 ) -> None:
     """Without [manage] rebind for e1000 the bridge group stays not viable; details name it."""
-    from tests.broker.conftest import make_config
+    from pathlib import Path
+
+    from tests.broker.support import make_config
 
     cfg = make_config(Path(str(tmp_path)), fs)
     cfg = cfg.model_copy(

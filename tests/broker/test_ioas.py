@@ -20,7 +20,7 @@ from iommud.errors import (
     QuotaExceededError,
 )
 from iommud.protocol import messages as m
-from tests.broker.conftest import ALICE, BR_EDU1, EDU, PAGE, Client, make_config, memfd
+from tests.broker.support import ALICE, BR_EDU1, EDU, PAGE, Client, make_config, memfd
 from tests.fakekernel import FakeKernel
 from tests.fakesys import FakeSys
 
@@ -286,7 +286,7 @@ async def test_kernel_chosen_iova_does_not_steal_a_fixed_one(broker: Broker) -> 
 
 
 async def test_map_file_path_keeps_no_daemon_mmap(
-    tmp_path: Path, fs: FakeSys, fd_baseline: None
+    tmp_path: Path, fs: FakeSys, no_fd_leak: None
 ) -> None:
     """Where IOMMU_IOAS_MAP_FILE exists the broker hands the fd to the kernel instead."""
     kernel = FakeKernel(fs, map_file=True)

@@ -15,7 +15,7 @@ from iommud.broker import Broker
 from iommud.broker.journal import Journal, JournalEntry
 from iommud.errors import PermissionDeniedError, RevokedError
 from iommud.protocol import messages as m
-from tests.broker.conftest import (
+from tests.broker.support import (
     ALICE,
     BOB,
     BR_EDU1,
@@ -103,7 +103,7 @@ async def test_release_waits_for_the_client_to_close_its_device_fd(
 
 
 async def test_journal_replay_restores_a_crashed_run(
-    tmp_path: Path, fs: FakeSys, fd_baseline: None
+    tmp_path: Path, fs: FakeSys, no_fd_leak: None
 ) -> None:
     """A previous run died with e1000 on vfio-pci and overrides pinned: start() undoes it."""
     # The state a crash leaves: journal written, sysfs changed, no one to restore it.

@@ -13,7 +13,7 @@ from iommud.errors import LimitReachedError
 from iommud.protocol import messages as m
 from iommud.protocol.codec import decode_server, encode
 from iommud.protocol.limits import MAX_DATAGRAM, U32_MAX
-from tests.broker.conftest import ALICE, Client
+from tests.broker.support import ALICE, Client
 from tests.fakesys import FakeSys
 
 

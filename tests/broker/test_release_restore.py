@@ -16,7 +16,7 @@ import pytest
 from iommud.broker import Broker
 from iommud.errors import BusyError, PermissionDeniedError
 from iommud.protocol import messages as m
-from tests.broker.conftest import ALICE, BOB, BR_EDU1, E1000, EDU, MALLORY, Client
+from tests.broker.support import ALICE, BOB, BR_EDU1, E1000, EDU, MALLORY, Client
 from tests.broker.test_claim import driver
 from tests.fakesys import FakeSys
 

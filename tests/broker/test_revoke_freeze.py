@@ -16,7 +16,7 @@ from iommud.broker import Broker
 from iommud.errors import KernelError, RevokedError
 from iommud.kernel.linux import HwInfo, LinuxIommuFd
 from iommud.protocol import messages as m
-from tests.broker.conftest import ALICE, EDU, PAGE, Client, memfd
+from tests.broker.support import ALICE, EDU, PAGE, Client, memfd
 from tests.fakekernel import FakeIommuFd, FakeKernel
 from tests.fakesys import CLASS_EDU, FakeSys
 from tests.fakesys import EDU as EDU_IDS

@@ -19,7 +19,7 @@ from pathlib import Path
 from iommud.broker import Broker
 from iommud.broker.journal import Journal
 from iommud.protocol import messages as m
-from tests.broker.conftest import ALICE, EDU, Client, make_config
+from tests.broker.support import ALICE, EDU, Client, make_config
 from tests.broker.test_claim import driver
 from tests.fakekernel import FakeKernel
 from tests.fakesys import FakeSys
@@ -32,7 +32,7 @@ def _sysfs_threads() -> list[threading.Thread]:
 
 
 def test_aclose_and_loop_close_are_prompt_while_an_unbind_blocks(
-    fd_baseline: None, tmp_path: Path, fs: FakeSys
+    no_fd_leak: None, tmp_path: Path, fs: FakeSys
 ) -> None:
     """The whole run, including asyncio.Runner.close() (which joins the default
     executor without a timeout on 3.11), ends promptly with the unbind still blocked."""
@@ -80,7 +80,7 @@ def test_sigterm_exits_promptly_while_an_unbind_blocks(tmp_path: Path) -> None:
     """A daemon process (uvloop, iommud.app.serve) with a restore stuck behind a held
     device fd exits 0 within seconds of SIGTERM; the journal keeps the device."""
     sockdir = tempfile.mkdtemp(dir="/tmp", prefix="iommud-t")
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join((str(REPO), str(REPO / "lab")))}
     env.pop("NOTIFY_SOCKET", None)
     args = [sys.executable, "-m", "tests.broker.blocked_daemon", str(tmp_path)]
     args.append(os.path.join(sockdir, "s"))

@@ -1,6 +1,6 @@
 """iommuctl against the real daemon (server + broker over the fake kernel) in a thread.
 
-See tests/cli/conftest.py for the tree. In-process runs for the request/reply commands;
+See tests/cli/support.py for the tree. In-process runs for the request/reply commands;
 real subprocesses where signals and live streaming matter (monitor, claim --hold).
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from iommud.udev import HostAction, HostEvent
-from tests.cli.conftest import Daemon, ctl, spawn
+from tests.cli.support import Daemon, ctl, spawn
 
 E1000_BDF = "0000:01:03.0"
 

@@ -1,6 +1,6 @@
 """Helpers for the end-to-end tests: the real daemon as a subprocess, puppet clients.
 
-Guest topology (lab/labvm.py)::
+Guest topology (lab/topology.py)::
 
     0000:00:10.0  edu            alone in its IOMMU group (iommufd path)
     0000:00:11.0  pci-bridge  -+ one IOMMU group (legacy path)
@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from topology import EDU0, EDU1, EDU2, NIC
 
 from iommud.client import Client
 
@@ -36,12 +37,6 @@ HERE = Path(__file__).resolve().parent
 CLIENT_SCRIPT = HERE / "client_script.py"
 REPO = HERE.parent.parent
 PCI = Path("/sys/bus/pci/devices")
-
-EDU0 = "0000:00:10.0"
-BRIDGE = "0000:00:11.0"
-EDU1 = "0000:01:01.0"
-EDU2 = "0000:01:02.0"
-NIC = "0000:01:03.0"
 
 USER = 1000  # allowed by the config
 STRANGER = 1001  # in no rule

@@ -19,13 +19,11 @@ from pathlib import Path
 
 import pytest
 from kmsg import Kmsg
+from topology import EDU0, EDU1, NIC
 
 from iommud.kernel.linux import LinuxKernel
 from tests.e2e.support import (
     BOOT_DRIVERS,
-    EDU0,
-    EDU1,
-    NIC,
     QUOTA_BYTES,
     STRANGER,
     USER,

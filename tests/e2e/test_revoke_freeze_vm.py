@@ -16,9 +16,10 @@ from typing import Any
 
 import pytest
 from kmsg import Kmsg
+from topology import EDU0
 
 from iommud.client import Client
-from tests.e2e.support import EDU0, ClientProc, Daemon
+from tests.e2e.support import ClientProc, Daemon
 
 pytestmark = pytest.mark.vm
 

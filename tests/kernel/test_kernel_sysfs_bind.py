@@ -12,13 +12,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import topology
 
 from iommud.errors import KernelError
 from iommud.kernel.sysfs_bind import SysfsBinder
 from tests.fakesys import FakeSys, lab_topology
 
-EDU = "0000:00:10.0"
-E1000 = "0000:01:03.0"
+EDU = topology.EDU0
+E1000 = topology.NIC
 
 
 @pytest.fixture

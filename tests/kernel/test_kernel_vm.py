@@ -1,6 +1,6 @@
 """The kernel layer against the real kernel: runs inside the lab guest (marker `vm`).
 
-Guest topology (lab/labvm.py): 0000:00:10.0 edu alone in its group; behind the bridge
+Guest topology (lab/topology.py): 0000:00:10.0 edu alone in its group; behind the bridge
 0000:00:11.0 one group with edus 0000:01:01.0 and 0000:01:02.0 and an e1000 at
 0000:01:03.0 (bound to e1000). Each test binds what it needs to vfio-pci with the
 real SysfsBinder and the ``drivers`` fixture restores every driver afterwards.
@@ -28,6 +28,7 @@ from typing import Self
 import pytest
 from edu import Edu, EduError
 from kmsg import Kmsg
+from topology import BRIDGE, EDU0, EDU1, EDU2, NIC
 
 from iommud.errors import KernelError
 from iommud.kernel import uapi
@@ -37,11 +38,6 @@ from iommud.kernel.sysfs_bind import SysfsBinder
 
 pytestmark = pytest.mark.vm
 
-EDU0 = "0000:00:10.0"
-BRIDGE = "0000:00:11.0"
-EDU1 = "0000:01:01.0"
-EDU2 = "0000:01:02.0"
-NIC = "0000:01:03.0"
 
 MiB = 1 << 20
 IOVA = 0x100000

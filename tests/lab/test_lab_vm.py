@@ -12,11 +12,23 @@ from pathlib import Path
 
 import pytest
 from qmp_guest import GuestQmp, QmpError
+from topology import (
+    BRIDGE,
+    BRIDGE_BUS,
+    BRIDGE_FREE_SLOT,
+    BRIDGE_GROUP,
+    EDU0,
+    EDU1,
+    EDU2,
+    EDU_ID,
+    HOTEDU,
+    NIC,
+    QEMU_IDS,
+)
 
 pytestmark = pytest.mark.vm
 
 SYS_PCI = Path("/sys/bus/pci/devices")
-BRIDGE_GROUP = {"0000:00:11.0", "0000:01:01.0", "0000:01:02.0", "0000:01:03.0"}
 
 
 def group_members(bdf: str) -> set[str]:
@@ -41,25 +53,26 @@ def test_guest_has_iommufd() -> None:
 
 
 def test_root_complex_edu_is_alone_in_its_group() -> None:
-    assert (SYS_PCI / "0000:00:10.0/vendor").read_text().strip() == "0x1234"
-    assert (SYS_PCI / "0000:00:10.0/device").read_text().strip() == "0x11e8"
-    assert group_members("0000:00:10.0") == {"0000:00:10.0"}
+    assert (SYS_PCI / EDU0 / "vendor").read_text().strip() == "0x1234" == hex(EDU_ID[0])
+    assert (SYS_PCI / EDU0 / "device").read_text().strip() == "0x11e8" == hex(EDU_ID[1])
+    assert group_members(EDU0) == {EDU0}
 
 
 def test_bridge_group_has_bridge_two_edus_and_e1000() -> None:
-    assert group_members("0000:01:02.0") == BRIDGE_GROUP
-    driver = (SYS_PCI / "0000:01:03.0/driver").resolve().name
+    assert group_members(EDU2) == BRIDGE_GROUP
+    driver = (SYS_PCI / NIC / "driver").resolve().name
     assert driver == "e1000"
-    for bdf in ("0000:00:11.0", "0000:01:01.0", "0000:01:02.0"):
+    for bdf in (BRIDGE, EDU1, EDU2):
         assert not (SYS_PCI / bdf / "driver").exists(), bdf
 
 
 def test_hot_unpluggable_edu_is_behind_the_root_port(lab_qmp: GuestQmp) -> None:
     """hotedu (02:00.0, own group) exists at boot; QEMU's view agrees via query-pci."""
-    assert group_members("0000:02:00.0") == {"0000:02:00.0"}
+    assert group_members(HOTEDU) == {HOTEDU}
     buses = lab_qmp("query-pci")
     ids = {dev.get("qdev_id") for bus in buses for dev in _walk(bus["devices"])}
-    assert {"edu0", "edu1", "edu2", "nic0", "hotedu", "rp1", "br1"} <= ids
+    assert {"edu0", "edu1", "edu2", "nic0", "hotedu", "rp1", "br1"} == set(QEMU_IDS.values())
+    assert set(QEMU_IDS.values()) <= ids
 
 
 def _walk(devices: list[dict[str, object]]) -> list[dict[str, object]]:
@@ -74,9 +87,10 @@ def _walk(devices: list[dict[str, object]]) -> list[dict[str, object]]:
 
 def test_qmp_hot_add_into_bridge_then_unplug(lab_qmp: GuestQmp) -> None:
     """device_add of an edu at br1 slot 4 joins the bridge group; device_del removes it."""
-    new = "0000:01:04.0"
+    new = BRIDGE_FREE_SLOT
+    assert new == "0000:01:04.0"
     assert not (SYS_PCI / new).exists()
-    assert lab_qmp("device_add", driver="edu", bus="br1", addr="0x4", id="labsmoke") == {}
+    assert lab_qmp("device_add", driver="edu", bus=BRIDGE_BUS, addr="0x4", id="labsmoke") == {}
     try:
         assert wait_for((SYS_PCI / new).exists), "hot-added edu never showed up in sysfs"
         assert group_members(new) == {*BRIDGE_GROUP, new}
@@ -85,7 +99,7 @@ def test_qmp_hot_add_into_bridge_then_unplug(lab_qmp: GuestQmp) -> None:
         event = lab_qmp.wait_event("DEVICE_DELETED", device="labsmoke", timeout=30)
     assert event["data"]["path"] == "/machine/peripheral/labsmoke"
     assert wait_for(lambda: not (SYS_PCI / new).exists())
-    assert group_members("0000:01:01.0") == BRIDGE_GROUP
+    assert group_members(EDU1) == BRIDGE_GROUP
 
 
 def test_qmp_error_is_raised_with_qemu_class(lab_qmp: GuestQmp) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -9,6 +10,9 @@ from pathlib import Path
 
 import labvm
 import pytest
+import topology
+
+from tests.fakesys import lab_topology
 
 
 def calls(log: Path) -> list[dict[str, object]]:
@@ -119,3 +123,32 @@ def test_missing_kernel_is_unavailable(monkeypatch: pytest.MonkeyPatch, tmp_path
     with pytest.raises(labvm.LabUnavailableError) as err:
         labvm.find_kernel()
     assert str(err.value) == f"guest kernel not built ({tmp_path}/nope): run lab/build-kernel"
+
+
+def test_topology_qemu_ids_match_the_named_devices() -> None:
+    """Every QEMU device id in the options has a BDF in topology.QEMU_IDS, and back."""
+    opts = topology.QEMU_OPTIONS
+    ids = {
+        part.removeprefix("id=")
+        for flag, value in itertools.pairwise(opts)
+        if flag == "-device"
+        for part in value.split(",")
+        if part.startswith("id=")
+    }
+    assert ids == {"iommu0", *topology.QEMU_IDS.values()}
+    assert "edu,addr=0x10,id=edu0" in opts  # 00:10.0 on the root complex
+    assert f"edu,bus={topology.BRIDGE_BUS},addr=0x1,id=edu1" in opts  # 01:01.0
+    assert not topology.NEVER_TOUCH & {*topology.QEMU_IDS, topology.BRIDGE_FREE_SLOT}
+
+
+def test_fake_lab_tree_has_the_lab_groups(tmp_path: Path) -> None:
+    """tests/fakesys.lab_topology builds the lab's groups from the same BDFs."""
+    fs = lab_topology(tmp_path)
+
+    def members(bdf: str) -> set[str]:
+        link = fs.sys_root / "bus" / "pci" / "devices" / bdf / "iommu_group"
+        return set(os.listdir(link.resolve() / "devices"))
+
+    assert members(topology.EDU0) == {topology.EDU0}
+    assert members(topology.EDU1) == topology.BRIDGE_GROUP
+    assert os.readlink(fs.sys_root / "bus/pci/devices" / topology.NIC / "driver").endswith("e1000")

@@ -13,10 +13,11 @@ import os
 from collections.abc import Callable, Iterator
 
 import pytest
+from topology import HOTEDU, NIC
 
-from tests.e2e.support import BOOT_DRIVERS, NIC, USER, drivers_now, wait_until
+from tests.e2e.support import BOOT_DRIVERS, USER, drivers_now, wait_until
 from tests.labharness import running_daemon
-from tests.live.support import HOTEDU, PCI, LiveClient, LiveDaemon, Monitor, sysfs_write
+from tests.live.support import PCI, LiveClient, LiveDaemon, Monitor, sysfs_write
 
 
 @pytest.fixture(scope="module")

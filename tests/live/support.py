@@ -19,6 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from topology import HOTEDU
+
 from tests.e2e.support import (
     USER,
     ClientProc,
@@ -28,7 +30,6 @@ from tests.e2e.support import (
 
 HERE = Path(__file__).resolve().parent
 LIVE_CLIENT = HERE / "live_client.py"
-HOTEDU = "0000:02:00.0"  # QEMU id hotedu, behind the PCIe root port rp1
 PCI = Path("/sys/bus/pci")
 
 CONFIG = """\

@@ -19,7 +19,7 @@ import pytest
 from iommud.broker import Broker
 from iommud.client import AsyncClient, Client
 from iommud.protocol import messages as m
-from tests.broker.conftest import EDU
+from tests.broker.support import EDU
 from tests.serving import served_broker
 
 

@@ -28,7 +28,7 @@ from iommud.sdnotify import Notifier
 from iommud.udev import UdevSource, watch_host
 from tests.fakekernel import FakeKernel
 from tests.fakesys import FakeSys, lab_topology
-from tests.serving import open_fds
+from tests.serving import FdSnapshot
 from tests.udev.fakemonitor import FakeMonitor, uevent
 
 NIC = "0000:01:03.0"
@@ -61,7 +61,7 @@ async def _connect(path: str) -> AsyncClient:
 async def test_serve_runs_the_watcher_and_stops_it(tmp_path: Path, sockdir: str) -> None:
     fs = lab_topology(tmp_path / "host")
     mon = FakeMonitor()
-    before = open_fds()
+    before = FdSnapshot.take()
     path = os.path.join(sockdir, "s")
 
     async def watch(broker: DaemonBroker, config: Config) -> None:
@@ -96,7 +96,7 @@ async def test_serve_runs_the_watcher_and_stops_it(tmp_path: Path, sockdir: str)
         os.kill(os.getpid(), signal.SIGTERM)  # serve() handles it on the loop
         assert await asyncio.wait_for(task, 10) == 0
         assert asyncio.get_running_loop().remove_reader(mon.r) is False  # watcher gone
-        assert open_fds() == before
+        before.assert_unchanged()
     finally:
         if not task.done():
             task.cancel()

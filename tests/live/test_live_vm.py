@@ -17,11 +17,11 @@ from typing import Any
 
 import pytest
 from kmsg import Kmsg
+from topology import EDU0, EDU1, HOTEDU, NIC
 
 from iommud.broker.core import DEVICE_REQUESTED
-from tests.e2e.support import EDU0, EDU1, NIC, USER, driver_of, wait_until
+from tests.e2e.support import USER, driver_of, wait_until
 from tests.live.support import (
-    HOTEDU,
     PCI,
     LiveClient,
     LiveDaemon,

@@ -1,9 +1,7 @@
-"""Fixtures for server tests: a stand-in broker and the real server on a real socket.
+"""Fixtures for server tests: the real server on a real socket with the stand-in broker.
 
-The stand-in broker implements the broker API the server uses (``BrokerAPI``) with
-real fds (memfds as "device fds") so the socket path, SCM_RIGHTS and the fd ownership
-rules are exercised for real; it holds no kernel state. The server runs in-process on
-an AF_UNIX SOCK_SEQPACKET socket in a short temp dir (sun_path is limited to 108 bytes).
+The server runs in-process on an AF_UNIX SOCK_SEQPACKET socket in a short temp dir
+(sun_path is limited to 108 bytes); the stand-in broker is in support.py.
 """
 
 from __future__ import annotations
@@ -13,106 +11,13 @@ import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
-from typing import Any
 
 import pytest
 
-from iommud.broker import Outcome
-from iommud.errors import NotFoundError
-from iommud.fds import FdSet, OwnedFd
-from iommud.host.snapshot import HostSnapshot
-from iommud.policy import Identity
-from iommud.protocol import messages as m
-from iommud.protocol.messages import EVENT_TYPES
 from iommud.server import Server, ServerInfo
 from iommud.server.listen import bind_listener
-from tests.serving import open_fds
-
-
-@dataclass
-class Session:
-    identity: Identity
-    pidfd: OwnedFd | None
-    events: asyncio.Queue[m.Event] = field(default_factory=asyncio.Queue)
-    closed: bool = False
-
-
-class StandInBroker:
-    """Answers requests from memory; ``device_reset`` of 0000:00:1f.7 raises a bug."""
-
-    CRASH_BDF = "0000:00:1f.7"
-
-    def __init__(self) -> None:
-        self.sessions: list[Session] = []
-        self.mapped: list[bytes] = []
-        self.started = 0
-        self.finished = 0
-        self.delays: dict[int, float] = {}  # ioas_destroy(ioas_id) sleeps this long
-
-    def open_session(self, identity: Identity, *, pidfd: OwnedFd | None = None) -> Session:
-        session = Session(identity, pidfd)
-        self.sessions.append(session)
-        return session
-
-    async def close_session(self, session: Session) -> None:
-        session.closed = True
-        if session.pidfd is not None:
-            session.pidfd.close()
-
-    def events(self, session: Session) -> asyncio.Queue[m.Event]:
-        return session.events
-
-    async def handle(self, session: Session, request: m.Request, fds: FdSet) -> Outcome:
-        self.started += 1
-        try:
-            return await self._handle(request, fds)
-        finally:
-            self.finished += 1
-
-    async def _handle(self, request: m.Request, fds: FdSet) -> Outcome:
-        match request:
-            case m.Ping():
-                return Outcome(m.PingReply(id=request.id))
-            case m.Subscribe():
-                return Outcome(m.SubscribeReply(id=request.id))
-            case m.IoasCreate():
-                return Outcome(m.IoasCreateReply(id=request.id, ioas_id=7))
-            case m.IoasDestroy():
-                await asyncio.sleep(self.delays.get(request.ioas_id, 0.0))
-                return Outcome(m.IoasDestroyReply(id=request.id))
-            case m.IoasMap():
-                out = []
-                for r in request.ranges:
-                    fd = fds[r.fd_index].fileno()
-                    self.mapped.append(os.pread(fd, r.length, r.offset))
-                    out.append(m.MappedRange(iova=0x100000 + r.offset, length=r.length))
-                return Outcome(m.IoasMapReply(id=request.id, mappings=tuple(out)))
-            case m.Claim():
-                dev_fds: list[OwnedFd] = []
-                for bdf in request.devices:
-                    dev = OwnedFd(os.memfd_create("dev", os.MFD_CLOEXEC))
-                    os.write(dev.fileno(), bdf.encode())
-                    dev_fds.append(dev)
-                devices = tuple(
-                    m.ClaimedDevice(bdf=b, fd_index=i, devid=i + 1)
-                    for i, b in enumerate(request.devices)
-                )
-                reply = m.ClaimReply(
-                    id=request.id,
-                    lease_id=3,
-                    group_id=12,
-                    backend=m.BackendKind.IOMMUFD,
-                    ioas_id=7,
-                    devices=devices,
-                )
-                return Outcome(reply, dev_fds)
-            case m.Release():
-                raise NotFoundError("no such lease", lease_id=request.lease_id)
-            case m.DeviceReset() if request.bdf == self.CRASH_BDF:
-                raise RuntimeError("simulated bug in the broker")
-            case _:
-                return Outcome(m.PingReply(id=request.id))  # wrong op on purpose
+from tests.server.support import Running, StandInBroker
+from tests.serving import FdSnapshot
 
 
 @pytest.fixture
@@ -122,18 +27,10 @@ def sockdir() -> Iterator[str]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-@dataclass
-class Running:
-    server: Server
-    broker: StandInBroker
-    path: str
-    task: asyncio.Task[None]
-
-
 @pytest.fixture
 async def running(sockdir: str) -> AsyncIterator[Running]:
     """The real server on a real socket; asserts after teardown that no fd leaked."""
-    before = open_fds()
+    before = FdSnapshot.take()
     broker = StandInBroker()
     path = os.path.join(sockdir, "s")
     server = Server(
@@ -149,32 +46,4 @@ async def running(sockdir: str) -> AsyncIterator[Running]:
     server.stop()
     await asyncio.wait_for(task, 5)
     assert all(s.closed for s in broker.sessions)
-    assert open_fds() == before
-
-
-class StandInDaemonBroker(StandInBroker):
-    """The stand-in with the lifecycle the daemon process drives (start/aclose) and the
-    host watcher's hooks (iommud.udev.BrokerHooks): an empty host view, events dropped."""
-
-    capabilities = ("iommufd", "legacy")
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.event_source: str | None = None
-        self.host_changes: list[int] = []
-
-    @property
-    def snapshot(self) -> HostSnapshot:
-        return HostSnapshot({}, {}, has_iommufd=False, has_legacy_container=False)
-
-    def publish(self, name: m.EventName, **fields: Any) -> m.Event:
-        return EVENT_TYPES[name](ts=0.0, seq=1, **fields)
-
-    async def on_host_change(self, group_id: int, snapshot: HostSnapshot | None = None) -> None:
-        self.host_changes.append(group_id)
-
-    async def start(self) -> None:
-        self.started_up = True
-
-    async def aclose(self) -> None:
-        print("broker.aclose", flush=True)  # the process test looks for this line
+    before.assert_unchanged()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from iommud.app import main
-from tests.server.conftest import StandInDaemonBroker
+from tests.server.support import StandInDaemonBroker
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:], broker_factory=lambda _config: StandInDaemonBroker()))

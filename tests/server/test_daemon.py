@@ -39,7 +39,7 @@ def test_socket_activation_notify_and_sigterm(sockdir: str) -> None:
     notify.bind(os.path.join(sockdir, "notify"))
     env = {
         **os.environ,
-        "PYTHONPATH": str(REPO),
+        "PYTHONPATH": os.pathsep.join((str(REPO), str(REPO / "lab"))),
         "NOTIFY_SOCKET": os.path.join(sockdir, "notify"),
         "WATCHDOG_USEC": "100000",
     }
@@ -82,7 +82,7 @@ def test_socket_activation_notify_and_sigterm(sockdir: str) -> None:
 
 def test_daemon_binds_its_own_socket_and_removes_it(sockdir: str) -> None:
     path = os.path.join(sockdir, "own")
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join((str(REPO), str(REPO / "lab")))}
     env.pop("NOTIFY_SOCKET", None)
     args = [sys.executable, "-m", "tests.server.daemon_main", "--socket", path]
     args += ["--socket-mode", "0600"]

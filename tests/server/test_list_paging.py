@@ -30,11 +30,11 @@ from iommud.protocol.connection import ClientConnection
 from iommud.protocol.limits import MAX_DATAGRAM
 from iommud.server import Server, ServerInfo
 from iommud.server.listen import bind_listener
-from tests.broker.conftest import make_config
-from tests.cli.conftest import ctl
+from tests.broker.support import make_config
+from tests.cli.support import ctl
 from tests.fakekernel import FakeKernel
 from tests.fakesys import FakeSys, large_host
-from tests.serving import open_fds
+from tests.serving import FdSnapshot
 
 N_DEVICES = 3000
 N_GROUPS = 1500
@@ -65,7 +65,7 @@ def big_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeSys]:
 @pytest.fixture
 async def served(big_host: FakeSys, tmp_path: Path, sockdir: str) -> AsyncIterator[str]:
     """A started Broker over the big host behind the real server; no fd may leak."""
-    before = open_fds()
+    before = FdSnapshot.take()
     broker = Broker(make_config(tmp_path, big_host), FakeKernel(big_host), sysfs_timeout=5.0)
     await broker.start()
     path = os.path.join(sockdir, "s")
@@ -77,7 +77,7 @@ async def served(big_host: FakeSys, tmp_path: Path, sockdir: str) -> AsyncIterat
     server.stop()
     await asyncio.wait_for(task, 10)
     await broker.aclose(grace=5.0)
-    assert open_fds() == before
+    before.assert_unchanged()
 
 
 def raw_walk(path: str, op: type[m.ListDevices] | type[m.ListGroups]) -> list[tuple[int, int]]:

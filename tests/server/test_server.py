@@ -16,8 +16,8 @@ from iommud.errors import NotFoundError
 from iommud.protocol import messages as m
 from iommud.protocol.codec import encode
 from iommud.protocol.limits import MAX_FDS
-from tests.server.conftest import Running, StandInBroker
-from tests.serving import open_fds
+from tests.server.support import Running, StandInBroker
+from tests.serving import FdSnapshot
 
 
 def _memfd(content: bytes) -> int:
@@ -83,14 +83,14 @@ async def test_peer_credentials_reach_the_broker(running: Running) -> None:
 
 async def test_claim_passes_device_fds(running: Running) -> None:
     async with await AsyncClient.connect(running.path, "t") as client:
-        before = open_fds()
+        before = FdSnapshot.take()
         with await client.claim(["0000:00:10.0", "0000:00:11.0"]) as result:
             assert (result.lease_id, result.group_id, result.ioas_id) == (3, 12, 7)
             assert [d.bdf for d in result.devices] == ["0000:00:10.0", "0000:00:11.0"]
             contents = [os.pread(d.fd.fileno(), 64, 0) for d in result.devices]
             assert contents == [b"0000:00:10.0", b"0000:00:11.0"]
-            assert open_fds() == before + 2
-        assert open_fds() == before
+            before.assert_unchanged(opened=2)
+        before.assert_unchanged()
 
 
 async def test_map_sends_memfds(running: Running) -> None:

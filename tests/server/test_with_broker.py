@@ -17,7 +17,7 @@ import pytest
 from iommud.broker import Broker
 from iommud.client import AsyncClient, MapSpec
 from iommud.errors import BusyError, InvalidRangeError
-from tests.broker.conftest import EDU, PAGE, memfd
+from tests.broker.support import EDU, PAGE, memfd
 from tests.serving import served_broker
 
 

@@ -23,6 +23,7 @@ import labvm
 import pytest
 import systemd_check
 from pytest_labvm import in_guest, lab_required
+from topology import EDU0, HOTEDU
 
 REPO = Path(__file__).resolve().parents[2]
 LOG = REPO / ".lab" / "systemd-check.log"
@@ -191,7 +192,7 @@ def test_the_daemon_logged_no_warning_under_the_hardening(lab: Result) -> None:
 
 
 def test_systemctl_stop_ends_the_daemon_cleanly_and_restores_drivers(lab: Result) -> None:
-    assert lab["drivers_before_stop"] == {systemd_check.EDU0: None, systemd_check.HOTEDU: None}
+    assert lab["drivers_before_stop"] == {EDU0: None, HOTEDU: None}
     assert lab["stop_rc"] == 0
     stopped = lab["service_stopped"]
     assert stopped["LoadState"] == "loaded"  # so these are its real results, not defaults
@@ -200,7 +201,7 @@ def test_systemctl_stop_ends_the_daemon_cleanly_and_restores_drivers(lab: Result
     assert stopped["NRestarts"] == "0"
     assert lab["socket_stop_rc"] == 0
     assert lab["socket_removed"] is True
-    assert lab["drivers_after_stop"] == {systemd_check.EDU0: None, systemd_check.HOTEDU: None}
+    assert lab["drivers_after_stop"] == {EDU0: None, HOTEDU: None}
     events = lab["journal_events"]
     assert "daemon.socket_activated" in events
     assert "daemon.ready" in events

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import topology
 
 from iommud.broker import Broker
 from iommud.broker.state import Session
@@ -36,11 +37,11 @@ from iommud.udev import (
 )
 from tests.fakekernel import FakeKernel
 from tests.fakesys import FakeSys, lab_topology
-from tests.serving import open_fds
+from tests.serving import FdSnapshot
 from tests.udev.fakemonitor import FakeMonitor, uevent
 
-E1000_BDF = "0000:01:03.0"
-EDUS = ("0000:01:01.0", "0000:01:02.0")
+E1000_BDF = topology.NIC
+EDUS = topology.BRIDGE_EDUS
 A = HostAction
 
 
@@ -54,7 +55,7 @@ class Host:
 
 @pytest.fixture
 async def host(tmp_path: Path) -> AsyncIterator[Host]:
-    before = open_fds()
+    before = FdSnapshot.take()
     fs = lab_topology(tmp_path / "root")
     config = Config(
         daemon=DaemonConfig(
@@ -72,7 +73,7 @@ async def host(tmp_path: Path) -> AsyncIterator[Host]:
     await broker.handle(monitor, m.Subscribe(id=1), FdSet())
     yield Host(fs, broker, watcher, monitor)
     await broker.aclose()
-    assert open_fds() == before
+    before.assert_unchanged()
 
 
 def drain(broker: Broker, session: Session) -> list[dict[str, Any]]:

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import topology
+from topology import BRIDGE, EDU0, NIC
 
 from iommud.broker import Broker
 from iommud.broker.core import DEVICE_REQUESTED
@@ -36,11 +38,9 @@ from iommud.protocol import messages as m
 from iommud.udev import HostAction, HostEvent, HostWatcher, broker_sink
 from tests.fakekernel import FakeKernel
 from tests.fakesys import CLASS_EDU, CLASS_ETHERNET, E1000, EDU, FakeSys, lab_topology
-from tests.serving import open_fds
+from tests.serving import FdSnapshot
 
-NIC = "0000:01:03.0"
-EDUS = ("0000:01:01.0", "0000:01:02.0")
-EDU0 = "0000:00:10.0"
+EDUS = topology.BRIDGE_EDUS
 HOT = "0000:01:05.0"
 A = HostAction
 
@@ -68,7 +68,7 @@ class Host:
 
 @pytest.fixture
 async def host(tmp_path: Path) -> AsyncIterator[Host]:
-    before = open_fds()
+    before = FdSnapshot.take()
     fs = lab_topology(tmp_path / "root")
     state = tmp_path / "state"
     config = Config(
@@ -88,7 +88,7 @@ async def host(tmp_path: Path) -> AsyncIterator[Host]:
     await watcher.handle(HostEvent(A.UNBIND, NIC))
     yield Host(fs, kernel, broker, watcher, monitor, state)
     await broker.aclose()
-    assert open_fds() == before
+    before.assert_unchanged()
 
 
 def drain(broker: Broker, session: Session) -> list[dict[str, Any]]:
@@ -122,7 +122,7 @@ async def test_hot_added_device_is_pinned_and_the_group_stays_owned(host: Host) 
     release restores only the devices still there."""
     client, reply = await host.claim(*EDUS)
     drain(host.broker, host.monitor)
-    host.fs.add_device(HOT, *EDU, CLASS_EDU, parent="0000:00:11.0", group=4)
+    host.fs.add_device(HOT, *EDU, CLASS_EDU, parent=BRIDGE, group=4)
     await host.watcher.handle(HostEvent(A.ADD, HOT))
     assert host.override(HOT) == "vfio-pci"
     # still viable, same offenders (none): no viability_changed
@@ -152,7 +152,7 @@ async def test_hot_added_device_already_on_an_unsafe_driver_revokes(host: Host) 
     pin it ends the lease (DMA blocked), and it is pinned anyway."""
     client, reply = await host.claim(*EDUS)
     drain(host.broker, host.monitor)
-    host.fs.add_device(HOT, *E1000, CLASS_ETHERNET, parent="0000:00:11.0", group=4, driver="e1000")
+    host.fs.add_device(HOT, *E1000, CLASS_ETHERNET, parent=BRIDGE, group=4, driver="e1000")
     await host.watcher.handle(HostEvent(A.ADD, HOT))
     await host.watcher.handle(HostEvent(A.BIND, HOT, "e1000"))
     reason = f"viability lost: {HOT} (e1000)"

@@ -7,6 +7,7 @@ import errno
 from collections.abc import Iterator
 
 import pytest
+import topology
 
 from iommud.udev import (
     HostAction,
@@ -40,7 +41,7 @@ def monitor() -> Iterator[FakeMonitor]:
     m.close()
 
 
-BDF = "0000:01:03.0"
+BDF = topology.NIC
 
 
 async def test_startup_resync_then_events_in_order(monitor: FakeMonitor) -> None:

@@ -1,6 +1,6 @@
 """The udev layer against the real kernel in the lab guest (marker ``vm``).
 
-Guest topology (lab/labvm.py): behind the bridge 0000:00:11.0 one IOMMU group with edus
+Guest topology (lab/topology.py): behind the bridge 0000:00:11.0 one IOMMU group with edus
 0000:01:01.0, 0000:01:02.0 and the e1000 at 0000:01:03.0 (bound to e1000, so the group
 starts not viable). Both sources are tried: the raw kernel one (our own latency) and,
 when the guest runs systemd-udevd, the udev one (which adds udevd's rule processing).
@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from topology import NIC
 
 from iommud.udev import HostChange, HostWatcher, SourceKind, UdevSource, pick_source
 
 pytestmark = pytest.mark.vm
 
-NIC = "0000:01:03.0"
 PCI = Path("/sys/bus/pci")
 ROUNDS = 10
 

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import topology
+from topology import BRIDGE
 
 import iommud.host.snapshot as snapshot_mod
 import iommud.udev as udev_mod
@@ -34,8 +36,7 @@ from iommud.udev import (
 from tests.fakesys import CLASS_EDU, CLASS_ETHERNET, E1000, EDU, FakeSys, lab_topology
 from tests.udev.fakemonitor import FakeMonitor, uevent
 
-E1000_BDF = "0000:01:03.0"
-BRIDGE = "0000:00:11.0"
+E1000_BDF = topology.NIC
 A = HostAction
 
 
