@@ -44,7 +44,9 @@ class AsyncClient:
         self._leases = LeaseTracker()
 
     @classmethod
-    async def connect(cls, path: str = DEFAULT_SOCKET, name: str = "iommud-client") -> AsyncClient:
+    async def connect(
+        cls, path: str = DEFAULT_SOCKET, name: str = calls.DEFAULT_NAME
+    ) -> AsyncClient:
         """Connect and do the handshake; the server's hello_reply is in ``.hello``."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Final, Generic, TypeVar
 
 from iommud import errors
 from iommud.fds import FdSet, OwnedFd
@@ -18,6 +18,9 @@ from iommud.protocol import messages as m
 from iommud.protocol.connection import ClientConnection
 
 T = TypeVar("T")
+
+DEFAULT_NAME: Final = "iommud-client"
+"""The ``hello.client`` name a client sends unless told another."""
 
 
 class ClientClosedError(ConnectionError):

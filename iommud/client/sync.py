@@ -30,7 +30,7 @@ class Client:
     """A blocking connection to iommud; ``Client(path, name)`` connects and says hello."""
 
     def __init__(
-        self, path: str = DEFAULT_SOCKET, name: str = "iommud-client", *, timeout: float = 30.0
+        self, path: str = DEFAULT_SOCKET, name: str = calls.DEFAULT_NAME, *, timeout: float = 30.0
     ) -> None:
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         self._conn = ClientConnection()
