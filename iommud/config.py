@@ -37,6 +37,7 @@ import grp
 import pwd
 import re
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Final
 
@@ -113,7 +114,22 @@ def parse_size(value: object) -> int:
     )
 
 
+def _known(lookup: Callable[[str], object], kind: str) -> Callable[[str], str]:
+    """A validator: the name must resolve on this host (checked at load, not per request)."""
+
+    def check(name: str) -> str:
+        try:
+            lookup(name)
+        except KeyError:
+            raise ValueError(f"unknown {kind} {name!r}") from None
+        return name
+
+    return check
+
+
 Selector = Annotated[str, AfterValidator(_selector)]
+UserName = Annotated[str, AfterValidator(_known(pwd.getpwnam, "user"))]
+GroupName = Annotated[str, AfterValidator(_known(grp.getgrnam, "group"))]
 DriverName = Annotated[str, AfterValidator(_driver_name)]
 Size = Annotated[int, BeforeValidator(parse_size)]
 Count = Annotated[int, Field(strict=True, ge=0)]  # strict: TOML true is not 1
@@ -163,30 +179,10 @@ class AccessRule(_Model):
 
     uid: Count | None = None
     gid: Count | None = None
-    user: str | None = None
-    group: str | None = None
+    user: UserName | None = None
+    group: GroupName | None = None
     devices: tuple[Selector, ...] = Field(min_length=1)
     quota: str = DEFAULT_QUOTA
-
-    @field_validator("user")
-    @classmethod
-    def _known_user(cls, v: str | None) -> str | None:
-        if v is not None:
-            try:
-                pwd.getpwnam(v)
-            except KeyError:
-                raise ValueError(f"unknown user {v!r}") from None
-        return v
-
-    @field_validator("group")
-    @classmethod
-    def _known_group(cls, v: str | None) -> str | None:
-        if v is not None:
-            try:
-                grp.getgrnam(v)
-            except KeyError:
-                raise ValueError(f"unknown group {v!r}") from None
-        return v
 
     @model_validator(mode="after")
     def _resolve_names(self) -> AccessRule:

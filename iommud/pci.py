@@ -2,7 +2,7 @@
 
 ``BDF_RE`` matches a full, lowercase PCI address as sysfs spells it
 ("0000:01:02.0": domain, bus, device, function). The wire protocol validates the
-stricter form in iommud.protocol.messages (device number below 0x20); this one only
+stricter form (``BDF_PATTERN`` in iommud.protocol.fields: device number below 0x20); this one only
 guards what is read from or written to sysfs. No I/O here.
 """
 

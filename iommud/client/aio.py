@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import socket
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TypeVar
 
 from iommud.client import calls
-from iommud.client.calls import Call, ClaimResult, ClientClosedError, LeaseTracker, MapSpec
+from iommud.client.calls import Call, ClaimResult, ClientClosedError, E, K, LeaseTracker, MapSpec, P
 from iommud.fds import FdSet
 from iommud.protocol import messages as m
 from iommud.protocol.connection import ClientConnection
@@ -45,7 +44,9 @@ class AsyncClient:
         self._leases = LeaseTracker()
 
     @classmethod
-    async def connect(cls, path: str = DEFAULT_SOCKET, name: str = "iommud-client") -> AsyncClient:
+    async def connect(
+        cls, path: str = DEFAULT_SOCKET, name: str = calls.DEFAULT_NAME
+    ) -> AsyncClient:
         """Connect and do the handshake; the server's hello_reply is in ``.hello``."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
@@ -144,13 +145,14 @@ class AsyncClient:
     async def status(self) -> m.StatusReply:
         return await self._limited(calls.status)
 
+    async def _read_all(self, pager: calls.Pager[P, E, K]) -> tuple[E, ...]:
+        while not pager.done:
+            pager.add(await self._limited(pager.request))
+        return pager.result()
+
     async def list_devices(self) -> tuple[m.DeviceEntry, ...]:
         """Every device, sorted by bdf, read page by page (one request per page)."""
-        pager = calls.device_pager()
-        while not pager.done:
-            page = functools.partial(calls.list_devices_page, offset=pager.offset)
-            pager.add(await self._limited(page))
-        return pager.result()
+        return await self._read_all(calls.device_pager())
 
     async def list_devices_page(
         self, offset: int = 0, limit: int | None = None
@@ -160,11 +162,7 @@ class AsyncClient:
 
     async def list_groups(self) -> tuple[m.GroupEntry, ...]:
         """Every IOMMU group, sorted by id, read page by page."""
-        pager = calls.group_pager()
-        while not pager.done:
-            page = functools.partial(calls.list_groups_page, offset=pager.offset)
-            pager.add(await self._limited(page))
-        return pager.result()
+        return await self._read_all(calls.group_pager())
 
     async def list_groups_page(
         self, offset: int = 0, limit: int | None = None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Final, Generic, TypeVar
 
 from iommud import errors
 from iommud.fds import FdSet, OwnedFd
@@ -18,6 +18,9 @@ from iommud.protocol import messages as m
 from iommud.protocol.connection import ClientConnection
 
 T = TypeVar("T")
+
+DEFAULT_NAME: Final = "iommud-client"
+"""The ``hello.client`` name a client sends unless told another."""
 
 
 class ClientClosedError(ConnectionError):
@@ -201,14 +204,20 @@ MAX_RESTARTS = 3
 class Pager(Generic[P, E, K]):
     """Reads a whole list page by page (PROTOCOL.md, "Paging"); no I/O.
 
-    The caller asks for the page at ``offset`` until ``done``, feeding each reply to
-    ``add``. When ``total`` changes between pages (devices came or went) the pager
+    The caller sends ``request(conn)`` (the page at ``offset``) until ``done``, feeding
+    each reply to ``add``. When ``total`` changes between pages (devices came or went) the pager
     starts over from offset 0, at most ``MAX_RESTARTS`` times; after that it merges
     what it got. Entries are kept by key, so an entry seen on two pages counts once,
     and ``result`` is sorted by key, as the daemon orders them.
     """
 
-    def __init__(self, entries: Callable[[P], tuple[E, ...]], key: Callable[[E], K]) -> None:
+    def __init__(
+        self,
+        page: Callable[[ClientConnection, int], Call[P]],
+        entries: Callable[[P], tuple[E, ...]],
+        key: Callable[[E], K],
+    ) -> None:
+        self._page: Callable[[ClientConnection, int], Call[P]] = page
         self._entries: Callable[[P], tuple[E, ...]] = entries
         self._key: Callable[[E], K] = key
         self._seen: dict[K, E] = {}
@@ -217,6 +226,10 @@ class Pager(Generic[P, E, K]):
         self.pages = 0
         self.restarts = 0
         self.done = False
+
+    def request(self, conn: ClientConnection) -> Call[P]:
+        """The request for the page at ``offset``; feed its reply to ``add``."""
+        return self._page(conn, self.offset)
 
     def add(self, reply: P) -> None:
         self.pages += 1
@@ -243,11 +256,11 @@ class Pager(Generic[P, E, K]):
 
 
 def device_pager() -> Pager[m.ListDevicesReply, m.DeviceEntry, str]:
-    return Pager(lambda r: r.devices, lambda d: d.bdf)
+    return Pager(list_devices_page, lambda r: r.devices, lambda d: d.bdf)
 
 
 def group_pager() -> Pager[m.ListGroupsReply, m.GroupEntry, int]:
-    return Pager(lambda r: r.groups, lambda g: g.group_id)
+    return Pager(list_groups_page, lambda r: r.groups, lambda g: g.group_id)
 
 
 def claim(

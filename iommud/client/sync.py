@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from typing import TypeVar
 
 from iommud.client import calls
-from iommud.client.calls import Call, ClaimResult, ClientClosedError, LeaseTracker, MapSpec
+from iommud.client.calls import Call, ClaimResult, ClientClosedError, E, K, LeaseTracker, MapSpec, P
 from iommud.fds import FdSet
 from iommud.protocol import messages as m
 from iommud.protocol.connection import ClientConnection
@@ -30,7 +30,7 @@ class Client:
     """A blocking connection to iommud; ``Client(path, name)`` connects and says hello."""
 
     def __init__(
-        self, path: str = DEFAULT_SOCKET, name: str = "iommud-client", *, timeout: float = 30.0
+        self, path: str = DEFAULT_SOCKET, name: str = calls.DEFAULT_NAME, *, timeout: float = 30.0
     ) -> None:
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         self._conn = ClientConnection()
@@ -108,12 +108,14 @@ class Client:
     def status(self) -> m.StatusReply:
         return self._call(calls.status(self._conn))
 
+    def _read_all(self, pager: calls.Pager[P, E, K]) -> tuple[E, ...]:
+        while not pager.done:
+            pager.add(self._call(pager.request(self._conn)))
+        return pager.result()
+
     def list_devices(self) -> tuple[m.DeviceEntry, ...]:
         """Every device, sorted by bdf, read page by page (one request per page)."""
-        pager = calls.device_pager()
-        while not pager.done:
-            pager.add(self._call(calls.list_devices_page(self._conn, pager.offset)))
-        return pager.result()
+        return self._read_all(calls.device_pager())
 
     def list_devices_page(self, offset: int = 0, limit: int | None = None) -> m.ListDevicesReply:
         """One page: devices from index ``offset`` (``next_offset`` says where to go on)."""
@@ -121,10 +123,7 @@ class Client:
 
     def list_groups(self) -> tuple[m.GroupEntry, ...]:
         """Every IOMMU group, sorted by id, read page by page."""
-        pager = calls.group_pager()
-        while not pager.done:
-            pager.add(self._call(calls.list_groups_page(self._conn, pager.offset)))
-        return pager.result()
+        return self._read_all(calls.group_pager())
 
     def list_groups_page(self, offset: int = 0, limit: int | None = None) -> m.ListGroupsReply:
         """One page: groups from index ``offset``."""

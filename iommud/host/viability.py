@@ -299,26 +299,46 @@ def _check_split(
     others = {b: c for b, c in existing_claims.items() if c.client != intent.client}
     if others:
         held = ", ".join(sorted(others))
-        raise GroupSplitError(
+        raise _split_error(
             f"IOMMU group {group_id} is split: {held} already claimed by another client, "
             f"so {', '.join(requested)} cannot be given to this one",
-            group_id=group_id,
-            reason="different_client",
-            requested={"devices": list(requested), "ioas_id": intent.ioas_id},
-            claimed=[{"bdf": b, "ioas_id": c.ioas_id} for b, c in sorted(others.items())],
+            group_id,
+            "different_client",
+            intent,
+            requested,
+            others,
         )
     mine = {b: c for b, c in existing_claims.items() if c.ioas_id != intent.ioas_id}
     if mine:
         where = ", ".join(f"{b} in IOAS {c.ioas_id}" for b, c in sorted(mine.items()))
         target = "a new IOAS" if intent.ioas_id is None else f"IOAS {intent.ioas_id}"
-        raise GroupSplitError(
+        raise _split_error(
             f"devices of IOMMU group {group_id} cannot be in different IOASes: "
             f"{', '.join(requested)} into {target} but {where}",
-            group_id=group_id,
-            reason="different_ioas",
-            requested={"devices": list(requested), "ioas_id": intent.ioas_id},
-            claimed=[{"bdf": b, "ioas_id": c.ioas_id} for b, c in sorted(mine.items())],
+            group_id,
+            "different_ioas",
+            intent,
+            requested,
+            mine,
         )
+
+
+def _split_error(
+    message: str,
+    group_id: int,
+    reason: str,
+    intent: ClaimIntent,
+    requested: tuple[str, ...],
+    clashing: Mapping[str, ExistingClaim],
+) -> GroupSplitError:
+    """The GroupSplitError details: what was asked, and the claims it clashes with."""
+    return GroupSplitError(
+        message,
+        group_id=group_id,
+        reason=reason,
+        requested={"devices": list(requested), "ioas_id": intent.ioas_id},
+        claimed=[{"bdf": b, "ioas_id": c.ioas_id} for b, c in sorted(clashing.items())],
+    )
 
 
 def _iommufd_possible(

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Final
 from annotated_types import Ge, Le, MaxLen
 from pydantic import BaseModel, ConfigDict, Strict, StringConstraints, model_validator
 
-from iommud.protocol.limits import MAX_FDS, U32_MAX, U64_MAX
+from iommud.protocol.limits import MAX_FDS, MAX_NAME, MAX_TEXT, U32_MAX, U64_MAX
 
 # --------------------------------------------------------------------------- types
 
@@ -35,9 +35,9 @@ NoFds = Annotated[int, Strict(), Ge(0), Le(0)]
 """``fds`` of a message that never carries fds: always 0."""
 Bool = Annotated[bool, Strict()]
 Seconds = Annotated[float, Strict(), Ge(0.0)]
-Name = Annotated[str, Strict(), MaxLen(256)]
+Name = Annotated[str, Strict(), MaxLen(MAX_NAME)]
 """Short identifiers: driver names, client and server names, versions."""
-Text = Annotated[str, Strict(), MaxLen(4096)]
+Text = Annotated[str, Strict(), MaxLen(MAX_TEXT)]
 """Free text: reasons and error messages."""
 PageLimit = Annotated[int, Strict(), Ge(1), Le(U32_MAX)]
 """Most entries a list reply may carry (``list_devices.limit``)."""
@@ -120,7 +120,7 @@ class DeviceEntry(Struct):
     driver_override: Name | None
     group_id: U32 | None
     is_bridge: Bool
-    vfio_cdev: Annotated[str, MaxLen(4096)] | None
+    vfio_cdev: Annotated[str, MaxLen(MAX_TEXT)] | None
 
 
 class Offender(Struct):

@@ -28,6 +28,12 @@ MAX_INFLIGHT: Final = 32
 MAX_RANGES: Final = 64
 """Most ranges in one ``ioas_map`` request."""
 
+MAX_NAME: Final = 256
+"""Longest short identifier: driver, client and server names, versions (characters)."""
+
+MAX_TEXT: Final = 4096
+"""Longest free text: reasons, error messages, device paths (characters)."""
+
 U32_MAX: Final = 2**32 - 1
 U64_MAX: Final = 2**64 - 1
 

@@ -130,6 +130,7 @@ __all__ = [
     "Offender",
     "Owner",
     "PageLimit",
+    "PageReply",
     "Ping",
     "PingReply",
     "Release",
@@ -302,33 +303,41 @@ class StatusReply(ReplyBase):
     uptime_s: Seconds
 
 
-class ListDevicesReply(ReplyBase):
+class PageReply(ReplyBase):
+    """Base of a list reply: one page of entries out of ``total``; ask again from
+    ``next_offset`` (null: this page ends the list)."""
+
+    total: U32
+    next_offset: U32 | None
+
+    def entries(self) -> tuple[Struct, ...]:
+        raise NotImplementedError
+
+    @model_validator(mode="after")
+    def _page(self) -> PageReply:
+        _check_page(len(self.entries()), self.total, self.next_offset)
+        return self
+
+
+class ListDevicesReply(PageReply):
     """A page of ``list_devices``: ``total`` devices in all; ask again from
     ``next_offset`` (null: this page ends the list)."""
 
     op: Literal["list_devices_reply"] = "list_devices_reply"
-    total: U32
-    next_offset: U32 | None
     devices: tuple[DeviceEntry, ...]
 
-    @model_validator(mode="after")
-    def _page(self) -> ListDevicesReply:
-        _check_page(len(self.devices), self.total, self.next_offset)
-        return self
+    def entries(self) -> tuple[DeviceEntry, ...]:
+        return self.devices
 
 
-class ListGroupsReply(ReplyBase):
+class ListGroupsReply(PageReply):
     """A page of ``list_groups``; see ``ListDevicesReply``."""
 
     op: Literal["list_groups_reply"] = "list_groups_reply"
-    total: U32
-    next_offset: U32 | None
     groups: tuple[GroupEntry, ...]
 
-    @model_validator(mode="after")
-    def _page(self) -> ListGroupsReply:
-        _check_page(len(self.groups), self.total, self.next_offset)
-        return self
+    def entries(self) -> tuple[GroupEntry, ...]:
+        return self.groups
 
 
 class ClaimReply(ReplyBase):

@@ -35,7 +35,7 @@ from iommud.policy import Identity
 from iommud.protocol.connection import ServerConnection
 from iommud.protocol.errors import ErrorCode
 from iommud.protocol.exceptions import ProtocolError
-from iommud.protocol.limits import DEFAULT_LIMITS, Limits
+from iommud.protocol.limits import DEFAULT_LIMITS, MAX_TEXT, Limits
 from iommud.protocol.messages import (
     ClaimReply,
     ErrorReply,
@@ -312,4 +312,4 @@ def _error_reply(request_id: int, exc: IommudError) -> ErrorReply:
         details = _JSON.validate_python(exc.details)
     except ValidationError:
         details = {"repr": repr(exc.details)[:1024]}
-    return ErrorReply(id=request_id, code=exc.code, message=exc.message[:4096], details=details)
+    return ErrorReply(id=request_id, code=exc.code, message=exc.message[:MAX_TEXT], details=details)
