@@ -475,6 +475,8 @@ def _boot_once(
         _kill_group(proc)  # a QEMU left behind by a dead vng
     for t in readers:
         t.join(timeout=10)
+    proc.stdout.close()
+    proc.stderr.close()
     total = time.monotonic() - started
 
     status: int | None = None

@@ -125,7 +125,10 @@ class GuestReporter:
 # --------------------------------------------------------------------------- host side
 
 
-_GUEST_ONLY_MARKS = frozenset({"skip", "skipif", "xfail", "usefixtures", "parametrize"})
+_GUEST_ONLY_MARKS = frozenset({"skip", "skipif", "xfail", "usefixtures", "parametrize", "timeout"})
+#: Beyond --lab-timeout for a stand-in's pytest-timeout: labvm.execute ends the batch at
+#: --lab-timeout itself (and reports which tests got no result); this margin only lets it.
+BATCH_TIMEOUT_MARGIN = 120.0
 
 
 class GuestFailureError(Exception):
@@ -175,10 +178,16 @@ class HostBatch:
 
     @pytest.hookimpl(trylast=True)  # after -m / -k deselection
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        # The first stand-in to run boots the guest and runs the whole batch: its
+        # per-test timeout (pytest-timeout) must cover the batch, not one test. A vm
+        # test's own timeout applies in the guest (where each test runs as usual).
+        batch_timeout = self._config.getoption("--lab-timeout") + BATCH_TIMEOUT_MARGIN
         for i, item in enumerate(items):
             if item.get_closest_marker("vm") is None or item.parent is None:
                 continue
-            items[i] = GuestItem.from_parent(item.parent, name=item.name, batch=self, original=item)
+            stand_in = GuestItem.from_parent(item.parent, name=item.name, batch=self, original=item)
+            stand_in.add_marker(pytest.mark.timeout(batch_timeout))
+            items[i] = stand_in
             self._nodeids.append(item.nodeid)
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:

@@ -170,3 +170,35 @@ def test_guest_crash_fails_every_vm_test_with_qemu_output(
     said = "QEMU said:\n  qemu-system-x86_64: hardware error: EDU: DMA range"
     assert out.count(said) == 7
     assert "lab guest died before the command finished (vng exit code 134" in out
+
+
+def test_per_test_timeout_applies_in_the_guest_not_to_the_batch(
+    pytester: pytest.Pytester, fake_vng: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a per-test timeout shorter than the batch, the stand-in that runs the batch is
+    not cut off; a vm test that hangs is failed by the timeout inside the guest."""
+    pytester.makeini(INI + "timeout = 4\n")
+    pytester.makeconftest('pytest_plugins = ["pytest_labvm"]\n')
+    pytester.makepyfile(
+        test_slow="""
+import time
+import pytest
+
+@pytest.mark.vm
+def test_a_second():
+    time.sleep(1)
+
+@pytest.mark.vm
+def test_another_second():
+    time.sleep(1)
+
+@pytest.mark.vm
+def test_hangs():
+    time.sleep(60)
+"""
+    )
+    result = pytester.runpytest_inprocess("-p", "no:randomly")
+    result.assert_outcomes(passed=2, failed=1)
+    result.stdout.fnmatch_lines(
+        ["*[[]lab guest, call[]]*", "*Timeout (>4.0s) from pytest-timeout*"]
+    )

@@ -28,6 +28,9 @@ from topology import EDU0, HOTEDU
 REPO = Path(__file__).resolve().parents[2]
 LOG = REPO / ".lab" / "systemd-check.log"
 BOOT_TIMEOUT = 600.0
+# The first test's setup boots the systemd guest (the module's fixture): labvm.execute
+# ends it at BOOT_TIMEOUT; pytest-timeout's hang guard must not cut in before that.
+pytestmark = pytest.mark.timeout(BOOT_TIMEOUT + 120)
 
 CAP_DAC_READ_SEARCH = 2
 CAP_IPC_LOCK = 14
