@@ -7,7 +7,9 @@ The pieces a lab test needs to run a real VMM the way a delegated client would:
   no disk, 64 MiB of RAM, paused (-S: the vCPU never runs, so it burns no host CPU; the
   devices are realized and guest RAM is mapped into the iommufd all the same), a QMP unix
   socket and pcie-root-ports, so that vfio-pci devices are hot-pluggable and can be
-  unplugged (QEMU refuses to unplug from the root bus);
+  unplugged (QEMU refuses to unplug from the root bus). ``Vmm.run_firmware`` lets
+  SeaBIOS number the root ports' buses, without which query-pci cannot list the devices
+  behind them;
 - ``Vmm``: runs it as uid 1000 with no capabilities (setpriv) and a raised RLIMIT_MEMLOCK
   (prlimit, applied while still root: an unprivileged process cannot raise its hard limit),
   passing the given fds by number;
@@ -300,6 +302,23 @@ class Qmp:
             walk(bus["devices"])
         return found
 
+    def is_realized(self, qdev_id: str) -> bool:
+        """qom-get of the device's ``realized`` property (needs no firmware, unlike query-pci)."""
+        path = f"/machine/peripheral/{qdev_id}"
+        return bool(self.execute("qom-get", {"path": path, "property": "realized"}))
+
+    def unnumbered_bridges(self) -> list[str]:
+        """Bridges (root ports) whose secondary bus has no number yet.
+
+        query-pci walks buses by number (hw/pci/pci-hmp-cmds.c, qmp_query_pci_bus): until
+        firmware numbers a root port's secondary bus, the devices behind it are not listed.
+        """
+        return [
+            str(d["qdev_id"])
+            for d in self.pci_devices()
+            if "pci_bridge" in d and d["pci_bridge"]["bus"]["secondary"] == 0
+        ]
+
     def close(self) -> None:
         self.sock.close()
 
@@ -388,6 +407,24 @@ class Vmm:
                 time.sleep(0.02)
         self.timings.mark("qmp_ready")
         return self
+
+    def run_firmware(self, *, timeout: float = 120.0) -> float:
+        """Let SeaBIOS run until it has numbered every root port's bus, then pause again.
+
+        Without it (-S) the devices behind root ports are realized but query-pci cannot list
+        them. SeaBIOS finds no boot disk and idles; stopping keeps the vCPU off the host's
+        CPUs all the same. Returns the seconds it took.
+        """
+        t0 = time.monotonic()
+        self.qmp("cont")
+        try:
+            while self.qmp.unnumbered_bridges():
+                if time.monotonic() - t0 > timeout:
+                    raise TimeoutError(f"firmware numbered no buses within {timeout}s")
+                time.sleep(0.1)
+        finally:
+            self.qmp("stop")
+        return time.monotonic() - t0
 
     def stderr_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
