@@ -3,23 +3,20 @@
 iommud.guard.BindGuard watches (inotify close-write) the sysfs files through which a
 driver could take a device of an owned group. On each write this re-checks every owned
 group (the enforcement path) and, when a bind was refused, attributes it to the owned
-device the driver had been seen on and publishes bind_refused. Keeps the guard's watch
-list equal to the devices of the owned groups.
+device the driver had been seen on and publishes bind_refused. The re-check is the
+enforcer's (iommud.broker.enforcement); the guard's watch list follows the owned groups
+from iommud.broker.claim, where ownership changes.
 
 Changes no ownership itself; never writes sysfs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from pathlib import Path
-
 import structlog
 
 from iommud.broker.drivers import VFIO_PCI
-from iommud.broker.hostview import HostView
-from iommud.broker.sessions import Spawn
-from iommud.broker.state import GroupHold
+from iommud.broker.enforcement import Enforcer
+from iommud.broker.state import BrokerState
 from iommud.errors import IommudError, KernelError
 from iommud.guard import BindGuard, SysfsWrite, WriteKind
 from iommud.protocol import messages as m
@@ -30,49 +27,38 @@ log = structlog.get_logger(__name__)
 class GuardAudit:
     """Owns the BindGuard (when inotify is available) and audits its reports."""
 
-    def __init__(
-        self,
-        view: HostView,
-        holds: dict[int, GroupHold],
-        *,
-        spawn: Spawn,
-        recheck: Callable[[int], Awaitable[None]],
-        publish: Callable[..., object],
-    ) -> None:
-        self._view = view
-        self._holds = holds
-        self._spawn = spawn
-        self._recheck = recheck
-        self._publish = publish
-        self.guard: BindGuard | None = None
+    def __init__(self, state: BrokerState, enforcer: Enforcer) -> None:
+        self._state = state
+        self._enforcer = enforcer
+        self._view = state.view
+        self._holds = state.holds
 
-    def start(self, sys_root: Path, dma_safe: frozenset[str]) -> None:
-        guard = BindGuard(sys_root, self._on_sysfs_write, dma_safe=dma_safe)
+    def start(self) -> None:
+        """Start the guard (``BrokerState.guard``); without inotify the broker runs unguarded."""
+        config = self._state.config
+        guard = BindGuard(
+            config.daemon.sys_root, self._on_sysfs_write, dma_safe=config.dma_safe_drivers
+        )
         try:
             guard.start()
         except KernelError as exc:
             log.warning("guard.unavailable", errno=exc.errno)
         else:
-            self.guard = guard
+            self._state.guard = guard
 
     def close(self) -> None:
-        if self.guard is not None:
-            self.guard.close()
-            self.guard = None
-
-    def sync(self) -> None:
-        """Watch exactly the devices of the owned groups (see iommud.guard)."""
-        if self.guard is not None:
-            self.guard.guard(b for hold in self._holds.values() for b in hold.pinned)
+        guard, self._state.guard = self._state.guard, None
+        if guard is not None:
+            guard.close()
 
     def _on_sysfs_write(self, write: SysfsWrite) -> None:
-        self._spawn(self._audit(write))
+        self._state.spawn(self._audit(write))
 
     async def _audit(self, write: SysfsWrite) -> None:
         """A guarded sysfs file was written: re-check the owned groups, report refusals."""
         try:
             for group_id in list(self._holds):
-                await self._recheck(group_id)
+                await self._enforcer.on_host_change(group_id)
         except IommudError as exc:
             log.warning("guard.audit_failed", code=exc.code, **exc.details)
         if write.kind is not WriteKind.BIND or write.accepted or write.name is None:
@@ -104,6 +90,6 @@ class GuardAudit:
             log.warning(
                 "guard.bind_refused", bdf=bdf, driver=driver, group_id=group_id, path=write.path
             )
-            self._publish(
+            self._state.publish(
                 m.EventName.BIND_REFUSED, bdf=bdf, driver=driver, group_id=group_id, reason=reason
             )

@@ -13,24 +13,26 @@ Release (or disconnect, revoke): block DMA first (detach, or unmap a container o
 group uses), reset the devices where they can be reset, close the daemon's fds, then put
 drivers and overrides back (off-loop, see drivers.py).
 
-Owns no state of its own: the Broker passes its registries in.
+Owns the groups' ownership (``BrokerState.holds``) and the claim lock; every change
+of ownership happens under that lock and is announced to the bind guard when the lock
+is left.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
-from collections.abc import Awaitable, Callable
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator
 from dataclasses import replace
 
 import structlog
 
-from iommud.broker.drivers import VFIO_PCI, DriverManager
+from iommud.broker.drivers import VFIO_PCI
 from iommud.broker.freeze import check_not_frozen
-from iommud.broker.ioas import IoasManager
 from iommud.broker.journal import JournalEntry
 from iommud.broker.state import (
+    BrokerState,
     GroupHold,
     IoasState,
     Lease,
@@ -38,7 +40,6 @@ from iommud.broker.state import (
     LeaseState,
     Session,
 )
-from iommud.config import Config
 from iommud.errors import (
     BusyError,
     KernelError,
@@ -56,7 +57,6 @@ from iommud.host.viability import (
     select_path,
 )
 from iommud.kernel import aio
-from iommud.kernel.interface import Kernel
 from iommud.policy import check_claim, may_rebind
 from iommud.protocol.messages import Claim, ClaimedDevice, ClaimReply
 
@@ -65,46 +65,49 @@ log = structlog.get_logger(__name__)
 RELEASE_WAIT = 1.5
 """Seconds a release waits for the drivers to come back before it answers anyway."""
 
-RefreshGroups = Callable[[list[str]], Awaitable[tuple[HostSnapshot, int]]]
-"""Re-read the groups of these BDFs; returns the fresh snapshot and THE group id."""
-
 
 class ClaimManager:
-    def __init__(
-        self,
-        config: Config,
-        kernel: Kernel,
-        drivers: DriverManager,
-        ioas: IoasManager,
-        holds: dict[int, GroupHold],
-        refresh: RefreshGroups,
-    ) -> None:
-        self._config = config
-        self._kernel = kernel
-        self._drivers = drivers
-        self._ioas = ioas
-        self._holds = holds
-        self._refresh = refresh
+    """The owner of ownership: ``state.holds`` changes here only, under the claim lock."""
+
+    def __init__(self, state: BrokerState) -> None:
+        self._state = state
+        self._config = state.config
+        self._kernel = state.kernel
+        self._drivers = state.drivers
+        self._ioas = state.ioas
+        self._holds = state.holds
         self._lock = asyncio.Lock()  # one claim/release changes ownership at a time
         # group id -> the background task giving a released group back to its drivers;
         # claims of that group get BusyError until it is done.
         self._restoring: dict[int, asyncio.Task[None]] = {}
         self._next_lease = 1
 
-    def held(self) -> AbstractAsyncContextManager[None]:
+    @contextlib.asynccontextmanager
+    async def held(self) -> AsyncIterator[None]:
         """Hold the claim lock: ``async with claims.held():``. Ownership changes (claim,
         release, revoke, enforcement, teardown) happen only under it, so racing clients
-        and host events see one owner per group."""
-        return self._lock
+        and host events see one owner per group. Leaving it is the one place the owners
+        are announced (:meth:`_owners_changed`)."""
+        async with self._lock:
+            try:
+                yield
+            finally:
+                self._owners_changed()
+
+    def _owners_changed(self) -> None:
+        """Point the bind guard at exactly the devices of the owned groups (iommud.guard)."""
+        guard = self._state.guard
+        if guard is not None:
+            guard.guard(b for hold in self._holds.values() for b in hold.pinned)
 
     # ------------------------------------------------------------------ claim
     async def claim(self, session: Session, req: Claim) -> tuple[ClaimReply, list[OwnedFd]]:
-        async with self._lock:
+        async with self.held():
             return await self._claim(session, req)
 
     async def _claim(self, session: Session, req: Claim) -> tuple[ClaimReply, list[OwnedFd]]:
         devices = list(req.devices)
-        snap, group_id = await self._refresh(devices)
+        snap, group_id = await self._state.view.refresh_groups(devices)
         # Policy first: a peer that may not claim these devices learns nothing about
         # who holds them.
         for bdf in devices:
@@ -190,7 +193,8 @@ class ClaimManager:
             await self._prepare_drivers(hold, members, to_rebind, new_hold=new_hold)
             if new_hold:
                 self._holds[group_id] = hold
-            snap, _ = await self._refresh(devices)  # cdev names appear after the rebind
+            # cdev names appear after the rebind
+            snap, _ = await self._state.view.refresh_groups(devices)
             if target is None:
                 target = created = self._ioas.create(session, decision.backend)
             if decision.backend is ClaimPath.IOMMUFD:
@@ -344,7 +348,7 @@ class ClaimManager:
         lease = session.leases.get(lease_id)
         if lease is None:
             raise NotFoundError(f"no lease {lease_id} in this session", lease_id=lease_id)
-        async with self._lock:
+        async with self.held():
             await asyncio.shield(self.release_lease(lease, why="release"))
         # Outside the lock: a restore stalled by this client's own open device fd must
         # not hold up anyone else. Wait briefly so a well-behaved client (fds closed

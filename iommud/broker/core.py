@@ -7,10 +7,13 @@ session's lock; ownership changes (claim, release, revoke, teardown) additionall
 the claim lock (``ClaimManager.held()``), so two clients racing for a group see a
 consistent owner.
 
-This module is the facade and the request dispatch; the work lives in:
+This module is the facade and the request dispatch: ``Broker.routes`` maps each
+request class to its answer, in the order of PROTOCOL.md section 5. The state the parts
+share is one ``BrokerState`` (iommud.broker.state); the work lives in:
 
 - iommud.broker.sessions: opening sessions, teardown (disconnect, peer exit, stop);
-- iommud.broker.claim: claim and release; iommud.broker.ioas: IOAS and mappings;
+- iommud.broker.claim: claim and release, and the owned groups; iommud.broker.ioas:
+  IOAS and mappings;
 - iommud.broker.enforcement: host changes on owned groups, revoke, device requests;
 - iommud.broker.freeze: a revoke's freeze of the session's iommufd (maps refused);
 - iommud.broker.audit: the bind guard's reports;
@@ -27,8 +30,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Coroutine
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 import structlog
 
@@ -43,7 +47,7 @@ from iommud.broker.ioas import IoasManager
 from iommud.broker.journal import Journal
 from iommud.broker.listing import Listing
 from iommud.broker.sessions import SessionManager
-from iommud.broker.state import GroupHold, IoasState, LeaseState, Outcome, Session
+from iommud.broker.state import BrokerState, IoasState, LeaseState, Outcome, Session
 from iommud.config import Config
 from iommud.errors import (
     BadRequestError,
@@ -53,7 +57,6 @@ from iommud.errors import (
     RevokedError,
 )
 from iommud.fds import FdSet, OwnedFd
-from iommud.guard import BindGuard
 from iommud.host.snapshot import HostSnapshot
 from iommud.host.viability import ClaimPath
 from iommud.kernel import aio
@@ -62,6 +65,19 @@ from iommud.policy import Identity
 from iommud.protocol import messages as m
 
 log = structlog.get_logger(__name__)
+
+
+R = TypeVar("R", bound=m.RequestBase)
+
+
+@dataclass(frozen=True, slots=True)
+class Route(Generic[R]):
+    """How the broker answers one op: the request class, the answer, and whether the
+    answer runs under the session's lock (ops on the session's own leases and IOASes)."""
+
+    request: type[R]
+    answer: Callable[[Session, R, FdSet], Awaitable[Outcome]]
+    in_session: bool = False
 
 
 class Broker:
@@ -78,58 +94,53 @@ class Broker:
         restore_retry_delay: float = 0.5,
         close_grace: float = 30.0,
     ) -> None:
-        self._config = config
         self._close_grace = close_grace
-        self._kernel = kernel
         self._clock = clock
         self._started = clock()
         self._journal = Journal(config.daemon.state_dir)
-        self._drivers = DriverManager(
-            kernel.binder,
-            self._journal,
-            timeout=sysfs_timeout,
-            retries=restore_retries,
-            retry_delay=restore_retry_delay,
-        )
-        self._ioas = IoasManager(kernel)
-        self._holds: dict[int, GroupHold] = {}
-        self._hub = EventHub()
-        self._view = HostView(config)
-        self._claims = ClaimManager(
-            config, kernel, self._drivers, self._ioas, self._holds, self._view.refresh_groups
-        )
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._audit = GuardAudit(
-            self._view,
-            self._holds,
-            spawn=self._spawn,
-            recheck=self.on_host_change,
-            publish=self.publish,
-        )
-        self._sessions = SessionManager(
-            config,
-            self._claims,
-            self._ioas,
-            spawn=self._spawn,
-            on_owners_changed=self._audit.sync,
+        self._state = state = BrokerState(
+            config=config,
+            kernel=kernel,
+            journal=self._journal,
+            drivers=DriverManager(
+                kernel.binder,
+                self._journal,
+                timeout=sysfs_timeout,
+                retries=restore_retries,
+                retry_delay=restore_retry_delay,
+            ),
+            ioas=IoasManager(kernel),
+            view=HostView(config),
+            hub=EventHub(),
             sysfs_timeout=sysfs_timeout,
         )
-        self._enforcer = Enforcer(
-            config,
-            self._view,
-            self._claims,
-            self._ioas,
-            self._drivers,
-            self._journal,
-            self._holds,
-            self._sessions.sessions,
-            self._hub,
-            spawn=self._spawn,
-            on_owners_changed=self._audit.sync,
-        )
-        self._listing = Listing(config, self._view, self._holds, self._sessions.sessions)
+        self._hub = state.hub
+        self._view = state.view
+        self._claims = ClaimManager(state)
+        self._sessions = SessionManager(state, self._claims)
+        self._enforcer = Enforcer(state, self._claims)
+        self._audit = GuardAudit(state, self._enforcer)
+        self._listing = Listing(state)
+        # PROTOCOL.md section 5, in its order.
+        routes: list[Route[Any]] = [
+            Route(m.Hello, self._hello),
+            Route(m.Ping, self._ping),
+            Route(m.Status, self._status),
+            Route(m.ListDevices, self._list_devices),
+            Route(m.ListGroups, self._list_groups),
+            Route(m.Claim, self._claim, in_session=True),
+            Route(m.Release, self._release, in_session=True),
+            Route(m.IoasCreate, self._ioas_create, in_session=True),
+            Route(m.IoasDestroy, self._ioas_destroy, in_session=True),
+            Route(m.IoasMap, self._ioas_map, in_session=True),
+            Route(m.IoasUnmap, self._ioas_unmap, in_session=True),
+            Route(m.IovaRanges, self._iova_ranges, in_session=True),
+            Route(m.DeviceReset, self._device_reset, in_session=True),
+            Route(m.Subscribe, self._subscribe),
+            Route(m.Revoke, self._revoke),
+        ]
+        self.routes: Mapping[type[m.RequestBase], Route[Any]] = {r.request: r for r in routes}
         self.event_source: str | None = None  # set by the udev layer
-        self.guard_enabled = True
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -139,7 +150,13 @@ class Broker:
     @property
     def pending_restores(self) -> dict[str, str]:
         """BDF -> what its driver restore is still waiting for."""
-        return dict(self._drivers.pending)
+        return dict(self._state.drivers.pending)
+
+    @property
+    def state(self) -> BrokerState:
+        """The state the broker's parts share, for inspection (tests, debugging). The
+        server uses only the methods."""
+        return self._state
 
     async def start(self) -> None:
         """Replay the rebind journal of a previous run, then read the host."""
@@ -148,13 +165,12 @@ class Broker:
             log.warning(
                 "journal.replay", devices=[e.bdf for e in entries], path=str(self._journal.path)
             )
-            pending = await self._drivers.restore(entries)
+            pending = await self._state.drivers.restore(entries)
             if pending:
                 log.error("journal.replay_pending", devices=pending)
         snap = await self._view.start()
         self._started = self._clock()
-        if self.guard_enabled:
-            self._audit.start(self._config.daemon.sys_root, self._config.dma_safe_drivers)
+        self._audit.start()
         log.info(
             "broker.started",
             devices=len(snap.devices),
@@ -175,18 +191,13 @@ class Broker:
 
         async def _all() -> None:
             await self._sessions.close_all()
-            for t in list(self._tasks):
+            for t in list(self._state.tasks):
                 await t
-            await self._drivers.aclose(grace)
+            await self._state.drivers.aclose(grace)
 
         self._audit.close()  # our own restores are not attempts to report
         await asyncio.shield(_all())
-        log.info("broker.closed", pending_restores=self._drivers.pending)
-
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        log.info("broker.closed", pending_restores=self._state.drivers.pending)
 
     # ------------------------------------------------------------------ sessions
     def open_session(self, identity: Identity, *, pidfd: OwnedFd | int | None = None) -> Session:
@@ -202,97 +213,119 @@ class Broker:
 
     # ------------------------------------------------------------------ requests
     async def handle(self, session: Session, request: m.Request, fds: FdSet) -> Outcome:
-        """Answer one request. Raises IommudError subclasses for typed errors. Owns
-        ``fds``: every received fd is closed before this returns (mappings keep their
-        own reference: the daemon's mmap or the kernel's file reference)."""
+        """Answer one request (:attr:`routes`). Raises IommudError subclasses for typed
+        errors. Owns ``fds``: every received fd is closed before this returns (mappings
+        keep their own reference: the daemon's mmap or the kernel's file reference)."""
         with fds:
             if session.closing:
                 raise InvalidStateError("the session is closing")
-            if isinstance(request, m.Ping):
-                return Outcome(m.PingReply(id=request.id))
-            if isinstance(request, m.Status):
-                return Outcome(self._status(request.id))
-            if isinstance(request, m.ListDevices):
-                return Outcome(await self._listing.list_devices(request))
-            if isinstance(request, m.ListGroups):
-                return Outcome(await self._listing.list_groups(request))
-            if isinstance(request, m.Subscribe):
-                session.sink.subscription = Subscription(
-                    None if request.events is None else frozenset(request.events),
-                    None if request.groups is None else frozenset(request.groups),
-                )
-                return Outcome(m.SubscribeReply(id=request.id))
-            if isinstance(request, m.Revoke):
-                if not session.identity.is_root:
-                    raise PermissionDeniedError(
-                        "revoke is for root only",
-                        uid=session.identity.uid,
-                        rule="revoke",
-                        reason="revoke is root-only",
-                    )
-                ids = await self.revoke_group(request.group_id, request.reason)
-                return Outcome(m.RevokeReply(id=request.id, revoked_leases=tuple(ids)))
-            if isinstance(request, m.Hello):
-                raise BadRequestError("hello is answered by the connection, not the broker")
+            route = self.routes.get(type(request))
+            if route is None:
+                raise BadRequestError(f"unexpected op {request.op!r}", op=request.op)
+            if not route.in_session:
+                return await route.answer(session, request, fds)
             async with session.lock:
                 if session.closing:
                     raise InvalidStateError("the session is closing")
-                return await self._session_op(session, request, fds)
+                return await route.answer(session, request, fds)
 
-    async def _session_op(self, session: Session, request: m.Request, fds: FdSet) -> Outcome:
-        if isinstance(request, m.Claim):
-            reply, out = await self._claims.claim(session, request)
-            self._enforcer.watch_requests(session.leases[reply.lease_id])
-            self._audit.sync()
-            return Outcome(reply, out)
-        if isinstance(request, m.Release):
-            try:
-                await self._claims.release(session, request.lease_id)
-            finally:
-                self._audit.sync()
-                holding(session)  # a freeze this release ends lifts now, not at next map
-            return Outcome(m.ReleaseReply(id=request.id))
-        if isinstance(request, m.IoasCreate):
-            backend = ClaimPath.IOMMUFD if self.snapshot.has_iommufd else ClaimPath.LEGACY
-            ioas = self._ioas.create(session, backend)
-            return Outcome(m.IoasCreateReply(id=request.id, ioas_id=ioas.ioas_id))
-        if isinstance(request, m.IoasDestroy):
-            await self._ioas.destroy(session, self._ioas.get(session, request.ioas_id))
-            return Outcome(m.IoasDestroyReply(id=request.id))
-        if isinstance(request, m.IoasMap):
-            ioas = self._usable_ioas(session, request.ioas_id)
-            mapped = await self._ioas.map(session, ioas, request.ranges, fds)
-            if ioas.backend is ClaimPath.IOMMUFD and session.freezes:
-                await self._undo_frozen_map(session, ioas)
-            return Outcome(m.IoasMapReply(id=request.id, mappings=tuple(mapped)))
-        if isinstance(request, m.IoasUnmap):
-            ioas = self._ioas.get(session, request.ioas_id)
-            n = await self._ioas.unmap(session, ioas, request.iova, request.length)
-            return Outcome(m.IoasUnmapReply(id=request.id, unmapped=n))
-        if isinstance(request, m.IovaRanges):
-            ranges, align = self._ioas.iova_ranges(
-                session, self._ioas.get(session, request.ioas_id)
+    async def _hello(self, session: Session, request: m.Hello, fds: FdSet) -> Outcome:
+        raise BadRequestError("hello is answered by the connection, not the broker")
+
+    async def _ping(self, session: Session, request: m.Ping, fds: FdSet) -> Outcome:
+        return Outcome(m.PingReply(id=request.id))
+
+    async def _status(self, session: Session, request: m.Status, fds: FdSet) -> Outcome:
+        return Outcome(
+            self._listing.status(
+                request.id,
+                event_source=self.event_source,
+                uptime_s=self._clock() - self._started,
             )
-            return Outcome(
-                m.IovaRangesReply(
-                    id=request.id,
-                    ranges=tuple(m.IovaRange(start=r.start, last=r.last) for r in ranges),
-                    alignment=align,
-                )
+        )
+
+    async def _list_devices(self, session: Session, request: m.ListDevices, fds: FdSet) -> Outcome:
+        return Outcome(await self._listing.list_devices(request))
+
+    async def _list_groups(self, session: Session, request: m.ListGroups, fds: FdSet) -> Outcome:
+        return Outcome(await self._listing.list_groups(request))
+
+    async def _claim(self, session: Session, request: m.Claim, fds: FdSet) -> Outcome:
+        reply, out = await self._claims.claim(session, request)
+        self._enforcer.watch_requests(session.leases[reply.lease_id])
+        return Outcome(reply, out)
+
+    async def _release(self, session: Session, request: m.Release, fds: FdSet) -> Outcome:
+        try:
+            await self._claims.release(session, request.lease_id)
+        finally:
+            holding(session)  # a freeze this release ends lifts now, not at next map
+        return Outcome(m.ReleaseReply(id=request.id))
+
+    async def _ioas_create(self, session: Session, request: m.IoasCreate, fds: FdSet) -> Outcome:
+        backend = ClaimPath.IOMMUFD if self.snapshot.has_iommufd else ClaimPath.LEGACY
+        ioas = self._state.ioas.create(session, backend)
+        return Outcome(m.IoasCreateReply(id=request.id, ioas_id=ioas.ioas_id))
+
+    async def _ioas_destroy(self, session: Session, request: m.IoasDestroy, fds: FdSet) -> Outcome:
+        ioases = self._state.ioas
+        await ioases.destroy(session, ioases.get(session, request.ioas_id))
+        return Outcome(m.IoasDestroyReply(id=request.id))
+
+    async def _ioas_map(self, session: Session, request: m.IoasMap, fds: FdSet) -> Outcome:
+        ioas = self._usable_ioas(session, request.ioas_id)
+        mapped = await self._state.ioas.map(session, ioas, request.ranges, fds)
+        if ioas.backend is ClaimPath.IOMMUFD and session.freezes:
+            await self._undo_frozen_map(session, ioas)
+        return Outcome(m.IoasMapReply(id=request.id, mappings=tuple(mapped)))
+
+    async def _ioas_unmap(self, session: Session, request: m.IoasUnmap, fds: FdSet) -> Outcome:
+        ioases = self._state.ioas
+        ioas = ioases.get(session, request.ioas_id)
+        n = await ioases.unmap(session, ioas, request.iova, request.length)
+        return Outcome(m.IoasUnmapReply(id=request.id, unmapped=n))
+
+    async def _iova_ranges(self, session: Session, request: m.IovaRanges, fds: FdSet) -> Outcome:
+        ioases = self._state.ioas
+        ranges, align = ioases.iova_ranges(session, ioases.get(session, request.ioas_id))
+        return Outcome(
+            m.IovaRangesReply(
+                id=request.id,
+                ranges=tuple(m.IovaRange(start=r.start, last=r.last) for r in ranges),
+                alignment=align,
             )
-        if isinstance(request, m.DeviceReset):
-            await self._reset(session, request.bdf)
-            return Outcome(m.DeviceResetReply(id=request.id))
-        raise BadRequestError(f"unexpected op {request.op!r}", op=request.op)
+        )
+
+    async def _device_reset(self, session: Session, request: m.DeviceReset, fds: FdSet) -> Outcome:
+        await self._reset(session, request.bdf)
+        return Outcome(m.DeviceResetReply(id=request.id))
+
+    async def _subscribe(self, session: Session, request: m.Subscribe, fds: FdSet) -> Outcome:
+        session.sink.subscription = Subscription(
+            None if request.events is None else frozenset(request.events),
+            None if request.groups is None else frozenset(request.groups),
+        )
+        return Outcome(m.SubscribeReply(id=request.id))
+
+    async def _revoke(self, session: Session, request: m.Revoke, fds: FdSet) -> Outcome:
+        if not session.identity.is_root:
+            raise PermissionDeniedError(
+                "revoke is for root only",
+                uid=session.identity.uid,
+                rule="revoke",
+                reason="revoke is root-only",
+            )
+        ids = await self.revoke_group(request.group_id, request.reason)
+        return Outcome(m.RevokeReply(id=request.id, revoked_leases=tuple(ids)))
 
     async def _undo_frozen_map(self, session: Session, ioas: IoasState) -> None:
         """A revoke froze the iommufd while this map was pinning: take it back out."""
         f = next(iter(session.freezes.values()))
-        await asyncio.shield(self._ioas.unmap_all(session, ioas))
+        await asyncio.shield(self._state.ioas.unmap_all(session, ioas))
         raise frozen_error(session, f, ioas_id=ioas.ioas_id)
 
     def _usable_ioas(self, session: Session, ioas_id: int) -> IoasState:
-        ioas = self._ioas.get(session, ioas_id)
+        ioas = self._state.ioas.get(session, ioas_id)
         if ioas.backend is ClaimPath.IOMMUFD:
             check_not_frozen(session, ioas_id=ioas_id)
         for lease in session.leases.values():
@@ -318,11 +351,6 @@ class Broker:
                     return
         raise NotFoundError(f"{bdf} is not claimed by this session", bdf=bdf)
 
-    def _status(self, rid: int) -> m.StatusReply:
-        return self._listing.status(
-            rid, event_source=self.event_source, uptime_s=self._clock() - self._started
-        )
-
     # ------------------------------------------------------------------ host events
     async def on_host_change(self, group_id: int, snapshot: HostSnapshot | None = None) -> None:
         """A uevent touched one group (see Enforcer.on_host_change)."""
@@ -337,14 +365,6 @@ class Broker:
         ev = self._hub.make(name, **fields)
         self._hub.publish(ev, [s.sink for s in self._sessions.sessions.values()])
         return ev
-
-    # The bind guard, as tests/udev inspect it.
-    @property
-    def _guard(self) -> BindGuard | None:
-        return self._audit.guard
-
-    def _sync_guard(self) -> None:
-        self._audit.sync()
 
 
 __all__ = ["DEVICE_REQUESTED", "Broker", "Outcome", "Session"]

@@ -171,8 +171,11 @@ class DriverManager:
                 await asyncio.sleep(self._retry_delay * attempt)
                 continue
             break
-        self.pending.pop(entry.bdf, None)
-        await aio.call("journal_write", self._journal.drop, [entry.bdf])
+        try:
+            await aio.call("journal_write", self._journal.drop, [entry.bdf])
+        finally:
+            # Only now: a claim that saw nothing pending must not find the restore running.
+            self.pending.pop(entry.bdf, None)
         log.info(
             "driver.restored",
             bdf=entry.bdf,

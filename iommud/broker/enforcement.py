@@ -19,21 +19,16 @@ Never decides viability itself (iommud.host.viability does).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from typing import Final
 
 import structlog
 
 from iommud.broker.claim import ClaimManager, close_request_fd
-from iommud.broker.drivers import VFIO_PCI, DriverManager
-from iommud.broker.events import EventHub
+from iommud.broker.drivers import VFIO_PCI
 from iommud.broker.freeze import freeze
-from iommud.broker.hostview import HostView
-from iommud.broker.ioas import IoasManager
-from iommud.broker.journal import Journal, JournalEntry
-from iommud.broker.sessions import Spawn, quietly
-from iommud.broker.state import GroupHold, Lease, LeasedDevice, LeaseState, Session
-from iommud.config import Config
+from iommud.broker.journal import JournalEntry
+from iommud.broker.sessions import quietly
+from iommud.broker.state import BrokerState, GroupHold, Lease, LeasedDevice, LeaseState
 from iommud.errors import KernelError
 from iommud.host.snapshot import HostSnapshot, PciDevice
 from iommud.host.viability import ClaimPath, group_viability
@@ -50,32 +45,15 @@ DEVICE_REQUESTED: Final = "device removal requested by the kernel"
 class Enforcer:
     """Host changes on owned groups, revoke, and the kernel's device requests."""
 
-    def __init__(
-        self,
-        config: Config,
-        view: HostView,
-        claims: ClaimManager,
-        ioas: IoasManager,
-        drivers: DriverManager,
-        journal: Journal,
-        holds: dict[int, GroupHold],
-        sessions: dict[int, Session],
-        hub: EventHub,
-        *,
-        spawn: Spawn,
-        on_owners_changed: Callable[[], None],
-    ) -> None:
-        self._config = config
-        self._view = view
+    def __init__(self, state: BrokerState, claims: ClaimManager) -> None:
+        self._state = state
+        self._config = state.config
+        self._view = state.view
         self._claims = claims
-        self._ioas = ioas
-        self._drivers = drivers
-        self._journal = journal
-        self._holds = holds
-        self._sessions = sessions
-        self._hub = hub
-        self._spawn = spawn
-        self._on_owners_changed = on_owners_changed
+        self._ioas = state.ioas
+        self._drivers = state.drivers
+        self._journal = state.journal
+        self._holds = state.holds
 
     # ------------------------------------------------------------------ host changes
     async def on_host_change(self, group_id: int, snapshot: HostSnapshot | None = None) -> None:
@@ -116,7 +94,6 @@ class Enforcer:
                 # Nothing is left to give back: end the leases (the owner was told).
                 for lease in list(hold.leases.values()):
                     await self._claims.release_lease(lease, why="group vanished")
-        self._on_owners_changed()
 
     async def _track_members(self, hold: GroupHold, members: dict[str, PciDevice]) -> None:
         """Keep every device of an owned group pinned to vfio-pci (called with the lock)."""
@@ -200,14 +177,12 @@ class Enforcer:
             lease.state = LeaseState.REVOKED
             lease.revoke_reason = reason
             revoked.append(lease.lease_id)
-            ev = self._hub.make(
+            self._state.publish(
                 m.EventName.LEASE_REVOKED,
+                holder=lease.session,
                 lease_id=lease.lease_id,
                 group_id=group_id,
                 reason=reason,
-            )
-            self._hub.publish(
-                ev, [s.sink for s in self._sessions.values()], must_reach=lease.session.sink
             )
             log.warning(
                 "group.revoked",
@@ -253,7 +228,7 @@ class Enforcer:
             group_id=lease.group_id,
             session=lease.session.session_id,
         )
-        self._spawn(self._give_back(lease, ld))
+        self._state.spawn(self._give_back(lease, ld))
 
     async def _give_back(self, lease: Lease, ld: LeasedDevice) -> None:
         """The kernel wants the device back: revoke the lease, close our fds of it."""

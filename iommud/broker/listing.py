@@ -9,10 +9,8 @@ datagram (``iommud.broker.paging``): devices sorted by bdf, groups by id.
 from __future__ import annotations
 
 from iommud import __version__
-from iommud.broker.hostview import HostView
 from iommud.broker.paging import fill_page
-from iommud.broker.state import GroupHold, Lease, Session
-from iommud.config import Config
+from iommud.broker.state import BrokerState, Lease
 from iommud.host.snapshot import HostSnapshot
 from iommud.host.viability import group_viability, whole_group_path
 from iommud.protocol import messages as m
@@ -21,17 +19,11 @@ from iommud.protocol import messages as m
 class Listing:
     """The list/status handlers of Broker.handle."""
 
-    def __init__(
-        self,
-        config: Config,
-        view: HostView,
-        holds: dict[int, GroupHold],
-        sessions: dict[int, Session],
-    ) -> None:
-        self._config = config
-        self._view = view
-        self._holds = holds
-        self._sessions = sessions
+    def __init__(self, state: BrokerState) -> None:
+        self._config = state.config
+        self._view = state.view
+        self._holds = state.holds
+        self._sessions = state.sessions
 
     async def _snapshot(self, offset: int) -> HostSnapshot:
         # The first page re-reads the host; later pages use that reading (as the host

@@ -15,24 +15,19 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from typing import Any
 
 import structlog
 
 from iommud.broker.claim import ClaimManager
 from iommud.broker.events import EventSink
-from iommud.broker.ioas import IoasManager
-from iommud.broker.state import Session
-from iommud.config import Config
+from iommud.broker.state import BrokerState, Session
 from iommud.errors import KernelError
 from iommud.fds import OwnedFd
 from iommud.policy import Identity, quota_for
 
 log = structlog.get_logger(__name__)
-
-Spawn = Callable[[Coroutine[Any, Any, None]], None]
-"""Run a coroutine as a task the Broker owns (awaited at aclose)."""
 
 
 async def quietly(what: str, coro: Coroutine[Any, Any, object]) -> None:
@@ -46,24 +41,17 @@ async def quietly(what: str, coro: Coroutine[Any, Any, object]) -> None:
 class SessionManager:
     """Opens sessions and tears them down (see the module docstring)."""
 
-    def __init__(
-        self,
-        config: Config,
-        claims: ClaimManager,
-        ioas: IoasManager,
-        *,
-        spawn: Spawn,
-        on_owners_changed: Callable[[], None],
-        sysfs_timeout: float,
-    ) -> None:
-        self._config = config
+    def __init__(self, state: BrokerState, claims: ClaimManager) -> None:
+        self._state = state
+        self._config = state.config
         self._claims = claims
-        self._ioas = ioas
-        self._spawn = spawn
-        self._on_owners_changed = on_owners_changed
-        self._sysfs_timeout = sysfs_timeout
+        self._ioas = state.ioas
         self._ids = itertools.count(1)
-        self.sessions: dict[int, Session] = {}
+
+    @property
+    def sessions(self) -> dict[int, Session]:
+        """The open sessions by id (``BrokerState.sessions``; changed only here)."""
+        return self._state.sessions
 
     def open(self, identity: Identity, *, pidfd: OwnedFd | int | None = None) -> Session:
         """A session for a new connection. Takes ownership of ``pidfd``: when the peer
@@ -92,7 +80,7 @@ class SessionManager:
     def _peer_exited(self, session: Session) -> None:
         self._stop_watching(session)
         log.info("session.peer_exited", session=session.session_id, pid=session.identity.pid)
-        self._spawn(self.close(session))
+        self._state.spawn(self.close(session))
 
     def _stop_watching(self, session: Session) -> None:
         if session.pidfd is not None and not session.pidfd.closed:
@@ -118,7 +106,7 @@ class SessionManager:
             # Outside the lock, bounded: the drivers usually come back within a second;
             # a restore stalled by a lingering fd goes on in the background.
             try:
-                await self._claims.wait_restored(released, self._sysfs_timeout)
+                await self._claims.wait_restored(released, self._state.sysfs_timeout)
             finally:
                 session.closed.set()
                 log.info("session.closed", session=session.session_id)
@@ -145,7 +133,6 @@ class SessionManager:
                     session.iommufd.close()
                     session.iommufd = None
         finally:
-            self._on_owners_changed()
             self._stop_watching(session)
             if session.pidfd is not None:
                 session.pidfd.close()

@@ -1,24 +1,36 @@
-"""The broker's state objects: sessions, group holds, leases, IOAS objects, mappings.
+"""The broker's state: ``BrokerState``, and the records it holds (sessions, group holds,
+leases, IOAS objects, mappings).
 
-Plain mutable records owned by the Broker (one event loop, no threads touch them).
-Every kernel object here is owned by exactly one record; whoever removes the record
-closes the object. No I/O and no decisions here.
+``BrokerState`` is the one object the broker's parts share (config, kernel, journal,
+drivers, IOAS manager, host view, event hub, owned groups, sessions, background tasks,
+bind guard); each manager receives it rather than pieces of it. The records are plain
+mutable dataclasses owned by the Broker (one event loop, no threads touch them). Every
+kernel object here is owned by exactly one record; whoever removes the record closes
+the object. No I/O and no decisions here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from iommud.broker.events import EventSink
-from iommud.config import Quota
+from iommud.broker.drivers import DriverManager
+from iommud.broker.events import EventHub, EventSink
+from iommud.broker.hostview import HostView
+from iommud.broker.journal import Journal
+from iommud.config import Config, Quota
 from iommud.fds import OwnedFd
+from iommud.guard import BindGuard
 from iommud.host.viability import ClaimPath
-from iommud.kernel.interface import IommuFd, VfioContainer, VfioDevice, VfioGroup
+from iommud.kernel.interface import IommuFd, Kernel, VfioContainer, VfioDevice, VfioGroup
 from iommud.policy import Identity
-from iommud.protocol.messages import Reply
+from iommud.protocol.messages import Event, EventName, Reply
+
+if TYPE_CHECKING:  # iommud.broker.ioas imports the records below
+    from iommud.broker.ioas import IoasManager
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,3 +164,44 @@ class Session:
     @property
     def mapping_count(self) -> int:
         return sum(len(i.mappings) for i in self.ioases.values())
+
+
+@dataclass(eq=False)
+class BrokerState:
+    """What the broker's parts share; one per Broker.
+
+    ``holds`` (owned groups by id) changes only in iommud.broker.claim, under the claim
+    lock; ``sessions`` only in iommud.broker.sessions. ``guard`` is the bind guard while
+    inotify works (iommud.broker.audit starts and closes it). ``tasks`` are the broker's
+    background tasks (:meth:`spawn`), awaited at close.
+    """
+
+    config: Config
+    kernel: Kernel
+    journal: Journal
+    drivers: DriverManager
+    ioas: IoasManager
+    view: HostView
+    hub: EventHub
+    sysfs_timeout: float
+    holds: dict[int, GroupHold] = field(default_factory=dict)
+    sessions: dict[int, Session] = field(default_factory=dict)
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    guard: BindGuard | None = None
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run ``coro`` as a task the broker owns (awaited at close)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def publish(self, name: EventName, *, holder: Session | None = None, **fields: Any) -> Event:
+        """Send an event to every session whose subscription takes it, and always to
+        ``holder`` (the session the event is about, e.g. a revoked lease's)."""
+        event = self.hub.make(name, **fields)
+        self.hub.publish(
+            event,
+            [s.sink for s in self.sessions.values()],
+            must_reach=None if holder is None else holder.sink,
+        )
+        return event

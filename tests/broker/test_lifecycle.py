@@ -134,16 +134,16 @@ async def test_journal_replay_restores_a_crashed_run(
     assert driver(fs, E1000) == "e1000"
 
 
-async def test_claim_journals_before_touching_sysfs(broker: Broker, kernel: FakeKernel) -> None:
+async def test_claim_journals_before_touching_sysfs(broker: Broker) -> None:
     """While owned, the journal names every device of the group with its original state."""
     c = Client(broker, ALICE)
     await c.claim(BR_EDU1, "0000:01:02.0")
-    entries = {e.bdf: e for e in Journal(broker._config.daemon.state_dir).load()}
+    entries = {e.bdf: e for e in Journal(broker.state.config.daemon.state_dir).load()}
     assert entries[E1000] == JournalEntry(E1000, 4, "e1000", None, rebound=True)
     assert entries["0000:00:11.0"] == JournalEntry("0000:00:11.0", 4, None, None, rebound=False)
     assert set(entries) == {"0000:00:11.0", BR_EDU1, "0000:01:02.0", E1000}
     await c.close()
-    assert Journal(broker._config.daemon.state_dir).load() == []
+    assert Journal(broker.state.config.daemon.state_dir).load() == []
 
 
 async def test_revoke_group_blocks_dma_and_tells_the_owner(

@@ -108,11 +108,17 @@ async def next_event(broker: Broker, session: Session, name: str) -> dict[str, A
                 return ev
 
 
+async def status_of(broker: Broker, session: Session) -> m.StatusReply:
+    reply = (await broker.handle(session, m.Status(id=1), FdSet())).reply
+    assert isinstance(reply, m.StatusReply)
+    return reply
+
+
 async def settle(broker: Broker) -> None:
     """Let the guard's reader and the audit tasks it spawned run to the end."""
     for _ in range(50):
         await asyncio.sleep(0.01)
-        if not broker._tasks:
+        if not broker.state.tasks:
             return
 
 
@@ -129,12 +135,12 @@ async def test_hot_added_device_is_pinned_and_the_group_stays_owned(host: Host) 
     assert drain(host.broker, host.monitor) == [
         {"event": "device_added", "bdf": HOT, "group_id": 4},
     ]
-    status = host.broker._status(1)
+    status = await status_of(host.broker, client)
     assert [(le.lease_id, le.group_id) for le in status.leases] == [(reply.lease_id, 4)]
     assert HOT in (host.state_dir / "rebind-journal.json").read_text()
-    assert host.broker._guard is not None
+    assert host.broker.state.guard is not None
     assert str(host.fs.sys_root / "bus/pci/devices" / HOT / "driver_override") in (
-        host.broker._guard.watches
+        host.broker.state.guard.watches
     )
 
     host.fs.remove_device(HOT)
@@ -199,11 +205,11 @@ async def test_accepted_bind_and_unknown_driver_are_not_reported(host: Host) -> 
     drain(host.broker, host.monitor)
     (host.fs.sys_root / "bus/pci/drivers/e1000/bind").write_text("0000:00:1f.0")
     host.fs.driver_dir("nvme")
-    host.broker._sync_guard()  # a driver registered after the claim is picked up
+    await host.broker.on_host_change(4)  # a re-check picks up a driver registered since
     os.close(os.open(host.fs.sys_root / "bus/pci/drivers/nvme/bind", os.O_WRONLY))
     await settle(host.broker)
-    assert host.broker._guard is not None
-    assert host.broker._guard.seen >= 2
+    assert host.broker.state.guard is not None
+    assert host.broker.state.guard.seen >= 2
     assert drain(host.broker, host.monitor) == []
     await host.broker.close_session(client)
 
@@ -221,7 +227,7 @@ async def test_tampered_override_is_pinned_again(host: Host) -> None:
 
 
 async def test_guard_watches_only_while_a_group_is_owned(host: Host) -> None:
-    guard = host.broker._guard
+    guard = host.broker.state.guard
     assert guard is not None
     assert guard.watches == {}
     client, _ = await host.claim(EDU0)
@@ -283,7 +289,7 @@ async def test_kernel_request_revokes_and_gives_the_device_back(host: Host) -> N
     host.fs.remove_device(EDU0)
     await host.watcher.handle(HostEvent(A.REMOVE, EDU0))
     assert client.leases == {}
-    assert host.broker._status(1).leases == ()
+    assert (await status_of(host.broker, client)).leases == ()
     assert host.broker.pending_restores == {}
     assert EDU0 not in (host.state_dir / "rebind-journal.json").read_text()
     await host.broker.close_session(client)
