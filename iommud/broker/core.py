@@ -36,9 +36,9 @@ from iommud.broker.audit import GuardAudit
 from iommud.broker.claim import ClaimManager
 from iommud.broker.drivers import DriverManager
 from iommud.broker.enforcement import DEVICE_REQUESTED, Enforcer
-from iommud.broker.events import EventHub, Subscription
+from iommud.broker.events import Delivery, EventHub
 from iommud.broker.freeze import check_not_frozen, frozen_error, holding
-from iommud.broker.hostview import HostView
+from iommud.broker.hostview import HostChange, HostView
 from iommud.broker.ioas import IoasManager
 from iommud.broker.journal import Journal
 from iommud.broker.listing import Listing
@@ -127,7 +127,7 @@ class Broker:
             on_owners_changed=self._audit.sync,
         )
         self._listing = Listing(config, self._view, self._holds, self._sessions.sessions)
-        self.event_source: str | None = None  # set by the udev layer (issue 5)
+        self.event_source: str | None = None  # set by the uevent watcher (iommud.watch)
         self.guard_enabled = True
 
     # ------------------------------------------------------------------ lifecycle
@@ -196,7 +196,8 @@ class Broker:
         """Tear a session down (idempotent; concurrent callers wait for the first)."""
         await self._sessions.close(session)
 
-    def events(self, session: Session) -> asyncio.Queue[m.Event]:
+    def events(self, session: Session) -> asyncio.Queue[Delivery]:
+        """The session's event queue (the connection applies the subscription)."""
         return session.sink.queue
 
     # ------------------------------------------------------------------ requests
@@ -215,11 +216,7 @@ class Broker:
                 return Outcome(await self._listing.list_devices(request))
             if isinstance(request, m.ListGroups):
                 return Outcome(await self._listing.list_groups(request))
-            if isinstance(request, m.Subscribe):
-                session.sink.subscription = Subscription(
-                    None if request.events is None else frozenset(request.events),
-                    None if request.groups is None else frozenset(request.groups),
-                )
+            if isinstance(request, m.Subscribe):  # the connection state holds the filter
                 return Outcome(m.SubscribeReply(id=request.id))
             if isinstance(request, m.Revoke):
                 if not session.identity.is_root:
@@ -323,16 +320,32 @@ class Broker:
         )
 
     # ------------------------------------------------------------------ host events
-    async def on_host_change(self, group_id: int, snapshot: HostSnapshot | None = None) -> None:
-        """A uevent touched one group (see Enforcer.on_host_change)."""
-        await self._enforcer.on_host_change(group_id, snapshot)
+    @property
+    def view(self) -> HostView:
+        """The one owner of the host snapshot (the uevent watcher refreshes through it)."""
+        return self._view
+
+    async def on_host_change(self, group_id: int, change: HostChange | None = None) -> None:
+        """A group changed on the host: publish what the view reported, then enforce.
+
+        ``change`` is the host view's report of a uevent or rescan it already applied
+        (its events go out first, so subscribers read bind -> viability lost -> lease
+        revoked in order); without one (the bind guard's audit) the group is re-read.
+        """
+        if change is not None:
+            sinks = [s.sink for s in self._sessions.sessions.values()]
+            for ev in self._hub.host_events(change):
+                self._hub.publish(ev, sinks)
+        await self._enforcer.on_host_change(
+            group_id, None if change is None else self._view.snapshot
+        )
 
     async def revoke_group(self, group_id: int, reason: str) -> list[int]:
         """Block DMA for the group's active leases and tell the owner (see Enforcer)."""
         return await self._enforcer.revoke_group(group_id, reason)
 
     def publish(self, name: m.EventName, **fields: object) -> m.Event:
-        """Publish a host event (the udev layer's hook); returns the event sent."""
+        """Publish a broker event (bind_refused); returns the event sent."""
         ev = self._hub.make(name, **fields)
         self._hub.publish(ev, [s.sink for s in self._sessions.sessions.values()])
         return ev

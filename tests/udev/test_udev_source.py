@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from iommud.udev import (
+from iommud.watch import (
     HostAction,
     HostEvent,
     Resync,
