@@ -26,8 +26,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.fakesys
 
-from iommud.udev import HostAction, HostChange, HostEvent, HostWatcher
+from iommud.broker.events import EventHub
+from iommud.broker.hostview import HostChange
+from iommud.watch import HostAction, HostEvent, HostWatcher
 from tests.fakesys import large_host
+from tests.udev.views import view_of
 
 GROUP_SIZE = 4
 
@@ -42,20 +45,22 @@ async def run_one(n_devices: int, n_events: int, seed: int) -> dict[str, float]:
 
         async def sink(change: HostChange) -> None:
             nonlocal wire_events
-            wire_events += len(change.wire_events())
+            wire_events += len(hub.host_events(change))
 
-        watcher = HostWatcher(sink, sys_root=fs.sys_root, dev_root=fs.dev_root)
+        hub = EventHub()
+        view = view_of(fs)
+        watcher = HostWatcher(view, sink)
         t0 = time.perf_counter()
         await watcher.rescan("startup")
         rescan_s = time.perf_counter() - t0
         wire_events = 0
 
         rng = random.Random(seed)
-        bdfs = sorted(watcher.snapshot.devices)
+        bdfs = sorted(view.snapshot.devices)
         costs: list[int] = []
         for i in range(n_events):
             bdf = rng.choice(bdfs)
-            if watcher.snapshot.devices[bdf].driver is not None:
+            if view.snapshot.devices[bdf].driver is not None:
                 fs.unbind(bdf)
                 event = HostEvent(HostAction.UNBIND, bdf, None, i)
             else:

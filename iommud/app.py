@@ -4,7 +4,7 @@
 configures logging (JSON on stdout unless it is a TTY), picks uvloop (the one place
 that does; plain asyncio is the fallback), takes the listening socket from systemd
 (socket activation) or binds it, starts the broker and its host watcher (PCI uevents,
-iommud.udev.watch_host, an owned task cancelled at shutdown), and serves until
+iommud.watch.watch_host, an owned task cancelled at shutdown), and serves until
 SIGTERM/SIGINT. On a signal it tells
 systemd STOPPING=1, stops accepting, lets in-flight requests finish within a bounded
 grace, closes the broker and exits 0. It never daemonizes (no fork, no pidfile).
@@ -36,7 +36,7 @@ from iommud.kernel.linux import LinuxKernel
 from iommud.sdnotify import Notifier
 from iommud.server import BrokerAPI, Server, ServerInfo
 from iommud.server.listen import bind_listener, inherited_listeners
-from iommud.udev import BrokerHooks, watch_host
+from iommud.watch import BrokerHooks, watch_host
 
 log = structlog.get_logger(__name__)
 
@@ -46,7 +46,7 @@ SHUTDOWN_GRACE = 5.0
 
 class DaemonBroker(BrokerAPI, BrokerHooks, Protocol):
     """The broker as the process sees it: the server's API, the host watcher's hooks
-    (iommud.udev.BrokerHooks) and a lifecycle."""
+    (iommud.watch.BrokerHooks) and a lifecycle."""
 
     async def start(self) -> None: ...
     async def aclose(self) -> None: ...
@@ -64,7 +64,7 @@ async def default_host_watch(broker: DaemonBroker, config: Config) -> None:
     sysfs, so nothing is decided on a stale view.
     """
     try:
-        await watch_host(broker, sys_root=config.daemon.sys_root, dev_root=config.daemon.dev_root)
+        await watch_host(broker)
     except KernelError as exc:
         broker.event_source = None
         log.exception("daemon.host_watch_failed", op=exc.op, errno=exc.errno)

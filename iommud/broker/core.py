@@ -40,9 +40,9 @@ from iommud.broker.audit import GuardAudit
 from iommud.broker.claim import ClaimManager
 from iommud.broker.drivers import DriverManager
 from iommud.broker.enforcement import DEVICE_REQUESTED, Enforcer
-from iommud.broker.events import EventHub, Subscription
+from iommud.broker.events import Delivery, EventHub
 from iommud.broker.freeze import check_not_frozen, frozen_error, holding
-from iommud.broker.hostview import HostView
+from iommud.broker.hostview import HostChange, HostView
 from iommud.broker.ioas import IoasManager
 from iommud.broker.journal import Journal
 from iommud.broker.listing import Listing
@@ -208,7 +208,8 @@ class Broker:
         """Tear a session down (idempotent; concurrent callers wait for the first)."""
         await self._sessions.close(session)
 
-    def events(self, session: Session) -> asyncio.Queue[m.Event]:
+    def events(self, session: Session) -> asyncio.Queue[Delivery]:
+        """The session's event queue (the connection applies the subscription)."""
         return session.sink.queue
 
     # ------------------------------------------------------------------ requests
@@ -301,10 +302,7 @@ class Broker:
         return Outcome(m.DeviceResetReply(id=request.id))
 
     async def _subscribe(self, session: Session, request: m.Subscribe, fds: FdSet) -> Outcome:
-        session.sink.subscription = Subscription(
-            None if request.events is None else frozenset(request.events),
-            None if request.groups is None else frozenset(request.groups),
-        )
+        # The filter is connection state (iommud.protocol.connection): nothing to keep here.
         return Outcome(m.SubscribeReply(id=request.id))
 
     async def _revoke(self, session: Session, request: m.Revoke, fds: FdSet) -> Outcome:
@@ -352,19 +350,33 @@ class Broker:
         raise NotFoundError(f"{bdf} is not claimed by this session", bdf=bdf)
 
     # ------------------------------------------------------------------ host events
-    async def on_host_change(self, group_id: int, snapshot: HostSnapshot | None = None) -> None:
-        """A uevent touched one group (see Enforcer.on_host_change)."""
-        await self._enforcer.on_host_change(group_id, snapshot)
+    @property
+    def view(self) -> HostView:
+        """The one owner of the host snapshot (the uevent watcher refreshes through it)."""
+        return self._view
+
+    async def on_host_change(self, group_id: int, change: HostChange | None = None) -> None:
+        """A group changed on the host: publish what the view reported, then enforce.
+
+        ``change`` is the host view's report of a uevent or rescan it already applied
+        (its events go out first, so subscribers read bind -> viability lost -> lease
+        revoked in order); without one (the bind guard's audit) the group is re-read.
+        """
+        if change is not None:
+            sinks = [s.sink for s in self._state.sessions.values()]
+            for ev in self._hub.host_events(change):
+                self._hub.publish(ev, sinks)
+        await self._enforcer.on_host_change(
+            group_id, None if change is None else self._view.snapshot
+        )
 
     async def revoke_group(self, group_id: int, reason: str) -> list[int]:
         """Block DMA for the group's active leases and tell the owner (see Enforcer)."""
         return await self._enforcer.revoke_group(group_id, reason)
 
-    def publish(self, name: m.EventName, **fields: object) -> m.Event:
-        """Publish a host event (the udev layer's hook); returns the event sent."""
-        ev = self._hub.make(name, **fields)
-        self._hub.publish(ev, [s.sink for s in self._sessions.sessions.values()])
-        return ev
+    def publish(self, name: m.EventName, **fields: Any) -> m.Event:
+        """Publish a broker event (bind_refused); returns the event sent."""
+        return self._state.publish(name, **fields)
 
 
 __all__ = ["DEVICE_REQUESTED", "Broker", "Outcome", "Session"]

@@ -58,11 +58,12 @@ class SessionManager:
         exits (the pidfd turns readable) the session is torn down even if the socket
         lingers."""
         owned = OwnedFd(pidfd) if isinstance(pidfd, int) else pidfd
+        sid = next(self._ids)
         session = Session(
-            session_id=next(self._ids),
+            session_id=sid,
             identity=identity,
             quota=quota_for(self._config, identity),
-            sink=EventSink(),
+            sink=EventSink(session_id=sid),
             pidfd=owned,
         )
         self.sessions[session.session_id] = session

@@ -3,7 +3,9 @@
 ``ServerConnection`` turns received datagrams into validated requests and enforces
 the rules that need memory of the connection: hello first, a supported version,
 at most MAX_INFLIGHT unanswered requests, no reuse of an id that is in flight,
-events only after hello and only those the client subscribed to. It counts the
+events only after hello and only those the client subscribed to (the subscription is
+this connection's state and lives nowhere else), except a lease holder's own
+lease_revoked, which always passes. It counts the
 peer's protocol errors so the server can drop a client that keeps breaking the
 rules (``should_close``).
 
@@ -204,16 +206,17 @@ class ServerConnection:
             return False
         return self._groups is None or event.event_group in self._groups
 
-    def send_event(self, event: Event, *, force: bool = False) -> tuple[bytes, int] | None:
+    def send_event(self, event: Event, *, for_holder: bool = False) -> tuple[bytes, int] | None:
         """Encode ``event`` if this client should get it, else return None.
 
-        ``force`` bypasses the subscription (not the handshake): the server uses it
-        to tell a lease holder that its lease was revoked, subscribed or not.
+        ``for_holder`` says the event is the lease_revoked of a lease this client holds:
+        a lease holder always hears that its lease was revoked, subscribed or not, so it
+        passes the subscription (not the handshake). The flag never goes on the wire.
         """
         self._check_open()
         if self.state is not State.READY:
             return None
-        if force:
+        if for_holder:
             if not isinstance(event, LeaseRevoked):
                 raise LocalProtocolError("only lease_revoked may bypass the subscription")
         elif not self.wants_event(event):

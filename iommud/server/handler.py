@@ -6,8 +6,9 @@ request in its own task in the connection's TaskGroup (so requests pipeline and 
 may leave out of order, matched by id), sends replies with their fds, and forwards the
 broker's events. It decides nothing about devices, policy or quotas: that is the
 broker's job. It answers ``hello`` itself (the handshake is about the connection, not
-about kernel state); the subscription filter is applied both by the broker (what it
-queues) and by ``ServerConnection`` (what is sent).
+about kernel state). The broker queues every event for every session; which ones are
+sent is the connection state's decision (``ServerConnection``: the subscription, and a
+lease holder's own lease_revoked, which the queued item marks ``for_holder``).
 
 Failure rules: an ``IommudError`` from the broker becomes an ``ErrorReply`` with its code
 and details; a protocol violation becomes the ``ProtocolError``'s reply and, once the
@@ -37,12 +38,10 @@ from iommud.protocol.errors import ErrorCode
 from iommud.protocol.exceptions import ProtocolError
 from iommud.protocol.limits import DEFAULT_LIMITS, MAX_TEXT, Limits
 from iommud.protocol.messages import (
-    ClaimReply,
     ErrorReply,
     Event,
     Hello,
     HelloReply,
-    LeaseRevoked,
     Reply,
     Request,
 )
@@ -61,13 +60,28 @@ _PEER_GONE = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF)
 _JSON: TypeAdapter[dict[str, JsonValue]] = TypeAdapter(dict[str, JsonValue])
 
 
+class QueuedEvent(Protocol):
+    """One item of a session's event queue (``iommud.broker.events.Delivery``)."""
+
+    @property
+    def event(self) -> Event: ...
+    @property
+    def for_holder(self) -> bool: ...
+
+
+class EventQueue(Protocol):
+    """The consuming end of a session's event queue."""
+
+    async def get(self) -> QueuedEvent: ...
+
+
 class BrokerAPI(Protocol):
     """The part of ``iommud.broker.Broker`` the server uses (structural, for tests)."""
 
     def open_session(self, identity: Identity, *, pidfd: OwnedFd | None = None) -> Any: ...
     async def close_session(self, session: Any) -> None: ...
     async def handle(self, session: Any, request: Request, fds: FdSet) -> Outcome: ...
-    def events(self, session: Any) -> asyncio.Queue[Event]: ...
+    def events(self, session: Any) -> EventQueue: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +111,6 @@ class ConnectionHandler:
     peer: PeerCredentials | None = field(init=False, default=None)
     _send_lock: asyncio.Lock = field(init=False, default_factory=asyncio.Lock)
     _draining: asyncio.Event = field(init=False, default_factory=asyncio.Event)
-    _lease_ids: set[int] = field(init=False, default_factory=set)
     _requests: set[asyncio.Task[None]] = field(init=False, default_factory=set)
     _log: Any = field(init=False, default=log)
 
@@ -257,16 +270,13 @@ class ConnectionHandler:
             fds = ()
         if nfds != len(fds):
             raise HandlerCrashedError(f"{reply.op}: declares {nfds} fds, broker gave {len(fds)}")
-        if isinstance(reply, ClaimReply):
-            self._lease_ids.add(reply.lease_id)
         await self._send(data, nfds, [fd.fileno() for fd in fds])
 
     async def _pump_events(self, session: Any) -> None:
         queue = self.broker.events(session)
         while True:
-            event = await queue.get()
-            force = isinstance(event, LeaseRevoked) and event.lease_id in self._lease_ids
-            out = self.proto.send_event(event, force=force)
+            item = await queue.get()
+            out = self.proto.send_event(item.event, for_holder=item.for_holder)
             if out is not None:
                 await self._send(out[0], out[1], [])
 

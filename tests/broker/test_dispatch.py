@@ -13,7 +13,7 @@ from iommud.errors import BadRequestError, InvalidStateError
 from iommud.fds import FdSet
 from iommud.protocol import messages as m
 from iommud.protocol.messages import REQUEST_TYPES
-from tests.broker.conftest import ALICE, Client
+from tests.broker.support import ALICE, Client
 
 PROTOCOL_MD = Path(__file__).resolve().parents[2] / "protocol" / "PROTOCOL.md"
 

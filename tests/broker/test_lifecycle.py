@@ -160,7 +160,7 @@ async def test_revoke_group_blocks_dma_and_tells_the_owner(
         ("detach_ioas", EDU),
         ("ioas_unmap_all", 1),
     ]
-    ev = broker.events(c.session).get_nowait()
+    ev = broker.events(c.session).get_nowait().event
     assert isinstance(ev, m.LeaseRevoked)
     assert (ev.lease_id, ev.group_id, ev.reason) == (reply.lease_id, 3, "admin says so")
     # No way back in: maps refused, the group stays owned, a second claim is refused.
@@ -196,7 +196,7 @@ async def test_on_host_change_revokes_when_viability_is_lost(broker: Broker, fs:
     fs.unbind(E1000)
     fs.bind(E1000, "e1000")  # as if the kernel had let e1000 probe
     await broker.on_host_change(4)
-    ev = broker.events(c.session).get_nowait()
+    ev = broker.events(c.session).get_nowait().event
     assert isinstance(ev, m.LeaseRevoked)
     assert ev.lease_id == reply.lease_id
     assert ev.reason == "viability lost: 0000:01:03.0 (e1000)"

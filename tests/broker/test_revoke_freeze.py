@@ -76,7 +76,7 @@ async def test_revoke_unmaps_every_ioas_and_a_reattached_device_gets_no_dma(
         ("ioas_unmap_all", 2),
     ]
     assert [i.mappings for i in c.session.ioases.values()] == [{}, {}]
-    ev = broker.events(c.session).get_nowait()
+    ev = broker.events(c.session).get_nowait().event
     assert isinstance(ev, m.LeaseRevoked)
     assert (ev.lease_id, ev.group_id, ev.reason) == (reply.lease_id, 3, "admin says so")
     # The attack: the device fd is still bound to the iommufd, so attaching works...

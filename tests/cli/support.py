@@ -31,7 +31,7 @@ from iommud.cli import Output, run
 from iommud.config import AccessRule, Config, DaemonConfig, ManageConfig
 from iommud.server import Server, ServerInfo
 from iommud.server.listen import bind_listener
-from iommud.udev import HostEvent, HostWatcher, broker_sink
+from iommud.watch import HostEvent, HostWatcher, broker_sink
 from tests.fakekernel import FakeKernel
 from tests.fakesys import FakeSys, lab_topology
 
@@ -80,12 +80,7 @@ class Daemon:
         self.broker = Broker(self.config, FakeKernel(self.fs))
         await self.broker.start()
         self.broker.event_source = "kernel"
-        self.watcher = HostWatcher(
-            broker_sink(self.broker),
-            sys_root=self.fs.sys_root,
-            dev_root=self.fs.dev_root,
-            snapshot=self.broker.snapshot,
-        )
+        self.watcher = HostWatcher(self.broker.view, broker_sink(self.broker))
         self.server = Server(
             self.broker,
             [bind_listener(self.socket, mode=0o666)],

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from iommud.udev import HostAction, HostEvent
+from iommud.watch import HostAction, HostEvent
 from tests.cli.support import Daemon, ctl, spawn
 
 E1000_BDF = "0000:01:03.0"

@@ -55,10 +55,11 @@ max_mappings = 16
 class LiveDaemon(Daemon):
     """tests.e2e.support.Daemon with the live config (hotedu may be rebound)."""
 
-    def __init__(self, workdir: Path) -> None:
-        super().__init__(workdir, CONFIG, hot=HOTEDU)
+    def __init__(self, workdir: Path, config: str = CONFIG) -> None:
+        """``config``: the live template (the default) or one that extends it."""
+        super().__init__(workdir, config, hot=HOTEDU)
         # The watcher's startup rescan runs after the daemon answers: wait for it.
-        if wait_until(lambda: bool(self.log_events("udev.rescanned")), 60.0, 0.05) is None:
+        if wait_until(lambda: bool(self.log_events("host.rescanned")), 60.0, 0.05) is None:
             raise AssertionError(f"no startup rescan:\n{self.log_tail()}")
         self.baseline_fds = self.settled_fds()
 

@@ -25,7 +25,7 @@ from iommud.client import AsyncClient
 from iommud.config import Config, DaemonConfig
 from iommud.protocol import messages as m
 from iommud.sdnotify import Notifier
-from iommud.udev import UdevSource, watch_host
+from iommud.watch import UdevSource, watch_host
 from tests.fakekernel import FakeKernel
 from tests.fakesys import FakeSys, lab_topology
 from tests.serving import FdSnapshot
@@ -66,9 +66,7 @@ async def test_serve_runs_the_watcher_and_stops_it(tmp_path: Path, sockdir: str)
 
     async def watch(broker: DaemonBroker, config: Config) -> None:
         src = UdevSource("kernel", monitor=mon)
-        await watch_host(
-            broker, sys_root=config.daemon.sys_root, dev_root=config.daemon.dev_root, source=src
-        )
+        await watch_host(broker, source=src)
 
     def factory(config: Config) -> Broker:
         return Broker(config, FakeKernel(fs))

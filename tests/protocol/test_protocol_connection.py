@@ -253,18 +253,18 @@ def test_subscription_filters_events_and_groups() -> None:
     assert conn.send_event(DeviceAdded(ts=1.0, seq=5, bdf=BDF, group_id=None)) is not None
 
 
-def test_forced_lease_revoked_bypasses_subscription_only() -> None:
-    """A lease holder hears of its revocation unsubscribed; other events cannot be forced."""
+def test_lease_revoked_for_its_holder_bypasses_subscription_only() -> None:
+    """A lease holder hears of its revocation unsubscribed; no other event can pass as one."""
     revoked = LeaseRevoked(ts=2.0, seq=9, lease_id=1, group_id=4, reason="viability lost")
     conn = ServerConnection()
-    assert conn.send_event(revoked, force=True) is None  # never before hello
+    assert conn.send_event(revoked, for_holder=True) is None  # never before hello
     conn = ready_server()
     assert conn.send_event(revoked) is None
-    out = conn.send_event(revoked, force=True)
+    out = conn.send_event(revoked, for_holder=True)
     assert out is not None
     assert decode_server(*out) == revoked
     with pytest.raises(LocalProtocolError):
-        conn.send_event(ev_bound(1), force=True)
+        conn.send_event(ev_bound(1), for_holder=True)
 
 
 def test_closed_connection_refuses_everything() -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from iommud.broker import Outcome
+from iommud.broker.events import Delivery
 from iommud.errors import NotFoundError
 from iommud.fds import FdSet, OwnedFd
 from iommud.host.snapshot import HostSnapshot
@@ -27,7 +28,7 @@ from iommud.server import Server
 class Session:
     identity: Identity
     pidfd: OwnedFd | None
-    events: asyncio.Queue[m.Event] = field(default_factory=asyncio.Queue)
+    events: asyncio.Queue[Delivery] = field(default_factory=asyncio.Queue)
     closed: bool = False
 
 
@@ -53,7 +54,7 @@ class StandInBroker:
         if session.pidfd is not None:
             session.pidfd.close()
 
-    def events(self, session: Session) -> asyncio.Queue[m.Event]:
+    def events(self, session: Session) -> asyncio.Queue[Delivery]:
         return session.events
 
     async def handle(self, session: Session, request: m.Request, fds: FdSet) -> Outcome:
@@ -116,9 +117,19 @@ class Running:
     task: asyncio.Task[None]
 
 
+class EmptyHostView:
+    """A host view that never sees a device (iommud.watch.HostOwner)."""
+
+    async def apply(self, event: Any) -> list[Any]:
+        return []
+
+    async def rescan(self, reason: str) -> list[Any]:
+        return []
+
+
 class StandInDaemonBroker(StandInBroker):
     """The stand-in with the lifecycle the daemon process drives (start/aclose) and the
-    host watcher's hooks (iommud.udev.BrokerHooks): an empty host view, events dropped."""
+    host watcher's hooks (iommud.watch.BrokerHooks): an empty host view, events dropped."""
 
     capabilities = ("iommufd", "legacy")
 
@@ -134,7 +145,11 @@ class StandInDaemonBroker(StandInBroker):
     def publish(self, name: m.EventName, **fields: Any) -> m.Event:
         return EVENT_TYPES[name](ts=0.0, seq=1, **fields)
 
-    async def on_host_change(self, group_id: int, snapshot: HostSnapshot | None = None) -> None:
+    @property
+    def view(self) -> EmptyHostView:
+        return EmptyHostView()
+
+    async def on_host_change(self, group_id: int, change: Any = None) -> None:
         self.host_changes.append(group_id)
 
     async def start(self) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from iommud.broker.events import Delivery
 from iommud.client import AsyncClient, Client, ClientClosedError, MapSpec
 from iommud.errors import NotFoundError
 from iommud.protocol import messages as m
@@ -257,8 +258,8 @@ async def test_events_reach_subscribers_only(running: Running) -> None:
         ev = m.ViabilityChanged(group_id=12, is_viable=False, offenders=(), ts=1.0, seq=1)
         dropped = m.DeviceAdded(bdf="0000:00:10.0", group_id=12, ts=1.0, seq=2)
         for session in running.broker.sessions:
-            session.events.put_nowait(dropped)
-            session.events.put_nowait(ev)
+            session.events.put_nowait(Delivery(dropped))
+            session.events.put_nowait(Delivery(ev))
         got = await asyncio.wait_for(anext(sub.events()), 2)
         assert got == ev
         await quiet.ping()

@@ -1,6 +1,6 @@
 """A fake pyudev monitor for the udev tests: a real pipe fd, uevents queued in memory.
 
-``FakeMonitor`` has the shape of ``pyudev.Monitor`` that ``iommud.udev`` uses: its fd is
+``FakeMonitor`` has the shape of ``pyudev.Monitor`` that ``iommud.watch`` uses: its fd is
 readable while items are queued, ``poll(0)`` pops one (a property dict wrapped like a
 pyudev Device, or an exception to raise, e.g. ``OSError(ENOBUFS)``).
 """

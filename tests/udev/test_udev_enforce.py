@@ -35,7 +35,7 @@ from iommud.guard import IN_CLOSE_WRITE, IN_IGNORED, IN_MODIFY, BindGuard, Sysfs
 from iommud.kernel.uapi import VFIO_PCI_REQ_IRQ_INDEX
 from iommud.policy import Identity
 from iommud.protocol import messages as m
-from iommud.udev import HostAction, HostEvent, HostWatcher, broker_sink
+from iommud.watch import HostAction, HostEvent, HostWatcher, broker_sink
 from tests.fakekernel import FakeKernel
 from tests.fakesys import CLASS_EDU, CLASS_ETHERNET, E1000, EDU, FakeSys, lab_topology
 from tests.serving import FdSnapshot
@@ -79,9 +79,7 @@ async def host(tmp_path: Path) -> AsyncIterator[Host]:
     kernel = FakeKernel(fs)
     broker = Broker(config, kernel, restore_retry_delay=0.01)
     await broker.start()
-    watcher = HostWatcher(
-        broker_sink(broker), sys_root=fs.sys_root, dev_root=fs.dev_root, snapshot=broker.snapshot
-    )
+    watcher = HostWatcher(broker.view, broker_sink(broker))
     monitor = broker.open_session(Identity(uid=0, gid=0, pid=1))
     await broker.handle(monitor, m.Subscribe(id=1), FdSet())
     fs.unbind(NIC)
@@ -95,7 +93,7 @@ def drain(broker: Broker, session: Session) -> list[dict[str, Any]]:
     q = broker.events(session)
     out = []
     while not q.empty():
-        out.append(q.get_nowait().model_dump(mode="json", exclude={"ts", "seq", "op", "fds"}))
+        out.append(q.get_nowait().event.model_dump(mode="json", exclude={"ts", "seq", "op", "fds"}))
     return out
 
 
@@ -103,7 +101,7 @@ async def next_event(broker: Broker, session: Session, name: str) -> dict[str, A
     q = broker.events(session)
     async with asyncio.timeout(3):
         while True:
-            ev = (await q.get()).model_dump(mode="json", exclude={"ts", "seq", "op", "fds"})
+            ev = (await q.get()).event.model_dump(mode="json", exclude={"ts", "seq", "op", "fds"})
             if ev["event"] == name:
                 return ev
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from iommud.errors import KernelError
-from iommud.udev import HostAction, HostEvent, Resync, SourceItem, UdevSource, open_monitor
+from iommud.watch import HostAction, HostEvent, Resync, SourceItem, UdevSource, open_monitor
 
 NULL_UEVENT = Path("/sys/devices/virtual/mem/null/uevent")
 

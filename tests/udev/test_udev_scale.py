@@ -21,8 +21,10 @@ from typing import Any
 
 import pytest
 
-from iommud.udev import HostAction, HostChange, HostEvent, HostWatcher
+from iommud.broker.hostview import HostChange
+from iommud.watch import HostAction, HostEvent, HostWatcher
 from tests.fakesys import large_host
+from tests.udev.views import view_of, wire
 
 EVENTS = 10_000
 GROUP_SIZE = 4
@@ -65,20 +67,21 @@ async def _ops_per_event(root: Path, n_devices: int, ops: FsOps) -> tuple[list[i
     fs = large_host(root, n_devices, n_devices // GROUP_SIZE)
 
     async def sink(change: HostChange) -> None:
-        change.wire_events()  # the viability verdicts subscribers get: part of the work
+        wire([change])  # the viability verdicts subscribers get: part of the work
 
-    watcher = HostWatcher(sink, sys_root=fs.sys_root, dev_root=fs.dev_root)
+    view = view_of(fs)
+    watcher = HostWatcher(view, sink)
     ops.count, ops.active = 0, True
     await watcher.rescan("startup")
     ops.active = False
     rescan_ops = ops.count
 
     rng = random.Random(7)
-    bdfs = sorted(watcher.snapshot.devices)
+    bdfs = sorted(view.snapshot.devices)
     per_event: list[int] = []
     for seq in range(EVENTS):
         bdf = rng.choice(bdfs)
-        if watcher.snapshot.devices[bdf].driver is not None:
+        if view.snapshot.devices[bdf].driver is not None:
             fs.unbind(bdf)
             event = HostEvent(HostAction.UNBIND, bdf, None, seq)
         else:

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 import topology
 
-from iommud.udev import (
+from iommud.watch import (
     HostAction,
     HostEvent,
     Resync,

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
+from iommud.broker.hostview import diff_events
 from iommud.host.snapshot import PciDevice
-from iommud.udev import (
+from iommud.watch import (
     HostAction,
     HostEvent,
     SeqnumTracker,
-    diff_events,
     pick_source,
     translate_uevent,
 )

@@ -23,7 +23,10 @@ from typing import Any
 import pytest
 from topology import NIC
 
-from iommud.udev import HostChange, HostWatcher, SourceKind, UdevSource, pick_source
+from iommud.broker.hostview import HostChange, HostView
+from iommud.config import Config
+from iommud.watch import HostWatcher, SourceKind, UdevSource, pick_source
+from tests.udev.views import wire
 
 pytestmark = pytest.mark.vm
 
@@ -81,13 +84,14 @@ async def test_real_unbind_bind_flip_viability_with_latency(
     async def sink(change: HostChange) -> None:
         q.put_nowait((time.perf_counter(), change))
 
-    watcher = HostWatcher(sink)
+    view = HostView(Config())  # the real /sys
+    watcher = HostWatcher(view, sink)
     latencies: list[float] = []
     async with UdevSource(kind) as src:
         task = asyncio.create_task(watcher.run(src))
         try:
             async with asyncio.timeout(10):
-                while watcher.rescans == 0:  # noqa: ASYNC110 - no event to wait on
+                while view.rescans == 0:  # noqa: ASYNC110 - no event to wait on
                     await asyncio.sleep(0.01)
             while not q.empty():
                 q.get_nowait()  # the startup rescan's report of every group
@@ -99,12 +103,12 @@ async def test_real_unbind_bind_flip_viability_with_latency(
                 (PCI / "drivers" / "e1000" / "bind").write_text(NIC)
                 t3, bound = await _next_change(q, gid)
                 latencies += [t1 - t0, t3 - t2]
-                assert unbound.wire_events() == [
+                assert wire([unbound]) == [
                     {"event": "driver_unbound", "bdf": NIC, "driver": "e1000", "group_id": gid},
                     {"event": "viability_changed", "group_id": gid, "is_viable": True,
                      "offenders": []},
                 ]  # fmt: skip
-                assert bound.wire_events() == [
+                assert wire([bound]) == [
                     {"event": "driver_bound", "bdf": NIC, "driver": "e1000", "group_id": gid},
                     {"event": "viability_changed", "group_id": gid, "is_viable": False,
                      "offenders": [{"bdf": NIC, "driver": "e1000"}]},

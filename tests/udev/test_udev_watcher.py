@@ -1,4 +1,5 @@
-"""HostWatcher on a fake sysfs tree: per-event group refresh, viability flips, rescans.
+"""HostWatcher and the host view's owner on a fake sysfs tree: per-event group refresh,
+viability flips, rescans. The watcher keeps nothing: ``view`` is the one snapshot.
 
 The tree is tests/fakesys.lab_topology (the QEMU lab guest)::
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +21,13 @@ import pytest
 import topology
 from topology import BRIDGE
 
+import iommud.broker.hostview as hostview_mod
 import iommud.host.snapshot as snapshot_mod
-import iommud.udev as udev_mod
+from iommud.broker.hostview import HostChange, HostView
 from iommud.errors import SnapshotError
 from iommud.host.snapshot import HostSnapshot
-from iommud.udev import (
+from iommud.watch import (
     HostAction,
-    HostChange,
     HostEvent,
     HostWatcher,
     Resync,
@@ -35,6 +36,7 @@ from iommud.udev import (
 )
 from tests.fakesys import CLASS_EDU, CLASS_ETHERNET, E1000, EDU, FakeSys, lab_topology
 from tests.udev.fakemonitor import FakeMonitor, uevent
+from tests.udev.views import view_of, wire
 
 E1000_BDF = topology.NIC
 A = HostAction
@@ -58,16 +60,17 @@ def fs(tmp_path: Path) -> FakeSys:
 
 
 @pytest.fixture
-async def watcher(fs: FakeSys) -> tuple[HostWatcher, Recorder]:
+def view(fs: FakeSys) -> HostView:
+    return view_of(fs)
+
+
+@pytest.fixture
+async def watcher(view: HostView) -> tuple[HostWatcher, Recorder]:
     rec = Recorder()
-    w = HostWatcher(rec, sys_root=fs.sys_root, dev_root=fs.dev_root)
+    w = HostWatcher(view, rec)
     await w.rescan("startup")
     rec.take()
     return w, rec
-
-
-def wire(changes: Iterable[HostChange]) -> list[dict[str, Any]]:
-    return [e for c in changes for e in c.wire_events()]
 
 
 async def items(*xs: SourceItem) -> AsyncIterator[SourceItem]:
@@ -75,16 +78,16 @@ async def items(*xs: SourceItem) -> AsyncIterator[SourceItem]:
         yield x
 
 
-async def test_startup_rescan_reports_every_group(fs: FakeSys) -> None:
+async def test_startup_rescan_reports_every_group(view: HostView) -> None:
     rec = Recorder()
-    w = HostWatcher(rec, sys_root=fs.sys_root, dev_root=fs.dev_root)
-    assert w.is_stale
+    w = HostWatcher(view, rec)
+    assert view.is_stale
     await w.run(items(Resync("startup")))
     assert [c.group_id for c in rec.changes] == [0, 3, 4, 5, 6]
     assert all(c.resync == "startup" for c in rec.changes)
-    assert len(w.snapshot.devices) == 9
+    assert len(view.snapshot.devices) == 9
     g4 = next(c for c in rec.changes if c.group_id == 4)
-    assert g4.viability()[0] is None  # the group did not exist in the empty view
+    assert g4.before is None  # the group did not exist in the empty view
     assert wire([g4])[-1] == {
         "event": "viability_changed",
         "group_id": 4,
@@ -94,7 +97,7 @@ async def test_startup_rescan_reports_every_group(fs: FakeSys) -> None:
 
 
 async def test_unbind_then_bind_flips_viability(
-    fs: FakeSys, watcher: tuple[HostWatcher, Recorder]
+    fs: FakeSys, watcher: tuple[HostWatcher, Recorder], view: HostView
 ) -> None:
     """Unbinding e1000 makes the bridge group viable; binding it back breaks it again."""
     w, rec = watcher
@@ -108,7 +111,7 @@ async def test_unbind_then_bind_flips_viability(
         {"event": "driver_unbound", "bdf": E1000_BDF, "driver": "e1000", "group_id": 4},
         {"event": "viability_changed", "group_id": 4, "is_viable": True, "offenders": []},
     ]
-    assert w.snapshot.devices[E1000_BDF].driver is None
+    assert view.snapshot.devices[E1000_BDF].driver is None
 
     fs.bind(E1000_BDF, "e1000")
     await w.handle(HostEvent(A.BIND, E1000_BDF, "e1000", 101))
@@ -124,7 +127,7 @@ async def test_unbind_then_bind_flips_viability(
 
 
 async def test_safe_bind_keeps_viability_and_says_so(
-    fs: FakeSys, watcher: tuple[HostWatcher, Recorder]
+    fs: FakeSys, watcher: tuple[HostWatcher, Recorder], view: HostView
 ) -> None:
     """vfio-pci on an edu of an unviable group: driver_bound only, no viability event."""
     w, rec = watcher
@@ -133,11 +136,11 @@ async def test_safe_bind_keeps_viability_and_says_so(
     assert wire(rec.take()) == [
         {"event": "driver_bound", "bdf": "0000:01:01.0", "driver": "vfio-pci", "group_id": 4}
     ]
-    assert w.snapshot.devices["0000:01:01.0"].vfio_cdev == "vfio0"
+    assert view.snapshot.devices["0000:01:01.0"].vfio_cdev == "vfio0"
 
 
 async def test_removal_uses_the_last_view(
-    fs: FakeSys, watcher: tuple[HostWatcher, Recorder]
+    fs: FakeSys, watcher: tuple[HostWatcher, Recorder], view: HostView
 ) -> None:
     """sysfs is gone on remove: the group comes from the previous snapshot."""
     w, rec = watcher
@@ -149,11 +152,13 @@ async def test_removal_uses_the_last_view(
         {"event": "viability_changed", "group_id": 4, "is_viable": True, "offenders": []},
         {"event": "device_removed", "bdf": E1000_BDF, "group_id": 4},
     ]
-    assert E1000_BDF not in w.snapshot.devices
-    assert E1000_BDF not in w.snapshot.groups[4].devices
+    assert E1000_BDF not in view.snapshot.devices
+    assert E1000_BDF not in view.snapshot.groups[4].devices
 
 
-async def test_hot_add_into_a_group(fs: FakeSys, watcher: tuple[HostWatcher, Recorder]) -> None:
+async def test_hot_add_into_a_group(
+    fs: FakeSys, watcher: tuple[HostWatcher, Recorder], view: HostView
+) -> None:
     w, rec = watcher
     fs.unbind(E1000_BDF)
     await w.handle(HostEvent(A.UNBIND, E1000_BDF))
@@ -172,22 +177,25 @@ async def test_hot_add_into_a_group(fs: FakeSys, watcher: tuple[HostWatcher, Rec
             "offenders": [{"bdf": "0000:01:04.0", "driver": "e1000"}],
         },
     ]
-    assert "0000:01:04.0" in w.snapshot.groups[4].devices
+    assert "0000:01:04.0" in view.snapshot.groups[4].devices
 
 
 async def test_change_event_refreshes_quietly(
-    fs: FakeSys, watcher: tuple[HostWatcher, Recorder]
+    fs: FakeSys, watcher: tuple[HostWatcher, Recorder], view: HostView
 ) -> None:
     """A change uevent re-reads the group (driver_override here) but emits nothing."""
     w, rec = watcher
     fs.set_driver_override("0000:01:02.0", "vfio-pci")
     await w.handle(HostEvent(A.CHANGE, "0000:01:02.0"))
     assert wire(rec.take()) == []
-    assert w.snapshot.devices["0000:01:02.0"].driver_override == "vfio-pci"
+    assert view.snapshot.devices["0000:01:02.0"].driver_override == "vfio-pci"
 
 
 async def test_event_reads_only_its_group(
-    fs: FakeSys, watcher: tuple[HostWatcher, Recorder], monkeypatch: pytest.MonkeyPatch
+    fs: FakeSys,
+    watcher: tuple[HostWatcher, Recorder],
+    monkeypatch: pytest.MonkeyPatch,
+    view: HostView,
 ) -> None:
     """Per-event work: one group_of and one read_group, never a full read_snapshot."""
     w, _ = watcher
@@ -205,16 +213,16 @@ async def test_event_reads_only_its_group(
     def no_snapshot(*a: object) -> HostSnapshot:
         raise AssertionError("full rescan on a single event")
 
-    monkeypatch.setattr(udev_mod, "read_group", counting_group)
-    monkeypatch.setattr(udev_mod, "group_of", counting_of)
-    monkeypatch.setattr(udev_mod, "read_snapshot", no_snapshot)
+    monkeypatch.setattr(hostview_mod, "read_group", counting_group)
+    monkeypatch.setattr(hostview_mod, "group_of", counting_of)
+    monkeypatch.setattr(hostview_mod, "read_snapshot", no_snapshot)
     fs.unbind(E1000_BDF)
     await w.handle(HostEvent(A.UNBIND, E1000_BDF))
     assert calls == [("group_of", E1000_BDF), ("read_group", 4)]
 
 
 async def test_lost_events_resync_synthesizes_what_happened(
-    fs: FakeSys, watcher: tuple[HostWatcher, Recorder]
+    fs: FakeSys, watcher: tuple[HostWatcher, Recorder], view: HostView
 ) -> None:
     """ENOBUFS after uevents were dropped: the rescan reports the same story."""
     w, rec = watcher
@@ -235,7 +243,7 @@ async def test_lost_events_resync_synthesizes_what_happened(
 
 
 async def test_source_enobufs_and_gap_drive_rescans(
-    fs: FakeSys, watcher: tuple[HostWatcher, Recorder]
+    fs: FakeSys, watcher: tuple[HostWatcher, Recorder], view: HostView
 ) -> None:
     """End to end: UdevSource(kernel) over a fake monitor feeding the watcher."""
     w, rec = watcher
@@ -247,10 +255,10 @@ async def test_source_enobufs_and_gap_drive_rescans(
             mon.feed(uevent("unbind", E1000_BDF, 10))
             await wait_for(lambda: rec.changes)
             assert wire(rec.take())[0]["event"] == "driver_unbound"
-            rescans = w.rescans
+            rescans = view.rescans
             fs.bind(E1000_BDF, "e1000")  # its uevent (seq 11) is lost: ENOBUFS
             mon.feed(OSError(errno.ENOBUFS, "No buffer space available"))
-            await wait_for(lambda: w.rescans > rescans)
+            await wait_for(lambda: view.rescans > rescans)
             assert [c.resync for c in rec.changes] == ["enobufs"]
             assert wire(rec.take())[0] == {
                 "event": "driver_bound",
@@ -260,7 +268,7 @@ async def test_source_enobufs_and_gap_drive_rescans(
             }
             mon.feed(uevent("change", "0000:00:10.0", 20))  # first after reset: fine
             mon.feed(uevent("change", "0000:00:10.0", 25))  # 21..24 lost: gap
-            await wait_for(lambda: src.resyncs["seqnum_gap"] == 1 and w.rescans > rescans + 1)
+            await wait_for(lambda: src.resyncs["seqnum_gap"] == 1 and view.rescans > rescans + 1)
         await asyncio.wait_for(task, 2)  # the source ended: run() returns
     finally:
         mon.close()
@@ -273,7 +281,7 @@ async def wait_for(cond: Any) -> None:
             await asyncio.sleep(0.005)
 
 
-async def test_sink_failure_does_not_stop_the_watcher(fs: FakeSys) -> None:
+async def test_sink_failure_does_not_stop_the_watcher(view: HostView) -> None:
     seen: list[int] = []
 
     async def flaky(change: HostChange) -> None:
@@ -281,30 +289,36 @@ async def test_sink_failure_does_not_stop_the_watcher(fs: FakeSys) -> None:
         if change.group_id == 4:
             raise RuntimeError("broker bug")
 
-    w = HostWatcher(flaky, sys_root=fs.sys_root, dev_root=fs.dev_root)
+    w = HostWatcher(view, flaky)
     await w.rescan("startup")
     assert seen == [0, 3, 4, 5, 6]
 
 
 async def test_unreadable_group_falls_back_to_rescan(
-    fs: FakeSys, watcher: tuple[HostWatcher, Recorder], monkeypatch: pytest.MonkeyPatch
+    fs: FakeSys,
+    watcher: tuple[HostWatcher, Recorder],
+    monkeypatch: pytest.MonkeyPatch,
+    view: HostView,
 ) -> None:
     w, rec = watcher
 
     def broken(sys_root: Path, gid: int) -> Any:
         raise SnapshotError("garbled", path="x", problem="not a hex number")
 
-    monkeypatch.setattr(udev_mod, "read_group", broken)
-    rescans = w.rescans
+    monkeypatch.setattr(hostview_mod, "read_group", broken)
+    rescans = view.rescans
     fs.unbind(E1000_BDF)
     await w.handle(HostEvent(A.UNBIND, E1000_BDF))
-    assert w.rescans == rescans + 1
+    assert view.rescans == rescans + 1
     assert [c.resync for c in rec.take()] == ["unreadable_group"]
-    assert w.snapshot.devices[E1000_BDF].driver is None
+    assert view.snapshot.devices[E1000_BDF].driver is None
 
 
 async def test_failed_rescan_leaves_view_stale_until_next_event(
-    fs: FakeSys, watcher: tuple[HostWatcher, Recorder], monkeypatch: pytest.MonkeyPatch
+    fs: FakeSys,
+    watcher: tuple[HostWatcher, Recorder],
+    monkeypatch: pytest.MonkeyPatch,
+    view: HostView,
 ) -> None:
     w, rec = watcher
     real = snapshot_mod.read_snapshot
@@ -312,11 +326,11 @@ async def test_failed_rescan_leaves_view_stale_until_next_event(
     def broken(*a: Any) -> HostSnapshot:
         raise SnapshotError("garbled", path="x", problem="missing")
 
-    monkeypatch.setattr(udev_mod, "read_snapshot", broken)
+    monkeypatch.setattr(hostview_mod, "read_snapshot", broken)
     await w.rescan("enobufs")
-    assert w.is_stale
-    monkeypatch.setattr(udev_mod, "read_snapshot", real)
+    assert view.is_stale
+    monkeypatch.setattr(hostview_mod, "read_snapshot", real)
     fs.unbind(E1000_BDF)
     await w.handle(HostEvent(A.UNBIND, E1000_BDF))
-    assert not w.is_stale
+    assert not view.is_stale
     assert [c.resync for c in rec.take()] == ["stale"]
