@@ -12,8 +12,8 @@ request class to its answer, in the order of PROTOCOL.md section 5. The state th
 share is one ``BrokerState`` (iommud.broker.state); the work lives in:
 
 - iommud.broker.sessions: opening sessions, teardown (disconnect, peer exit, stop);
-- iommud.broker.claim: claim and release, and the owned groups; iommud.broker.ioas:
-  IOAS and mappings;
+- iommud.broker.plan: what a claim will do (pure); iommud.broker.claim: claim and
+  release, and the owned groups; iommud.broker.ioas: IOAS and mappings;
 - iommud.broker.enforcement: host changes on owned groups, revoke, device requests;
 - iommud.broker.freeze: a revoke's freeze of the session's iommufd (maps refused);
 - iommud.broker.audit: the bind guard's reports;
