@@ -145,25 +145,36 @@ class ClaimManager:
                 fd.close()
             await asyncio.shield(self._unwind(session, hold, plan.new_hold, lease_devices, created))
             raise
-        lease = Lease(self._next_lease, session, group_id, plan.backend, target, lease_devices)
+        return self._grant(session, hold, plan, target, lease_devices), fds
+
+    def _grant(
+        self,
+        session: Session,
+        hold: GroupHold,
+        plan: ClaimPlan,
+        ioas: IoasState,
+        devices: list[LeasedDevice],
+    ) -> Lease:
+        """Record the new lease in the hold, the session and the IOAS."""
+        lease = Lease(self._next_lease, session, plan.group_id, plan.backend, ioas, devices)
         self._next_lease += 1
         hold.leases[lease.lease_id] = lease
         session.leases[lease.lease_id] = lease
-        target.groups.add(group_id)
+        ioas.groups.add(plan.group_id)
         log.info(
             "device.claimed",
             session=session.session_id,
             uid=session.identity.uid,
             pid=session.identity.pid,
             lease_id=lease.lease_id,
-            group_id=group_id,
+            group_id=plan.group_id,
             devices=list(plan.devices),
             backend=str(plan.backend),
-            ioas_id=target.ioas_id,
+            ioas_id=ioas.ioas_id,
             reason=plan.path.reason,
             rebound=[d.bdf for d in plan.rebind],
         )
-        return lease, fds
+        return lease
 
     async def _prepare_drivers(self, hold: GroupHold, plan: ClaimPlan) -> None:
         """Journal first, then pin every member's override, then rebind."""

@@ -142,15 +142,7 @@ def plan_claim(
     if path.backend is Backend.IOMMUFD and claimant.frozen is not None:
         # A new bind could take a revoked device's id while the freeze waits for it.
         raise claimant.frozen
-    for dev in refused:
-        if dev.bdf in devices:
-            raise PermissionDeniedError(
-                f"{dev.bdf} is bound to {dev.driver or 'no driver'}, not vfio-pci, and "
-                "[manage] rebind does not let the daemon rebind it",
-                bdf=dev.bdf,
-                driver=dev.driver,
-                rule="manage.rebind",
-            )
+    _check_rebind_allowed(refused, devices)
     if request.ioas_id is None:
         check_ioas_quota(claimant.quota, len(claimant.ioases))
     pinned = owner.pinned if owner is not None else {}
@@ -210,6 +202,20 @@ def _rebind_set(
         if offender or needs_vfio:
             (rebind if may_rebind(config, dev) else refused).append(dev)
     return tuple(rebind), tuple(refused)
+
+
+def _check_rebind_allowed(refused: tuple[PciDevice, ...], devices: tuple[str, ...]) -> None:
+    """A claimed device the daemon may not move to vfio-pci is refused. (A refused
+    offender that is not claimed leaves the group not viable: select_path says so.)"""
+    for dev in refused:
+        if dev.bdf in devices:
+            raise PermissionDeniedError(
+                f"{dev.bdf} is bound to {dev.driver or 'no driver'}, not vfio-pci, and "
+                "[manage] rebind does not let the daemon rebind it",
+                bdf=dev.bdf,
+                driver=dev.driver,
+                rule="manage.rebind",
+            )
 
 
 def _after_rebind(
