@@ -400,7 +400,7 @@ def _reply(req: Claim, lease: Lease) -> ClaimReply:
 
 
 def close_request_fd(ld: LeasedDevice) -> None:
-    """Stop watching the device's REQ eventfd (see Broker._watch_requests) and close it."""
+    """Stop watching the device's REQ eventfd (see Enforcer.watch_requests) and close it."""
     fd, ld.request_fd = ld.request_fd, None
     if fd is not None and not fd.closed:
         asyncio.get_running_loop().remove_reader(fd.fileno())
