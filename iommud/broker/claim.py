@@ -1,13 +1,11 @@
 """Claim and release: from "give me these devices" to bound device fds, and back.
 
-Claim: resolve the devices to their (single) IOMMU group, refuse if another session owns
-it (BusyError naming uid/pid/lease), check policy per device, plan which devices must
-move to vfio-pci (claimed devices not on it, offenders of the group) and whether config
-lets the daemon move them, choose the path with iommud.host.viability.select_path on the
-snapshot as it will be after the rebind, then: journal, pin driver_override=vfio-pci on
-every device of the group, rebind, and open the kernel objects (iommufd: cdev, bind,
-attach; legacy: group, container, type1v2, device fds). Any failure unwinds what this
-claim did, shielded from cancellation.
+Claim: re-read the devices' (single) IOMMU group, decide everything with the pure
+iommud.broker.plan.plan_claim (policy, busy, revoked, path, rebind set, quota), then
+carry the plan out: journal, pin driver_override=vfio-pci on every device of the group,
+rebind, re-read the group, and open the kernel objects (iommufd: cdev, bind, attach;
+legacy: group, container, type1v2, device fds). Any failure unwinds what this claim
+did, shielded from cancellation.
 
 Release (or disconnect, revoke): block DMA first (detach, or unmap a container only this
 group uses), reset the devices where they can be reset, close the daemon's fds, then put
@@ -24,13 +22,12 @@ import asyncio
 import contextlib
 import errno
 from collections.abc import AsyncIterator
-from dataclasses import replace
 
 import structlog
 
-from iommud.broker.drivers import VFIO_PCI
-from iommud.broker.freeze import check_not_frozen
+from iommud.broker.freeze import claim_refusal
 from iommud.broker.journal import JournalEntry
+from iommud.broker.plan import Claimant, ClaimPlan, GroupOwner, plan_claim
 from iommud.broker.state import (
     BrokerState,
     GroupHold,
@@ -41,23 +38,16 @@ from iommud.broker.state import (
     Session,
 )
 from iommud.errors import (
-    BusyError,
     KernelError,
     NotFoundError,
-    PermissionDeniedError,
-    RevokedError,
 )
 from iommud.fds import OwnedFd
-from iommud.host.snapshot import HostSnapshot, PciDevice
+from iommud.host.snapshot import HostSnapshot
 from iommud.host.viability import (
-    BackendRequest,
-    ClaimIntent,
     ClaimPath,
     ExistingClaim,
-    select_path,
 )
 from iommud.kernel import aio
-from iommud.policy import check_claim, may_rebind
 from iommud.protocol.messages import Claim, ClaimedDevice, ClaimReply
 
 log = structlog.get_logger(__name__)
@@ -102,178 +92,99 @@ class ClaimManager:
 
     # ------------------------------------------------------------------ claim
     async def claim(self, session: Session, req: Claim) -> tuple[ClaimReply, list[OwnedFd]]:
+        """Read the group, plan the claim (iommud.broker.plan), carry the plan out."""
         async with self.held():
-            return await self._claim(session, req)
-
-    async def _claim(self, session: Session, req: Claim) -> tuple[ClaimReply, list[OwnedFd]]:
-        devices = list(req.devices)
-        snap, group_id = await self._state.view.refresh_groups(devices)
-        # Policy first: a peer that may not claim these devices learns nothing about
-        # who holds them.
-        for bdf in devices:
-            check_claim(self._config, session.identity, snap.devices[bdf]).raise_if_denied(
-                session.identity, snap.devices[bdf]
+            snap, group_id = await self._state.view.refresh_groups(list(req.devices))
+            plan = plan_claim(
+                snap,
+                group_id,
+                self._config,
+                Claimant(
+                    session.session_id,
+                    session.identity,
+                    session.quota,
+                    {i.ioas_id: i.backend for i in session.ioases.values()},
+                    claim_refusal(session, group_id),
+                ),
+                req,
+                owner=_owner(self._holds.get(group_id)),
+                restoring=self._restoring_now(group_id),
             )
-        restoring = self._restoring.get(group_id)
-        if restoring is not None and not restoring.done():
-            waiting = {b: self._drivers.pending[b] for b in self._drivers.pending}
-            raise BusyError(
-                f"IOMMU group {group_id} is being given back to its host drivers",
-                group_id=group_id,
-                restoring=waiting,
-            )
-        hold = self._holds.get(group_id)
-        if hold is not None and hold.session is not session:
-            first = next(iter(hold.leases.values()), None)
-            ident = hold.session.identity
-            raise BusyError(
-                f"IOMMU group {group_id} is owned by uid {ident.uid} (pid {ident.pid})",
-                group_id=group_id,
-                uid=ident.uid,
-                pid=ident.pid,
-                lease_id=first.lease_id if first else None,
-            )
-        if hold is not None and any(le.state is LeaseState.REVOKED for le in hold.leases.values()):
-            raise RevokedError(
-                f"IOMMU group {group_id} was revoked; release it first", group_id=group_id
-            )
+            lease, fds = await self._execute(session, plan)
+        return _reply(req, lease), fds
 
-        safe = self._config.dma_safe_drivers
-        members = snap.group_devices(group_id)
-        to_rebind: list[PciDevice] = []
-        refused: list[PciDevice] = []
-        for dev in members:
-            offender = dev.driver is not None and dev.driver not in safe
-            needs_vfio = dev.bdf in devices and dev.driver != VFIO_PCI
-            if offender or needs_vfio:
-                (to_rebind if may_rebind(self._config, dev) else refused).append(dev)
-        planned = snap
-        if to_rebind:
-            group = snap.groups[group_id]
-            planned_devs = {d.bdf: d for d in members}
-            planned_devs.update({d.bdf: replace(d, driver=VFIO_PCI) for d in to_rebind})
-            planned = snap.with_group(group, planned_devs)
+    def _restoring_now(self, group_id: int) -> dict[str, str] | None:
+        task = self._restoring.get(group_id)
+        return None if task is None or task.done() else dict(self._drivers.pending)
 
-        target: IoasState | None = None
-        if req.ioas_id is not None:
-            target = self._ioas.get(session, req.ioas_id)
-        existing = {
-            d.bdf: ExistingClaim(session.session_id, le.ioas.ioas_id, le.backend)
-            for le in (hold.leases.values() if hold else ())
-            for d in le.devices
-        }
-        intent = ClaimIntent(
-            client=session.session_id,
-            devices=tuple(devices),
-            ioas_id=req.ioas_id,
-            backend=BackendRequest(str(req.backend)),
-            ioas_backend=target.backend if target else None,
-        )
-        decision = select_path(planned, group_id, intent, existing, safe)  # NotViable/GroupSplit
-        if decision.backend is ClaimPath.IOMMUFD:
-            # A new bind could take a revoked device's id while the freeze waits for it.
-            check_not_frozen(session, claim_group_id=group_id)
-        for dev in refused:
-            if dev.bdf in devices:
-                raise PermissionDeniedError(
-                    f"{dev.bdf} is bound to {dev.driver or 'no driver'}, not vfio-pci, and "
-                    "[manage] rebind does not let the daemon rebind it",
-                    bdf=dev.bdf,
-                    driver=dev.driver,
-                    rule="manage.rebind",
-                )
-
-        new_hold = hold is None
-        if hold is None:
-            hold = GroupHold(group_id, session, decision.backend)
+    async def _execute(self, session: Session, plan: ClaimPlan) -> tuple[Lease, list[OwnedFd]]:
+        """Journal, pin, rebind, re-read the group, open the kernel objects, grant the
+        lease; returns it with the client's copies of the device fds. A failure unwinds
+        what this claim did, shielded from cancellation."""
+        group_id = plan.group_id
+        hold = self._holds.get(group_id) or GroupHold(group_id, session, plan.backend)
         created: IoasState | None = None
         lease_devices: list[LeasedDevice] = []
         fds: list[OwnedFd] = []
         try:
-            await self._prepare_drivers(hold, members, to_rebind, new_hold=new_hold)
-            if new_hold:
-                self._holds[group_id] = hold
+            await self._prepare_drivers(hold, plan)
+            self._holds[group_id] = hold
             # cdev names appear after the rebind
-            snap, _ = await self._state.view.refresh_groups(devices)
-            if target is None:
-                target = created = self._ioas.create(session, decision.backend)
-            if decision.backend is ClaimPath.IOMMUFD:
-                await self._open_iommufd(session, target, snap, devices, lease_devices)
+            snap, _ = await self._state.view.refresh_groups(list(plan.devices))
+            if plan.ioas_id is None:
+                target = created = self._ioas.create(session, plan.backend)
             else:
-                await self._open_legacy(hold, target, devices, lease_devices)
+                target = self._ioas.get(session, plan.ioas_id)
+            if plan.backend is ClaimPath.IOMMUFD:
+                await self._open_iommufd(session, target, snap, plan.devices, lease_devices)
+            else:
+                await self._open_legacy(hold, target, plan.devices, lease_devices)
             for ld in lease_devices:
                 fds.append(OwnedFd(ld.device.dup_fd()))
         except BaseException:
             for fd in fds:
                 fd.close()
-            await asyncio.shield(self._unwind(session, hold, new_hold, lease_devices, created))
+            await asyncio.shield(self._unwind(session, hold, plan.new_hold, lease_devices, created))
             raise
+        return self._grant(session, hold, plan, target, lease_devices), fds
 
-        lease = Lease(self._next_lease, session, group_id, decision.backend, target, lease_devices)
+    def _grant(
+        self,
+        session: Session,
+        hold: GroupHold,
+        plan: ClaimPlan,
+        ioas: IoasState,
+        devices: list[LeasedDevice],
+    ) -> Lease:
+        """Record the new lease in the hold, the session and the IOAS."""
+        lease = Lease(self._next_lease, session, plan.group_id, plan.backend, ioas, devices)
         self._next_lease += 1
         hold.leases[lease.lease_id] = lease
         session.leases[lease.lease_id] = lease
-        target.groups.add(group_id)
+        ioas.groups.add(plan.group_id)
         log.info(
             "device.claimed",
             session=session.session_id,
             uid=session.identity.uid,
             pid=session.identity.pid,
             lease_id=lease.lease_id,
-            group_id=group_id,
-            devices=devices,
-            backend=str(decision.backend),
-            ioas_id=target.ioas_id,
-            reason=decision.reason,
-            rebound=[d.bdf for d in to_rebind],
+            group_id=plan.group_id,
+            devices=list(plan.devices),
+            backend=str(plan.backend),
+            ioas_id=ioas.ioas_id,
+            reason=plan.path.reason,
+            rebound=[d.bdf for d in plan.rebind],
         )
-        reply = ClaimReply(
-            id=req.id,
-            fds=len(fds),
-            lease_id=lease.lease_id,
-            group_id=group_id,
-            backend=str(decision.backend),
-            ioas_id=target.ioas_id,
-            devices=tuple(
-                ClaimedDevice(bdf=ld.bdf, fd_index=i, devid=ld.devid)
-                for i, ld in enumerate(lease_devices)
-            ),
-        )
-        return reply, fds
+        return lease
 
-    async def _prepare_drivers(
-        self,
-        hold: GroupHold,
-        members: tuple[PciDevice, ...],
-        to_rebind: list[PciDevice],
-        *,
-        new_hold: bool,
-    ) -> None:
+    async def _prepare_drivers(self, hold: GroupHold, plan: ClaimPlan) -> None:
         """Journal first, then pin every member's override, then rebind."""
-        pin = [d for d in members if d.bdf not in hold.pinned]
-        entries = [
-            JournalEntry(
-                d.bdf,
-                hold.group_id,
-                d.driver,
-                d.driver_override,
-                rebound=any(r.bdf == d.bdf for r in to_rebind),
-            )
-            for d in pin
-        ]
-        # A later claim in an already-held group: those devices are pinned already; their
-        # journalled override is the one from before the first claim.
-        entries += [
-            JournalEntry(d.bdf, hold.group_id, d.driver, hold.pinned[d.bdf], rebound=True)
-            for d in to_rebind
-            if d.bdf in hold.pinned
-        ]
-        if entries:
-            await self._drivers.journal(entries)
-        for d in pin:
+        if plan.journal:
+            await self._drivers.journal(list(plan.journal))
+        for d in plan.pin:
             hold.pinned[d.bdf] = d.driver_override
             await self._drivers.pin(d.bdf)
-        for d in to_rebind:
+        for d in plan.rebind:
             hold.rebound[d.bdf] = d.driver
             await self._drivers.to_vfio(d.bdf)
 
@@ -282,7 +193,7 @@ class ClaimManager:
         session: Session,
         ioas: IoasState,
         snap: HostSnapshot,
-        devices: list[str],
+        devices: tuple[str, ...],
         out: list[LeasedDevice],
     ) -> None:
         ictx = self._ioas.iommufd(session)
@@ -302,7 +213,7 @@ class ClaimManager:
         self,
         hold: GroupHold,
         ioas: IoasState,
-        devices: list[str],
+        devices: tuple[str, ...],
         out: list[LeasedDevice],
     ) -> None:
         assert ioas.container is not None
@@ -455,8 +366,42 @@ class ClaimManager:
         return [le for le in hold.leases.values() if le.state is LeaseState.ACTIVE]
 
 
+def _owner(hold: GroupHold | None) -> GroupOwner | None:
+    """The group's holder as the plan sees it."""
+    if hold is None:
+        return None
+    session = hold.session
+    return GroupOwner(
+        session.session_id,
+        session.identity,
+        lease_ids=tuple(hold.leases),
+        is_revoked=any(le.state is LeaseState.REVOKED for le in hold.leases.values()),
+        pinned=dict(hold.pinned),
+        claims={
+            d.bdf: ExistingClaim(session.session_id, le.ioas.ioas_id, le.backend)
+            for le in hold.leases.values()
+            for d in le.devices
+        },
+    )
+
+
+def _reply(req: Claim, lease: Lease) -> ClaimReply:
+    return ClaimReply(
+        id=req.id,
+        fds=len(lease.devices),
+        lease_id=lease.lease_id,
+        group_id=lease.group_id,
+        backend=str(lease.backend),
+        ioas_id=lease.ioas.ioas_id,
+        devices=tuple(
+            ClaimedDevice(bdf=ld.bdf, fd_index=i, devid=ld.devid)
+            for i, ld in enumerate(lease.devices)
+        ),
+    )
+
+
 def close_request_fd(ld: LeasedDevice) -> None:
-    """Stop watching the device's REQ eventfd (see Broker._watch_requests) and close it."""
+    """Stop watching the device's REQ eventfd (see Enforcer.watch_requests) and close it."""
     fd, ld.request_fd = ld.request_fd, None
     if fd is not None and not fd.closed:
         asyncio.get_running_loop().remove_reader(fd.fileno())

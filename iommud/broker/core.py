@@ -12,8 +12,8 @@ request class to its answer, in the order of PROTOCOL.md section 5. The state th
 share is one ``BrokerState`` (iommud.broker.state); the work lives in:
 
 - iommud.broker.sessions: opening sessions, teardown (disconnect, peer exit, stop);
-- iommud.broker.claim: claim and release, and the owned groups; iommud.broker.ioas:
-  IOAS and mappings;
+- iommud.broker.plan: what a claim will do (pure); iommud.broker.claim: claim and
+  release, and the owned groups; iommud.broker.ioas: IOAS and mappings;
 - iommud.broker.enforcement: host changes on owned groups, revoke, device requests;
 - iommud.broker.freeze: a revoke's freeze of the session's iommufd (maps refused);
 - iommud.broker.audit: the bind guard's reports;
@@ -121,25 +121,9 @@ class Broker:
         self._enforcer = Enforcer(state, self._claims)
         self._audit = GuardAudit(state, self._enforcer)
         self._listing = Listing(state)
-        # PROTOCOL.md section 5, in its order.
-        routes: list[Route[Any]] = [
-            Route(m.Hello, self._hello),
-            Route(m.Ping, self._ping),
-            Route(m.Status, self._status),
-            Route(m.ListDevices, self._list_devices),
-            Route(m.ListGroups, self._list_groups),
-            Route(m.Claim, self._claim, in_session=True),
-            Route(m.Release, self._release, in_session=True),
-            Route(m.IoasCreate, self._ioas_create, in_session=True),
-            Route(m.IoasDestroy, self._ioas_destroy, in_session=True),
-            Route(m.IoasMap, self._ioas_map, in_session=True),
-            Route(m.IoasUnmap, self._ioas_unmap, in_session=True),
-            Route(m.IovaRanges, self._iova_ranges, in_session=True),
-            Route(m.DeviceReset, self._device_reset, in_session=True),
-            Route(m.Subscribe, self._subscribe),
-            Route(m.Revoke, self._revoke),
-        ]
-        self.routes: Mapping[type[m.RequestBase], Route[Any]] = {r.request: r for r in routes}
+        self.routes: Mapping[type[m.RequestBase], Route[Any]] = {
+            r.request: r for r in self._route_table()
+        }
         self.event_source: str | None = None  # set by the udev layer
 
     # ------------------------------------------------------------------ lifecycle
@@ -213,6 +197,26 @@ class Broker:
         return session.sink.queue
 
     # ------------------------------------------------------------------ requests
+    def _route_table(self) -> list[Route[Any]]:
+        """Every op the broker answers: PROTOCOL.md section 5, in its order."""
+        return [
+            Route(m.Hello, self._hello),
+            Route(m.Ping, self._ping),
+            Route(m.Status, self._status),
+            Route(m.ListDevices, self._list_devices),
+            Route(m.ListGroups, self._list_groups),
+            Route(m.Claim, self._claim, in_session=True),
+            Route(m.Release, self._release, in_session=True),
+            Route(m.IoasCreate, self._ioas_create, in_session=True),
+            Route(m.IoasDestroy, self._ioas_destroy, in_session=True),
+            Route(m.IoasMap, self._ioas_map, in_session=True),
+            Route(m.IoasUnmap, self._ioas_unmap, in_session=True),
+            Route(m.IovaRanges, self._iova_ranges, in_session=True),
+            Route(m.DeviceReset, self._device_reset, in_session=True),
+            Route(m.Subscribe, self._subscribe),
+            Route(m.Revoke, self._revoke),
+        ]
+
     async def handle(self, session: Session, request: m.Request, fds: FdSet) -> Outcome:
         """Answer one request (:attr:`routes`). Raises IommudError subclasses for typed
         errors. Owns ``fds``: every received fd is closed before this returns (mappings

@@ -108,3 +108,10 @@ def check_not_frozen(session: Session, **extra: object) -> None:
     f = holding(session)
     if f is not None:
         raise frozen_error(session, f, **extra)
+
+
+def claim_refusal(session: Session, group_id: int) -> RevokedError | None:
+    """What a claim of ``group_id`` on the iommufd path is refused with while a freeze
+    holds (lifting what can be lifted first), or None."""
+    f = holding(session)
+    return None if f is None else frozen_error(session, f, claim_group_id=group_id)

@@ -26,6 +26,7 @@ from typing import Final
 
 import structlog
 
+from iommud.broker.plan import check_ioas_quota, unknown_ioas
 from iommud.broker.state import IoasMapping, IoasState, Session
 from iommud.errors import (
     BadRequestError,
@@ -120,19 +121,11 @@ class IoasManager:
     def get(self, session: Session, ioas_id: int) -> IoasState:
         ioas = session.ioases.get(ioas_id)
         if ioas is None:
-            raise NotFoundError(f"no IOAS {ioas_id} in this session", ioas_id=ioas_id)
+            raise unknown_ioas(ioas_id)
         return ioas
 
     def create(self, session: Session, backend: ClaimPath) -> IoasState:
-        quota = session.quota.max_ioas
-        if len(session.ioases) >= quota:
-            raise QuotaExceededError(
-                f"IOAS quota reached ({quota})",
-                quota="max_ioas",
-                limit=quota,
-                used=len(session.ioases),
-                requested=1,
-            )
+        check_ioas_quota(session.quota, len(session.ioases))
         ioas_id = session.next_ioas_id
         if backend is ClaimPath.IOMMUFD:
             ioas = IoasState(ioas_id, backend, kernel_id=self.iommufd(session).ioas_alloc())

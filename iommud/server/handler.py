@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import structlog
 from pydantic import JsonValue, TypeAdapter, ValidationError
 
-from iommud.broker.state import Outcome
+from iommud.broker import Outcome
 from iommud.errors import IommudError
 from iommud.fds import FdSet, OwnedFd
 from iommud.policy import Identity

@@ -9,7 +9,13 @@ import pytest
 
 from iommud.broker import Broker
 from iommud.broker.journal import Journal
-from iommud.errors import BusyError, GroupSplitError, NotViableError, PermissionDeniedError
+from iommud.errors import (
+    BusyError,
+    GroupSplitError,
+    NotViableError,
+    PermissionDeniedError,
+    QuotaExceededError,
+)
 from iommud.protocol import messages as m
 from tests.broker.support import (
     ALICE,
@@ -187,3 +193,18 @@ async def test_not_viable_when_offender_may_not_be_rebound(
     assert driver(fs, E1000) == "e1000"
     assert kernel.ops("set_driver_override", "unbind") == []
     await b.aclose()
+
+
+async def test_claim_beyond_the_ioas_quota_touches_nothing(
+    broker: Broker, kernel: FakeKernel, fs: FakeSys
+) -> None:
+    """The quota is part of the plan: refused before any journal entry or sysfs write."""
+    c = Client(broker, ALICE)
+    for _ in range(4):
+        await c.call(m.IoasCreate(id=c.next_id()))
+    with pytest.raises(QuotaExceededError) as ei:
+        await c.claim(EDU)
+    assert ei.value.details == {"quota": "max_ioas", "limit": 4, "used": 4, "requested": 1}
+    assert kernel.ops("set_driver_override", "unbind", "drivers_probe") == []
+    assert driver(fs, EDU) is None
+    await c.close()
