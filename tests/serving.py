@@ -3,21 +3,26 @@
 ``FdSnapshot`` records this process's open fds (/proc/self/fd, with what each points
 at); ``assert_unchanged`` fails with the fds opened and closed since, by number and
 target. The ``no_fd_leak`` fixture (this module is a pytest plugin, loaded from
-tests/conftest.py) wraps a whole test in one snapshot. ``served_broker`` runs a started
-Broker on the fake kernel and the lab-shaped fake sysfs behind the REAL server on a real
-AF_UNIX socket, and after shutdown asserts no fd leaked. Test code only.
+tests/conftest.py) wraps a whole test in one snapshot. The ``logs`` fixture collects the
+structlog events the test's in-process daemon code logs (structlog.testing.capture_logs),
+for asserting on them as data; a daemon in a subprocess keeps its log file.
+``served_broker`` runs a started Broker on the fake kernel and the lab-shaped fake sysfs
+behind the REAL server on a real AF_UNIX socket, and after shutdown asserts no fd leaked.
+Test code only.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, MutableMapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+import structlog
 
 from iommud.broker import Broker
 from iommud.server import Server, ServerInfo
@@ -72,6 +77,22 @@ def no_fd_leak() -> Iterator[None]:
     before = FdSnapshot.take()
     yield
     before.assert_unchanged()
+
+
+#: Captured structlog events: each the event dict (``event`` name, ``log_level``, fields).
+Logs = list[MutableMapping[str, Any]]
+
+
+@pytest.fixture
+def logs() -> Iterator[Logs]:
+    """The structlog events logged in this process during the test, as dicts."""
+    with structlog.testing.capture_logs() as captured:
+        yield captured
+
+
+def logged(logs: Logs, event: str, **fields: object) -> Logs:
+    """The captured events named ``event`` whose fields include ``fields``."""
+    return [e for e in logs if e["event"] == event and fields.items() <= e.items()]
 
 
 @asynccontextmanager

@@ -30,6 +30,7 @@ from tests.broker.support import (
 from tests.broker.test_claim import driver, override
 from tests.fakekernel import FakeKernel
 from tests.fakesys import FakeSys
+from tests.serving import Logs, logged
 
 
 async def test_disconnect_blocks_dma_before_close_before_driver_restore(
@@ -58,7 +59,7 @@ async def test_disconnect_blocks_dma_before_close_before_driver_restore(
 
 
 async def test_peer_exit_on_pidfd_tears_the_session_down(
-    broker: Broker, kernel: FakeKernel, fs: FakeSys
+    broker: Broker, kernel: FakeKernel, fs: FakeSys, logs: Logs
 ) -> None:
     """A SIGKILLed client is cleaned up from its pidfd even though no one closed the session."""
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # noqa: ASYNC220
@@ -77,6 +78,7 @@ async def test_peer_exit_on_pidfd_tears_the_session_down(
         assert driver(fs, EDU) is None
         assert c.session.pidfd is not None
         assert c.session.pidfd.closed
+        assert logged(logs, "session.peer_exited", pid=ALICE.pid)
         os.close(ram)
     finally:
         child.kill()

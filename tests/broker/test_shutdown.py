@@ -23,6 +23,7 @@ from tests.broker.support import ALICE, EDU, Client, make_config
 from tests.broker.test_claim import driver
 from tests.fakekernel import FakeKernel
 from tests.fakesys import FakeSys
+from tests.serving import Logs, logged
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -32,7 +33,7 @@ def _sysfs_threads() -> list[threading.Thread]:
 
 
 def test_aclose_and_loop_close_are_prompt_while_an_unbind_blocks(
-    no_fd_leak: None, tmp_path: Path, fs: FakeSys
+    no_fd_leak: None, tmp_path: Path, fs: FakeSys, logs: Logs
 ) -> None:
     """The whole run, including asyncio.Runner.close() (which joins the default
     executor without a timeout on 3.11), ends promptly with the unbind still blocked."""
@@ -66,6 +67,7 @@ def test_aclose_and_loop_close_are_prompt_while_an_unbind_blocks(
         assert [t.daemon for t in stuck] == [True]  # still in the kernel, not joined
         assert driver(fs, EDU) == "vfio-pci"
         assert [e.bdf for e in Journal(config.daemon.state_dir).load()] == [EDU]
+        assert logged(logs, "driver.restore_unfinished")
     finally:
         for fd in held:
             os.close(fd)

@@ -14,11 +14,12 @@ import subprocess
 from typing import Any
 
 import pytest
+import topology
 
 from iommud.watch import HostAction, HostEvent
 from tests.cli.support import Daemon, ctl, spawn
 
-E1000_BDF = "0000:01:03.0"
+E1000_BDF = topology.NIC
 
 
 def read_line(proc: subprocess.Popen[str], stream: str = "stdout") -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import topology
 
 from iommud.config import Quota, parse_config
 from iommud.errors import PermissionDeniedError
@@ -10,10 +11,10 @@ from iommud.host.snapshot import PciDevice
 from iommud.policy import Decision, Identity, check_claim, may_rebind, quota_for
 from iommud.protocol.errors import ErrorCode
 
-EDU = PciDevice("0000:01:01.0", 0x1234, 0x11E8, 0x00FF00, None, None, 4)
-EDU_SOLO = PciDevice("0000:00:10.0", 0x1234, 0x11E8, 0x00FF00, None, None, 3)
-NIC = PciDevice("0000:01:03.0", 0x8086, 0x100E, 0x020000, "e1000", None, 4)
-BRIDGE = PciDevice("0000:00:11.0", 0x1B36, 0x0001, 0x060400, None, None, 4)
+EDU = PciDevice(topology.EDU1, 0x1234, 0x11E8, 0x00FF00, None, None, 4)
+EDU_SOLO = PciDevice(topology.EDU0, 0x1234, 0x11E8, 0x00FF00, None, None, 3)
+NIC = PciDevice(topology.NIC, 0x8086, 0x100E, 0x020000, "e1000", None, 4)
+BRIDGE = PciDevice(topology.BRIDGE, 0x1B36, 0x0001, 0x060400, None, None, 4)
 PORT = PciDevice("0000:00:01.0", 0x8086, 0x347A, 0x060400, "pcieport", None, 1)
 
 CONFIG = parse_config(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import topology
 
 from iommud.errors import (
     BadRequestError,
@@ -31,11 +32,11 @@ from iommud.host.viability import (
 from iommud.protocol.errors import ErrorCode
 from tests.fakesys import FakeSys, lab_topology, real_server
 
-E1 = "0000:01:01.0"
-E2 = "0000:01:02.0"
-NIC = "0000:01:03.0"
-BRIDGE = "0000:00:11.0"
-SOLO = "0000:00:10.0"
+E1 = topology.EDU1
+E2 = topology.EDU2
+NIC = topology.NIC
+BRIDGE = topology.BRIDGE
+SOLO = topology.EDU0
 
 
 def fresh(fs: FakeSys) -> HostSnapshot:

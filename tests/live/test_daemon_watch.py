@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from topology import NIC
 
 from iommud.app import DaemonBroker, serve
 from iommud.broker import Broker
@@ -28,10 +29,8 @@ from iommud.sdnotify import Notifier
 from iommud.watch import UdevSource, watch_host
 from tests.fakekernel import FakeKernel
 from tests.fakesys import FakeSys, lab_topology
-from tests.serving import FdSnapshot
+from tests.serving import FdSnapshot, Logs, logged
 from tests.udev.fakemonitor import FakeMonitor, uevent
-
-NIC = "0000:01:03.0"
 
 
 @pytest.fixture
@@ -58,7 +57,9 @@ async def _connect(path: str) -> AsyncClient:
                 await asyncio.sleep(0.02)
 
 
-async def test_serve_runs_the_watcher_and_stops_it(tmp_path: Path, sockdir: str) -> None:
+async def test_serve_runs_the_watcher_and_stops_it(
+    tmp_path: Path, sockdir: str, logs: Logs
+) -> None:
     fs = lab_topology(tmp_path / "host")
     mon = FakeMonitor()
     before = FdSnapshot.take()
@@ -95,13 +96,18 @@ async def test_serve_runs_the_watcher_and_stops_it(tmp_path: Path, sockdir: str)
         assert await asyncio.wait_for(task, 10) == 0
         assert asyncio.get_running_loop().remove_reader(mon.r) is False  # watcher gone
         before.assert_unchanged()
+        daemon_events = [e["event"] for e in logs if e["event"].startswith("daemon.")]
+        assert daemon_events == ["daemon.ready", "daemon.stopping", "daemon.stopped"]
+        assert logged(logs, "daemon.stopping", signal="SIGTERM")
     finally:
         if not task.done():
             task.cancel()
         mon.close()
 
 
-async def test_a_crashing_watcher_leaves_the_daemon_serving(tmp_path: Path, sockdir: str) -> None:
+async def test_a_crashing_watcher_leaves_the_daemon_serving(
+    tmp_path: Path, sockdir: str, logs: Logs
+) -> None:
     fs = lab_topology(tmp_path / "host")
     path = os.path.join(sockdir, "s")
 
@@ -125,6 +131,8 @@ async def test_a_crashing_watcher_leaves_the_daemon_serving(tmp_path: Path, sock
             await client.ping()
         os.kill(os.getpid(), signal.SIGTERM)
         assert await asyncio.wait_for(task, 10) == 0
+        (crash,) = logged(logs, "daemon.host_watch_crashed", log_level="error")
+        assert crash["exc_info"] is True
     finally:
         if not task.done():
             task.cancel()

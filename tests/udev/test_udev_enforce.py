@@ -38,7 +38,7 @@ from iommud.protocol import messages as m
 from iommud.watch import HostAction, HostEvent, HostWatcher, broker_sink
 from tests.fakekernel import FakeKernel
 from tests.fakesys import CLASS_EDU, CLASS_ETHERNET, E1000, EDU, FakeSys, lab_topology
-from tests.serving import FdSnapshot
+from tests.serving import FdSnapshot, Logs, logged
 
 EDUS = topology.BRIDGE_EDUS
 HOT = "0000:01:05.0"
@@ -173,7 +173,7 @@ async def test_hot_added_device_already_on_an_unsafe_driver_revokes(host: Host) 
     host.fs.remove_device(HOT)
 
 
-async def test_refused_bind_on_an_owned_device_is_reported(host: Host) -> None:
+async def test_refused_bind_on_an_owned_device_is_reported(host: Host, logs: Logs) -> None:
     """drivers/e1000/bind opened for writing and closed with nothing accepted (the
     kernel refused it): bind_refused names the NIC (e1000 drove it), e1000, group 4."""
     client, _ = await host.claim(*EDUS)
@@ -192,6 +192,7 @@ async def test_refused_bind_on_an_owned_device_is_reported(host: Host) -> None:
     }
     await settle(host.broker)
     assert drain(host.broker, host.monitor) == []  # one attempt, one report
+    assert len(logged(logs, "guard.bind_refused", bdf=NIC, driver="e1000", group_id=4)) == 1
     await host.broker.close_session(client)
 
 
