@@ -262,6 +262,8 @@ class Qmp:
             self.sock.settimeout(remaining)
             try:
                 self.events.append(self._read())
+            except TimeoutError:
+                raise TimeoutError(f"no QMP event {name} {data} within {timeout}s") from None
             finally:
                 self.sock.settimeout(self.timeout)
 
