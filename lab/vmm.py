@@ -262,6 +262,8 @@ class Qmp:
             self.sock.settimeout(remaining)
             try:
                 self.events.append(self._read())
+            except TimeoutError:
+                raise TimeoutError(f"no QMP event {name} {data} within {timeout}s") from None
             finally:
                 self.sock.settimeout(self.timeout)
 
@@ -313,11 +315,15 @@ class Qmp:
         query-pci walks buses by number (hw/pci/pci-hmp-cmds.c, qmp_query_pci_bus): until
         firmware numbers a root port's secondary bus, the devices behind it are not listed.
         """
-        return [
-            str(d["qdev_id"])
-            for d in self.pci_devices()
-            if "pci_bridge" in d and d["pci_bridge"]["bus"]["secondary"] == 0
-        ]
+        unnumbered = []
+        for dev in self.pci_devices():
+            if "pci_bridge" in dev:
+                bus = dev["pci_bridge"]["bus"]
+                # SeaBIOS sets a bridge's numbers in steps: a subordinate below the
+                # secondary is a bridge it has not finished.
+                if bus["secondary"] == 0 or bus["subordinate"] < bus["secondary"]:
+                    unnumbered.append(str(dev["qdev_id"]))
+        return unnumbered
 
     def close(self) -> None:
         self.sock.close()
@@ -408,17 +414,21 @@ class Vmm:
         self.timings.mark("qmp_ready")
         return self
 
-    def run_firmware(self, *, timeout: float = 120.0) -> float:
-        """Let SeaBIOS run until it has numbered every root port's bus, then pause again.
+    def run_firmware(self, devices: Iterable[str] = (), *, timeout: float = 120.0) -> float:
+        """Let SeaBIOS run until it has numbered every root port's bus and query-pci lists
+        ``devices`` (qdev ids), then pause again.
 
         Without it (-S) the devices behind root ports are realized but query-pci cannot list
         them. SeaBIOS finds no boot disk and idles; stopping keeps the vCPU off the host's
         CPUs all the same. Returns the seconds it took.
         """
+        wanted = set(devices)
         t0 = time.monotonic()
         self.qmp("cont")
         try:
-            while self.qmp.unnumbered_bridges():
+            while self.qmp.unnumbered_bridges() or not wanted <= {
+                str(d["qdev_id"]) for d in self.qmp.pci_devices()
+            }:
                 if time.monotonic() - t0 > timeout:
                     raise TimeoutError(f"firmware numbered no buses within {timeout}s")
                 time.sleep(0.1)

@@ -36,6 +36,9 @@ from iommud.kernel.sysfs_bind import SysfsBinder
 pytestmark = pytest.mark.vm
 
 EDU0 = "0000:00:10.0"
+EDU1 = "0000:01:01.0"  # EDU1, EDU2 and NIC (e1000) share a group behind the bridge
+EDU2 = "0000:01:02.0"
+NIC = "0000:01:03.0"
 EDU_VENDOR, EDU_DEVICE = 0x1234, 0x11E8
 PCI = Path("/sys/bus/pci/devices")
 LENGTH = 2048  # edu's largest safe transfer (lab/edu.py)
@@ -53,49 +56,92 @@ def _report(name: str, **values: object) -> None:
     print(f"qemu10.{name} {fields}", flush=True)
 
 
+class Bindings:
+    """Rebinds devices for a test (vfio-pci, or no driver) and puts each one back."""
+
+    def __init__(self) -> None:
+        self.binder = SysfsBinder("/sys")
+        self.saved: dict[str, str | None] = {}
+
+    def to_vfio(self, bdf: str) -> str:
+        """``bdf`` on vfio-pci; its cdev name (vfioN)."""
+        self.saved.setdefault(bdf, self.binder.current_driver(bdf))
+        self.binder.set_driver_override(bdf, "vfio-pci")
+        self.binder.unbind(bdf)
+        self.binder.drivers_probe(bdf)
+        assert self.binder.current_driver(bdf) == "vfio-pci"
+        (cdev,) = os.listdir(PCI / bdf / "vfio-dev")
+        return cdev
+
+    def unbind(self, bdf: str) -> None:
+        """``bdf`` without a driver (nothing probes it again until restore)."""
+        self.saved.setdefault(bdf, self.binder.current_driver(bdf))
+        self.binder.unbind(bdf)
+        assert self.binder.current_driver(bdf) is None
+
+    def restore(self) -> None:
+        # Unbinding vfio-pci blocks while any fd of the device is open: close them first.
+        for bdf, driver in reversed(self.saved.items()):
+            self.binder.set_driver_override(bdf, None)
+            self.binder.unbind(bdf)
+            if driver is not None:
+                self.binder.drivers_probe(bdf)
+        for bdf, driver in self.saved.items():
+            assert self.binder.current_driver(bdf) == driver, bdf
+
+
 @pytest.fixture
-def edu0_cdev() -> Iterator[str]:
-    """0000:00:10.0 on vfio-pci for the test; its cdev name; driver restored afterwards."""
-    binder = SysfsBinder("/sys")
-    driver = binder.current_driver(EDU0)
-    binder.set_driver_override(EDU0, "vfio-pci")
-    binder.unbind(EDU0)
-    binder.drivers_probe(EDU0)
+def bindings() -> Iterator[Bindings]:
+    state = Bindings()
     try:
-        assert binder.current_driver(EDU0) == "vfio-pci"
-        (cdev,) = os.listdir(PCI / EDU0 / "vfio-dev")
-        yield cdev
+        yield state
     finally:
-        binder.set_driver_override(EDU0, None)
-        binder.unbind(EDU0)  # blocks while any fd of the device is open: close them first
-        if driver is not None:
-            binder.drivers_probe(EDU0)
+        state.restore()
 
 
 class Delegated:
-    """What a delegated claim would hand out: a fresh iommufd and an unbound cdev fd.
+    """What a delegated claim would hand out: a fresh iommufd and unbound cdev fds.
 
-    The test keeps a dup of the device file (as the daemon would) to drive the edu device
-    and to force a detach; everything is closed on exit, so the driver can be restored.
+    The test keeps a dup of each device file (as the daemon would) to drive the edu device
+    and to force a detach; everything is closed on exit, so the drivers can be restored.
     """
 
-    def __init__(self, cdev: str) -> None:
+    def __init__(self, *cdevs: str) -> None:
         kernel = LinuxKernel("/dev", "/sys")
         self.iommufd: LinuxIommuFd = kernel.open_iommufd()
-        self.device: LinuxVfioDevice = kernel.open_cdev(cdev)
-        self.dup = LinuxVfioDevice(os.dup(self.device.fileno()), cdev)
-        # Before any object exists (EBUSY after, iommufd/ioas.c): pin against the
-        # VMM's own RLIMIT_MEMLOCK rather than its user's.
-        assert self.iommufd.option_rlimit_mode(per_process=True) is True
+        self.devices: list[LinuxVfioDevice] = []
+        self.dups: list[LinuxVfioDevice] = []
+        try:
+            # Before any object exists (EBUSY after, iommufd/ioas.c): pin against the
+            # VMM's own RLIMIT_MEMLOCK rather than its user's.
+            assert self.iommufd.option_rlimit_mode(per_process=True) is True
+            for cdev in cdevs:
+                self.devices.append(kernel.open_cdev(cdev))
+                self.dups.append(LinuxVfioDevice(os.dup(self.devices[-1].fileno()), cdev))
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def device(self) -> LinuxVfioDevice:
+        return self.devices[0]
+
+    @property
+    def dup(self) -> LinuxVfioDevice:
+        return self.dups[0]
+
+    def fds(self) -> tuple[int, ...]:
+        return (self.iommufd.fileno(), *(d.fileno() for d in self.devices))
 
     def close(self) -> None:
-        for owner in (self.dup, self.device, self.iommufd):
+        for owner in (*self.dups, *self.devices, self.iommufd):
             owner.close()
 
 
 @pytest.fixture
-def delegated(edu0_cdev: str) -> Iterator[Delegated]:
-    fds = Delegated(edu0_cdev)
+def delegated(bindings: Bindings) -> Iterator[Delegated]:
+    """A fresh iommufd and the cdev of 0000:00:10.0 (alone in its group)."""
+    fds = Delegated(bindings.to_vfio(EDU0))
     try:
         yield fds
     finally:
@@ -115,16 +161,16 @@ def _enable_device(fd: int) -> Edu:
     return Edu(fd)
 
 
-def _dma_into_guest(vm: vmm.Vmm, edu: Edu) -> float:
-    """Pattern at GPA_SRC -> device -> GPA_DST, read back with xp; returns the DMA seconds."""
+def _dma_into_guest(vm: vmm.Vmm, edu: Edu, src: int = GPA_SRC, dst: int = GPA_DST) -> float:
+    """Pattern at ``src`` -> device -> ``dst``, read back with xp; returns the DMA seconds."""
     pattern = os.urandom(LENGTH)
-    vmm.write_process_memory(vm.pid, vm.qmp.gpa2hva(GPA_SRC), pattern)
-    assert vm.qmp.xp(GPA_DST, LENGTH) == bytes(LENGTH)
+    vmm.write_process_memory(vm.pid, vm.qmp.gpa2hva(src), pattern)
+    assert vm.qmp.xp(dst, LENGTH) == bytes(LENGTH)
     t0 = time.monotonic()
-    edu.dma_from_ram(GPA_SRC, LENGTH)
-    edu.dma_to_ram(GPA_DST, LENGTH)
+    edu.dma_from_ram(src, LENGTH)
+    edu.dma_to_ram(dst, LENGTH)
     elapsed = time.monotonic() - t0
-    assert vm.qmp.xp(GPA_DST, LENGTH) == pattern
+    assert vm.qmp.xp(dst, LENGTH) == pattern
     return elapsed
 
 
@@ -153,14 +199,14 @@ def test_delegated_fds_realize_edu_and_dma_lands_in_guest_ram(delegated: Delegat
     """The proof without a daemon: fresh iommufd + unbound cdev -> QEMU binds, pins its
     RAM, edu DMA lands in its guest RAM; a detach through the dup then faults."""
     ifd, dfd = delegated.iommufd.fileno(), delegated.device.fileno()
-    vm = vmm.Vmm(vmm.vfio_args(ifd, dfd), pass_fds=(ifd, dfd))
+    vm = vmm.Vmm(vmm.vfio_args(ifd, dfd), pass_fds=delegated.fds())
     print("qemu10.argv", " ".join(vm.argv), flush=True)
     with vm:
         assert vm.qmp.is_realized("dev0")
         realized = vm.timings.mark("device_realized")
         pinned = vmm.vm_pin_kib(vm.pid)
         assert pinned >= RAM_KIB  # all guest RAM, charged to QEMU itself (VmPin)
-        firmware_s = vm.run_firmware()
+        firmware_s = vm.run_firmware(["dev0"])
         dev = _vfio_device(vm, "dev0")
         assert (dev["id"]["vendor"], dev["id"]["device"]) == (EDU_VENDOR, EDU_DEVICE)
 
@@ -214,3 +260,45 @@ def test_hotplug_through_qmp_getfd(delegated: Delegated) -> None:
         dma_s = _dma_into_guest(vm, edu)
         _report("hotplug", hotplug_s=hotplug_s, vm_pin_kib=pinned, dma_round_trip_s=dma_s)
         assert vm.close() == 0
+
+
+def test_bridge_group_two_edus_share_one_iommufd(bindings: Bindings) -> None:
+    """The bridge group in one QEMU: one iommufd, both edu cdevs, one IOAS (RAM pinned
+    once), DMA from each device lands; the e1000 is unbound meanwhile and given back."""
+    cdevs = [bindings.to_vfio(EDU1), bindings.to_vfio(EDU2)]
+    bindings.unbind(NIC)  # the group is viable only once the e1000 lets go
+    delegated = Delegated(*cdevs)
+    try:
+        ifd, d1, d2 = delegated.fds()
+        extra = [
+            *vmm.vfio_args(ifd, d1, device_id="dev1", bus="rp0"),
+            "-device", f"vfio-pci,id=dev2,iommufd=i0,fd={d2},bus=rp1",
+        ]  # fmt: skip
+        with vmm.Vmm(extra, pass_fds=(ifd, d1, d2)) as vm:
+            assert vm.qmp.is_realized("dev1")
+            assert vm.qmp.is_realized("dev2")
+            realized = vm.timings.mark("devices_realized")
+            pinned = vmm.vm_pin_kib(vm.pid)
+            # One IOAS shared by both devices: guest RAM is pinned once, not twice.
+            assert RAM_KIB <= pinned < 2 * RAM_KIB
+            try:
+                vm.run_firmware(["dev1", "dev2"], timeout=60)
+            except TimeoutError:
+                print("qemu10.bridge_group.query_pci", vm.qmp("query-pci"), flush=True)
+                print("qemu10.bridge_group.stderr", repr(vm.stderr_text()), flush=True)
+                raise
+            dma1 = _dma_into_guest(vm, _enable_device(delegated.dups[0].fileno()))
+            dma2 = _dma_into_guest(
+                vm, _enable_device(delegated.dups[1].fileno()), GPA_SRC + 0x1000, GPA_BLOCKED
+            )
+            _report(
+                "bridge_group",
+                spawn_to_devices_realized_s=realized,
+                vm_pin_kib=pinned,
+                dma1_s=dma1,
+                dma2_s=dma2,
+            )
+            assert vm.close() == 0
+        print("qemu10.bridge_group.stderr", repr(vm.stderr_text()), flush=True)
+    finally:
+        delegated.close()
