@@ -391,8 +391,11 @@ class Vmm:
             raise RuntimeError("no QMP connection: call start()")
         return self._qmp
 
-    def start(self, *, timeout: float = 60.0) -> Self:
-        """Spawn QEMU and connect to QMP (its greeting comes once the machine is built)."""
+    def start(self, *, timeout: float = 120.0) -> Self:
+        """Spawn QEMU and connect to QMP (its greeting comes once the machine is built).
+
+        Generous ``timeout``: 19 s to the greeting was seen nested under a loaded host.
+        """
         with open(self.log, "wb") as log:
             self.timings.spawn = time.monotonic()
             self.proc = subprocess.Popen(
