@@ -31,7 +31,7 @@ import errno
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,7 @@ from iommud.kernel.interface import (
     MapFlag,
     RegionInfo,
 )
+from iommud.kernel.libc import map_oserror
 from tests.fakesys import FakeSys
 
 PAGE = 4096
@@ -55,6 +56,13 @@ DEFAULT_IOVA_RANGES = (IovaRange(0, 0xFEDFFFFF), IovaRange(0xFEF00000, 2**48 - 1
 ALL_IOVAS = (IovaRange(0, U64_MAX),)
 
 Inode = tuple[int, int]
+
+
+def _any_open(objects: Iterable[_FdBacked], but: Inode | None = None) -> bool:
+    """Whether any of ``objects`` still has an fd open anywhere in this process (its
+    own or a dup), as the kernel keeps a file alive until its last fd is closed."""
+    live = _open_inodes() - {but}
+    return any(o.inode in live for o in objects)
 
 
 def _open_inodes() -> set[Inode]:
@@ -249,9 +257,7 @@ class FakeIommuFd(_FdBacked):
     def _map(self, op: str, ioas_id: int, length: int, iova: int | None, area: Area) -> int:
         space = self._get(op, ioas_id).space
         if iova is None:
-            if length == 0 or length % space.alignment:
-                raise KernelError(op, errno.EINVAL)
-            iova = space.pick_iova(op, length)
+            iova = space.pick_iova(op, length)  # a bad length fails the check below
         space.check(op, iova, length, area.flags)
         area.iova, area.length = iova, length
         space.areas[iova] = area
@@ -274,10 +280,8 @@ class FakeIommuFd(_FdBacked):
             self._check(op)
             raise KernelError(op, errno.ENOTTY)
         self._get(op, ioas_id)
-        try:
+        with map_oserror(op):
             size = os.fstat(fd).st_size
-        except OSError as exc:
-            raise KernelError.from_oserror(op, exc) from exc
         if start % PAGE or start + length > size:
             raise KernelError(op, errno.EINVAL)
         dup = os.dup(fd)  # the kernel keeps a reference to the file while mapped
@@ -334,7 +338,7 @@ class FakeIommuFd(_FdBacked):
         dev = self.devices.get(dev_id)
         if dev is None:
             return False
-        if dev.inode in _open_inodes():
+        if _any_open([dev]):
             return True
         self._unbind(dev)
         return False
@@ -362,7 +366,6 @@ class FakeDevice(_FdBacked):
         self.bound_to: FakeIommuFd | None = None
         self.attached_to: int | None = None
         self.devid: int | None = None
-        kernel.device_inodes.setdefault(bdf, set()).add(self.inode)
         kernel.devices.append(self)
 
     @property
@@ -482,29 +485,31 @@ class FakeContainer(_FdBacked):
         self.space = _Space(k.iova_ranges, PAGE)
         k.record("set_iommu", self._label)
 
-    def map_dma(self, vaddr: int, iova: int, size: int, *, read: bool, write: bool) -> None:
-        op = "map_dma"
+    def _iommu(self, op: str) -> _Space:
+        """The type1 IOMMU's space; EINVAL before VFIO_SET_IOMMU."""
         self._check(op)
-        if self.space is None or vaddr % PAGE:
+        if self.space is None:
             raise KernelError(op, errno.EINVAL)
-        self.space.check(op, iova, size)
-        flags = (MapFlag.READABLE if read else 0) | (MapFlag.WRITEABLE if write else 0)
-        self.space.areas[iova] = Area(iova, size, MapFlag(flags), user_va=vaddr)
-        self._kernel.record(op, iova, size)
+        return self.space
+
+    def map_dma(self, vaddr: int, iova: int, size: int, *, read: bool, write: bool) -> None:
+        space = self._iommu("map_dma")
+        flags = (MapFlag.READABLE if read else MapFlag(0)) | (
+            MapFlag.WRITEABLE if write else MapFlag(0)
+        )
+        if vaddr % PAGE:
+            raise KernelError("map_dma", errno.EINVAL)
+        space.check("map_dma", iova, size, flags)
+        space.areas[iova] = Area(iova, size, flags, user_va=vaddr)
+        self._kernel.record("map_dma", iova, size)
 
     def unmap_dma(self, iova: int, size: int) -> int:
-        self._check("unmap_dma")
-        if self.space is None:
-            raise KernelError("unmap_dma", errno.EINVAL)
-        n = self.space.unmap("unmap_dma", iova, size)
+        n = self._iommu("unmap_dma").unmap("unmap_dma", iova, size)
         self._kernel.record("unmap_dma", iova, size)
         return n
 
     def unmap_all(self) -> int:
-        self._check("unmap_dma")
-        if self.space is None:
-            raise KernelError("unmap_dma", errno.EINVAL)
-        n = self.space.unmap("unmap_dma", 0, U64_MAX)
+        n = self._iommu("unmap_dma").unmap("unmap_dma", 0, U64_MAX)
         self._kernel.record("unmap_all", self._label)
         return n
 
@@ -548,8 +553,7 @@ class FakeGroup(_FdBacked):
         self._check(op)
         if self.container is None:
             raise KernelError(op, errno.EINVAL)
-        live = _open_inodes()
-        if any(d.inode in live for d in self.devices):
+        if _any_open(self.devices):
             raise KernelError(op, errno.EBUSY)
         self._detach()
         self._kernel.record(op, self._group_id)
@@ -582,8 +586,7 @@ class FakeGroup(_FdBacked):
     def _on_close(self) -> None:
         if self._kernel.open_groups.get(self._group_id) is self:
             del self._kernel.open_groups[self._group_id]
-        live = _open_inodes() - {self.inode}
-        if not any(d.inode in live for d in self.devices):
+        if not _any_open(self.devices, but=self.inode):
             self._detach()
 
 
@@ -628,7 +631,7 @@ class FakeBinder:
     def _wait_unheld(self, bdf: str) -> None:
         # drivers/vfio/vfio_main.c vfio_unregister_group_dev waits for every user.
         deadline = time.monotonic() + self._k.unbind_block_limit
-        while self._k.device_inodes.get(bdf, set()) & _open_inodes():
+        while _any_open(d for d in self._k.devices if d.bdf == bdf):
             if time.monotonic() > deadline:
                 raise KernelError("unbind", errno.EINTR, bdf=bdf)
             time.sleep(0.005)
@@ -691,7 +694,6 @@ class FakeKernel:
         self.iova_alignment = iova_alignment
         self.unbind_block_limit = unbind_block_limit
         self.calls: list[tuple[Any, ...]] = []
-        self.device_inodes: dict[str, set[Inode]] = {}
         self._fail: dict[str, list[tuple[int, int]]] = {}
         self._owners: dict[int, _Owner] = {}
         self.open_groups: dict[int, FakeGroup] = {}  # group.c: one open of /dev/vfio/N
@@ -816,31 +818,31 @@ class FakeKernel:
         self, space_owner: FakeIommuFd | FakeContainer, ioas_id: int | None, iova: int, n: int
     ) -> bytes:
         """Read ``n`` bytes at ``iova`` as a device would (only inside one area)."""
-        area = self._area(space_owner, ioas_id, iova)
-        off = iova - area.iova
+        area, at = self._area(space_owner, ioas_id, iova)
         if area.file_fd is not None:
-            return os.pread(area.file_fd, n, area.file_start + off)
-        assert area.user_va is not None
-        return ctypes.string_at(area.user_va + off, n)
+            return os.pread(area.file_fd, n, at)
+        return ctypes.string_at(at, n)
 
     def dma_write(
         self, space_owner: FakeIommuFd | FakeContainer, ioas_id: int | None, iova: int, data: bytes
     ) -> None:
-        area = self._area(space_owner, ioas_id, iova)
-        off = iova - area.iova
+        area, at = self._area(space_owner, ioas_id, iova)
         if area.file_fd is not None:
-            os.pwrite(area.file_fd, data, area.file_start + off)
-            return
-        assert area.user_va is not None
-        ctypes.memmove(area.user_va + off, data, len(data))
+            os.pwrite(area.file_fd, data, at)
+        else:
+            ctypes.memmove(at, data, len(data))
 
     @staticmethod
-    def _area(owner: FakeIommuFd | FakeContainer, ioas_id: int | None, iova: int) -> Area:
-        if isinstance(owner, FakeIommuFd):
-            assert ioas_id is not None
-            return owner.ioas[ioas_id].space.find(iova)
-        assert owner.space is not None
-        return owner.space.find(iova)
+    def _area(
+        owner: FakeIommuFd | FakeContainer, ioas_id: int | None, iova: int
+    ) -> tuple[Area, int]:
+        """The area holding ``iova`` and where that byte is (file offset or address)."""
+        space = owner.ioas[ioas_id or 0].space if isinstance(owner, FakeIommuFd) else owner.space
+        assert space is not None
+        area = space.find(iova)
+        base = area.file_start if area.file_fd is not None else area.user_va
+        assert base is not None
+        return area, base + iova - area.iova
 
     # -- the Kernel protocol -----------------------------------------------------
     def open_iommufd(self) -> FakeIommuFd:
@@ -874,10 +876,8 @@ class FakeKernel:
         if not any(self._binder.current_driver(b) == "vfio-pci" for b in members):
             raise KernelError("open_group", errno.ENOENT, group_id=group_id)  # no /dev/vfio/N
         # group.c vfio_group_fops_open: one opener at a time, none while a cdev is bound.
-        live = _open_inodes()
-        cdev_bound = any(
-            d.group_id == group_id and d.bound_to is not None and d.inode in live
-            for d in self.devices
+        cdev_bound = _any_open(
+            d for d in self.devices if d.group_id == group_id and d.bound_to is not None
         )
         if self.group_is_open(group_id) or cdev_bound:
             raise KernelError("open_group", errno.EBUSY, group_id=group_id)
