@@ -31,7 +31,7 @@ import errno
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,7 @@ from iommud.kernel.interface import (
     MapFlag,
     RegionInfo,
 )
+from iommud.kernel.libc import map_oserror
 from tests.fakesys import FakeSys
 
 PAGE = 4096
@@ -52,8 +53,16 @@ U64_MAX = 2**64 - 1
 DMA_SAFE = frozenset({"vfio-pci", "pci-stub", "pcieport"})
 # An Intel VT-d like IOVA space: 48 bits with the MSI window reserved.
 DEFAULT_IOVA_RANGES = (IovaRange(0, 0xFEDFFFFF), IovaRange(0xFEF00000, 2**48 - 1))
+ALL_IOVAS = (IovaRange(0, U64_MAX),)
 
 Inode = tuple[int, int]
+
+
+def _any_open(objects: Iterable[_FdBacked], but: Inode | None = None) -> bool:
+    """Whether any of ``objects`` still has an fd open anywhere in this process (its
+    own or a dup), as the kernel keeps a file alive until its last fd is closed."""
+    live = _open_inodes() - {but}
+    return any(o.inode in live for o in objects)
 
 
 def _open_inodes() -> set[Inode]:
@@ -128,9 +137,12 @@ class _Space:
     allowed: tuple[IovaRange, ...]
     alignment: int
     areas: dict[int, Area] = field(default_factory=dict)
+    allow: tuple[IovaRange, ...] = ()  # IOMMU_IOAS_ALLOW_IOVAS: steers the kernel's choice
 
-    def check(self, op: str, iova: int, length: int) -> None:
-        if length == 0 or length % self.alignment or iova % self.alignment:
+    def check(self, op: str, iova: int, length: int, flags: MapFlag = MapFlag.READABLE) -> None:
+        # io_pagetable.c: no READ/WRITE is EINVAL (conv_iommu_prot), like a bad length.
+        no_access = not flags & (MapFlag.READABLE | MapFlag.WRITEABLE)
+        if no_access or length == 0 or length % self.alignment or iova % self.alignment:
             raise KernelError(op, errno.EINVAL)
         last = iova + length - 1
         if last > U64_MAX:
@@ -142,7 +154,7 @@ class _Space:
                 raise KernelError(op, errno.EEXIST)
 
     def pick_iova(self, op: str, length: int) -> int:
-        for r in self.allowed:
+        for r in self.allow or self.allowed:
             cand = -(-r.start // self.alignment) * self.alignment
             for a in sorted(self.areas.values(), key=lambda a: a.iova):
                 if a.last < cand:
@@ -181,8 +193,25 @@ class _Space:
 
 @dataclass
 class _Ioas:
+    """An IOAS. With no device attached it allows every IOVA with alignment 1; an
+    attached device brings its IOMMU's aperture, reserved ranges and page size
+    (drivers/iommu/iommufd/io_pagetable.c iopt_table_enforce_dev_resv_regions)."""
+
     space: _Space
+    device_ranges: tuple[IovaRange, ...]
     attached: set[str] = field(default_factory=set)
+
+    def attach(self, bdf: str) -> None:
+        self.attached.add(bdf)
+        self.space.allowed = self.device_ranges
+
+    def detach(self, bdf: str) -> None:
+        self.attached.discard(bdf)
+        if not self.attached:
+            self.space.allowed = ALL_IOVAS
+
+    def ranges(self) -> tuple[list[IovaRange], int]:
+        return list(self.space.allowed), self.space.alignment if self.attached else 1
 
 
 class FakeIommuFd(_FdBacked):
@@ -195,6 +224,11 @@ class FakeIommuFd(_FdBacked):
         self._next_id = 1
         self.rlimit_per_process = False
 
+    def new_id(self) -> int:
+        """IOAS and device ids share one id space per iommufd (main.c, ictx->objects)."""
+        object_id, self._next_id = self._next_id, self._next_id + 1
+        return object_id
+
     def _get(self, op: str, ioas_id: int) -> _Ioas:
         self._check(op)
         try:
@@ -204,13 +238,15 @@ class FakeIommuFd(_FdBacked):
 
     def ioas_alloc(self) -> int:
         self._check("ioas_alloc")
-        ioas_id, self._next_id = self._next_id, self._next_id + 1
+        ioas_id = self.new_id()
         k = self._kernel
-        self.ioas[ioas_id] = _Ioas(_Space(k.iova_ranges, k.iova_alignment))
+        self.ioas[ioas_id] = _Ioas(_Space(ALL_IOVAS, k.iova_alignment), k.iova_ranges)
         k.record("ioas_alloc", ioas_id)
         return ioas_id
 
     def destroy(self, object_id: int) -> None:
+        if object_id in self.devices:
+            raise KernelError("destroy", errno.EBUSY)  # a bound device is not destroyed
         ioas = self._get("destroy", object_id)
         if ioas.attached:
             raise KernelError("destroy", errno.EBUSY)
@@ -221,10 +257,8 @@ class FakeIommuFd(_FdBacked):
     def _map(self, op: str, ioas_id: int, length: int, iova: int | None, area: Area) -> int:
         space = self._get(op, ioas_id).space
         if iova is None:
-            if length == 0 or length % space.alignment:
-                raise KernelError(op, errno.EINVAL)
-            iova = space.pick_iova(op, length)
-        space.check(op, iova, length)
+            iova = space.pick_iova(op, length)  # a bad length fails the check below
+        space.check(op, iova, length, area.flags)
         area.iova, area.length = iova, length
         space.areas[iova] = area
         self._kernel.record(op, ioas_id, iova, length)
@@ -246,10 +280,8 @@ class FakeIommuFd(_FdBacked):
             self._check(op)
             raise KernelError(op, errno.ENOTTY)
         self._get(op, ioas_id)
-        try:
+        with map_oserror(op):
             size = os.fstat(fd).st_size
-        except OSError as exc:
-            raise KernelError.from_oserror(op, exc) from exc
         if start % PAGE or start + length > size:
             raise KernelError(op, errno.EINVAL)
         dup = os.dup(fd)  # the kernel keeps a reference to the file while mapped
@@ -275,12 +307,10 @@ class FakeIommuFd(_FdBacked):
         return n
 
     def ioas_iova_ranges(self, ioas_id: int) -> tuple[list[IovaRange], int]:
-        space = self._get("ioas_iova_ranges", ioas_id).space
-        return list(space.allowed), space.alignment
+        return self._get("ioas_iova_ranges", ioas_id).ranges()
 
     def ioas_allow_iovas(self, ioas_id: int, ranges: list[IovaRange]) -> None:
-        space = self._get("ioas_allow_iovas", ioas_id).space
-        space.allowed = tuple(ranges)
+        self._get("ioas_allow_iovas", ioas_id).space.allow = tuple(ranges)
 
     def ioas_copy(
         self,
@@ -296,6 +326,8 @@ class FakeIommuFd(_FdBacked):
     def option_rlimit_mode(self, per_process: bool | None = None) -> bool:
         self._check("option")
         if per_process is not None:
+            if self.ioas or self.devices:
+                raise KernelError("option", errno.EBUSY)  # only on an empty iommufd
             self.rlimit_per_process = per_process
         return self.rlimit_per_process
 
@@ -306,7 +338,7 @@ class FakeIommuFd(_FdBacked):
         dev = self.devices.get(dev_id)
         if dev is None:
             return False
-        if dev.inode in _open_inodes():
+        if _any_open([dev]):
             return True
         self._unbind(dev)
         return False
@@ -314,9 +346,7 @@ class FakeIommuFd(_FdBacked):
     def _unbind(self, dev: FakeDevice) -> None:
         """The device's last fd is gone: it leaves its IOAS and this iommufd."""
         self.devices.pop(dev.devid or 0, None)
-        if dev.attached_to is not None and dev.attached_to in self.ioas:
-            self.ioas[dev.attached_to].attached.discard(dev.bdf)
-        dev.attached_to = None
+        dev.leave_ioas()
 
     def _on_close(self) -> None:
         for ioas in self.ioas.values():
@@ -336,7 +366,6 @@ class FakeDevice(_FdBacked):
         self.bound_to: FakeIommuFd | None = None
         self.attached_to: int | None = None
         self.devid: int | None = None
-        kernel.device_inodes.setdefault(bdf, set()).add(self.inode)
         kernel.devices.append(self)
 
     @property
@@ -345,41 +374,57 @@ class FakeDevice(_FdBacked):
 
     def bind_iommufd(self, iommufd: Any) -> int:
         op = "bind_iommufd"
-        self._check(op)
+        super()._check(op)
         if self.legacy or self.bound_to is not None or not isinstance(iommufd, FakeIommuFd):
             raise KernelError(op, errno.EINVAL)
         k = self._kernel
+        if k.group_is_open(self.group_id):
+            raise KernelError(op, errno.EBUSY)  # group.c vfio_device_block_group
         if not k.is_viable(self.group_id):
             raise KernelError(op, errno.EPERM)  # measured on 6.12 (group node closed)
         k.claim_group(op, self.group_id, iommufd.inode, {self.inode})
         self.bound_to = iommufd
-        self.devid = k.next_devid()
+        self.devid = iommufd.new_id()
         iommufd.devices[self.devid] = self
         k.record(op, self.bdf, self.devid)
         return self.devid
 
-    def attach_ioas(self, pt_id: int) -> None:
-        op = "attach_ioas"
-        self._check(op)
-        if self.bound_to is None:
+    def _check(self, op: str) -> None:
+        """A cdev answers nothing but the bind until it is bound (vfio_main.c
+        vfio_device_fops_unl_ioctl: access_granted), whatever the ioctl."""
+        super()._check(op)
+        if not self.legacy and self.bound_to is None:
             raise KernelError(op, errno.EINVAL)
-        ioas = self.bound_to._get(op, pt_id)
-        if self.attached_to is not None:
-            self.bound_to.ioas[self.attached_to].attached.discard(self.bdf)
-        ioas.attached.add(self.bdf)
+
+    def enter_ioas(self, pt_id: int) -> None:
+        """Attach (or move) to ``pt_id`` of the iommufd this device is bound to."""
+        assert self.bound_to is not None
+        ioas = self.bound_to._get("attach_ioas", pt_id)
+        self.leave_ioas()
+        ioas.attach(self.bdf)
         self.attached_to = pt_id
-        self._kernel.record(op, self.bdf, pt_id)
+
+    def leave_ioas(self) -> None:
+        if self.bound_to is not None and self.attached_to in self.bound_to.ioas:
+            self.bound_to.ioas[self.attached_to].detach(self.bdf)
+        self.attached_to = None
+
+    def attach_ioas(self, pt_id: int) -> None:
+        self._check("attach_ioas")
+        if pt_id in self._bound().devices:
+            raise KernelError("attach_ioas", errno.EINVAL)  # an id, but not of an IOAS
+        self.enter_ioas(pt_id)
+        self._kernel.record("attach_ioas", self.bdf, pt_id)
 
     def detach_ioas(self) -> None:
-        op = "detach_ioas"
-        self._check(op)
-        if self.bound_to is None or self.attached_to is None:
-            raise KernelError(op, errno.EINVAL)
-        ioas = self.bound_to.ioas.get(self.attached_to)
-        if ioas is not None:
-            ioas.attached.discard(self.bdf)
-        self.attached_to = None
-        self._kernel.record(op, self.bdf)
+        self._check("detach_ioas")
+        self.leave_ioas()  # not attached: nothing to do, not an error (measured on 6.12)
+        self._kernel.record("detach_ioas", self.bdf)
+
+    def _bound(self) -> FakeIommuFd:
+        if self.bound_to is None:
+            raise KernelError("attach_ioas", errno.EINVAL)
+        return self.bound_to
 
     def get_info(self) -> DeviceInfo:
         self._check("get_info")
@@ -394,7 +439,7 @@ class FakeDevice(_FdBacked):
     def reset(self) -> None:
         self._check("reset")
         if not self._kernel.can_reset:
-            raise KernelError("reset", errno.ENOTTY)
+            raise KernelError("reset", errno.EINVAL)  # vfio_pci_core.c: !reset_works
         self._kernel.record("reset", self.bdf)
 
     def set_irq_eventfd(self, index: int, eventfd: int) -> None:
@@ -412,10 +457,8 @@ class FakeDevice(_FdBacked):
             if fd >= 0:
                 os.close(fd)
         # Closing the daemon's fd; the kernel file lives on while a client holds a dup.
-        if self.bound_to is not None and self.attached_to is not None:
-            ioas = self.bound_to.ioas.get(self.attached_to)
-            if ioas is not None:
-                ioas.attached.discard(self.bdf)
+        if self.bound_to is not None and self.attached_to in self.bound_to.ioas:
+            self.bound_to.ioas[self.attached_to].detach(self.bdf)
 
 
 class FakeContainer(_FdBacked):
@@ -442,29 +485,31 @@ class FakeContainer(_FdBacked):
         self.space = _Space(k.iova_ranges, PAGE)
         k.record("set_iommu", self._label)
 
-    def map_dma(self, vaddr: int, iova: int, size: int, *, read: bool, write: bool) -> None:
-        op = "map_dma"
+    def _iommu(self, op: str) -> _Space:
+        """The type1 IOMMU's space; EINVAL before VFIO_SET_IOMMU."""
         self._check(op)
-        if self.space is None or vaddr % PAGE:
+        if self.space is None:
             raise KernelError(op, errno.EINVAL)
-        self.space.check(op, iova, size)
-        flags = (MapFlag.READABLE if read else 0) | (MapFlag.WRITEABLE if write else 0)
-        self.space.areas[iova] = Area(iova, size, MapFlag(flags), user_va=vaddr)
-        self._kernel.record(op, iova, size)
+        return self.space
+
+    def map_dma(self, vaddr: int, iova: int, size: int, *, read: bool, write: bool) -> None:
+        space = self._iommu("map_dma")
+        flags = (MapFlag.READABLE if read else MapFlag(0)) | (
+            MapFlag.WRITEABLE if write else MapFlag(0)
+        )
+        if vaddr % PAGE:
+            raise KernelError("map_dma", errno.EINVAL)
+        space.check("map_dma", iova, size, flags)
+        space.areas[iova] = Area(iova, size, flags, user_va=vaddr)
+        self._kernel.record("map_dma", iova, size)
 
     def unmap_dma(self, iova: int, size: int) -> int:
-        self._check("unmap_dma")
-        if self.space is None:
-            raise KernelError("unmap_dma", errno.EINVAL)
-        n = self.space.unmap("unmap_dma", iova, size)
+        n = self._iommu("unmap_dma").unmap("unmap_dma", iova, size)
         self._kernel.record("unmap_dma", iova, size)
         return n
 
     def unmap_all(self) -> int:
-        self._check("unmap_dma")
-        if self.space is None:
-            raise KernelError("unmap_dma", errno.EINVAL)
-        n = self.space.unmap("unmap_dma", 0, U64_MAX)
+        n = self._iommu("unmap_dma").unmap("unmap_dma", 0, U64_MAX)
         self._kernel.record("unmap_all", self._label)
         return n
 
@@ -508,8 +553,7 @@ class FakeGroup(_FdBacked):
         self._check(op)
         if self.container is None:
             raise KernelError(op, errno.EINVAL)
-        live = _open_inodes()
-        if any(d.inode in live for d in self.devices):
+        if _any_open(self.devices):
             raise KernelError(op, errno.EBUSY)
         self._detach()
         self._kernel.record(op, self._group_id)
@@ -540,8 +584,9 @@ class FakeGroup(_FdBacked):
         return dev
 
     def _on_close(self) -> None:
-        live = _open_inodes() - {self.inode}
-        if not any(d.inode in live for d in self.devices):
+        if self._kernel.open_groups.get(self._group_id) is self:
+            del self._kernel.open_groups[self._group_id]
+        if not _any_open(self.devices, but=self.inode):
             self._detach()
 
 
@@ -586,7 +631,7 @@ class FakeBinder:
     def _wait_unheld(self, bdf: str) -> None:
         # drivers/vfio/vfio_main.c vfio_unregister_group_dev waits for every user.
         deadline = time.monotonic() + self._k.unbind_block_limit
-        while self._k.device_inodes.get(bdf, set()) & _open_inodes():
+        while _any_open(d for d in self._k.devices if d.bdf == bdf):
             if time.monotonic() > deadline:
                 raise KernelError("unbind", errno.EINTR, bdf=bdf)
             time.sleep(0.005)
@@ -649,10 +694,9 @@ class FakeKernel:
         self.iova_alignment = iova_alignment
         self.unbind_block_limit = unbind_block_limit
         self.calls: list[tuple[Any, ...]] = []
-        self.device_inodes: dict[str, set[Inode]] = {}
         self._fail: dict[str, list[tuple[int, int]]] = {}
         self._owners: dict[int, _Owner] = {}
-        self._devid = 0
+        self.open_groups: dict[int, FakeGroup] = {}  # group.c: one open of /dev/vfio/N
         self._mutex = threading.Lock()
         self._binder = FakeBinder(self)
         self.devices: list[FakeDevice] = []  # every device object ever opened
@@ -705,11 +749,7 @@ class FakeKernel:
         iommufd = dev.bound_to
         if iommufd is None or iommufd.devices.get(dev.devid or 0) is not dev:
             raise KernelError("attach_ioas", errno.EINVAL)
-        ioas = iommufd._get("attach_ioas", pt_id)
-        if dev.attached_to is not None and dev.attached_to in iommufd.ioas:
-            iommufd.ioas[dev.attached_to].attached.discard(dev.bdf)
-        ioas.attached.add(dev.bdf)
-        dev.attached_to = pt_id
+        dev.enter_ioas(pt_id)
         self.record("client_attach", dev.bdf, pt_id)
 
     def fail_next(self, op: str, err: int, *, after: int = 0) -> None:
@@ -746,6 +786,10 @@ class FakeKernel:
         drivers = (self._binder.current_driver(b) for b in self.group_members(group_id))
         return all(d is None or d in DMA_SAFE for d in drivers)
 
+    def group_is_open(self, group_id: int | None) -> bool:
+        group = self.open_groups.get(group_id) if group_id is not None else None
+        return group is not None and not group.closed
+
     def group_owner(self, group_id: int) -> Inode | None:
         owner = self._owners.get(group_id)
         if owner is not None and not owner.inodes & _open_inodes():
@@ -770,39 +814,35 @@ class FakeKernel:
         if owner is not None and owner.token == token:
             del self._owners[group_id]
 
-    def next_devid(self) -> int:
-        self._devid += 1
-        return self._devid
-
     def dma_read(
         self, space_owner: FakeIommuFd | FakeContainer, ioas_id: int | None, iova: int, n: int
     ) -> bytes:
         """Read ``n`` bytes at ``iova`` as a device would (only inside one area)."""
-        area = self._area(space_owner, ioas_id, iova)
-        off = iova - area.iova
+        area, at = self._area(space_owner, ioas_id, iova)
         if area.file_fd is not None:
-            return os.pread(area.file_fd, n, area.file_start + off)
-        assert area.user_va is not None
-        return ctypes.string_at(area.user_va + off, n)
+            return os.pread(area.file_fd, n, at)
+        return ctypes.string_at(at, n)
 
     def dma_write(
         self, space_owner: FakeIommuFd | FakeContainer, ioas_id: int | None, iova: int, data: bytes
     ) -> None:
-        area = self._area(space_owner, ioas_id, iova)
-        off = iova - area.iova
+        area, at = self._area(space_owner, ioas_id, iova)
         if area.file_fd is not None:
-            os.pwrite(area.file_fd, data, area.file_start + off)
-            return
-        assert area.user_va is not None
-        ctypes.memmove(area.user_va + off, data, len(data))
+            os.pwrite(area.file_fd, data, at)
+        else:
+            ctypes.memmove(at, data, len(data))
 
     @staticmethod
-    def _area(owner: FakeIommuFd | FakeContainer, ioas_id: int | None, iova: int) -> Area:
-        if isinstance(owner, FakeIommuFd):
-            assert ioas_id is not None
-            return owner.ioas[ioas_id].space.find(iova)
-        assert owner.space is not None
-        return owner.space.find(iova)
+    def _area(
+        owner: FakeIommuFd | FakeContainer, ioas_id: int | None, iova: int
+    ) -> tuple[Area, int]:
+        """The area holding ``iova`` and where that byte is (file offset or address)."""
+        space = owner.ioas[ioas_id or 0].space if isinstance(owner, FakeIommuFd) else owner.space
+        assert space is not None
+        area = space.find(iova)
+        base = area.file_start if area.file_fd is not None else area.user_va
+        assert base is not None
+        return area, base + iova - area.iova
 
     # -- the Kernel protocol -----------------------------------------------------
     def open_iommufd(self) -> FakeIommuFd:
@@ -835,7 +875,13 @@ class FakeKernel:
         )
         if not any(self._binder.current_driver(b) == "vfio-pci" for b in members):
             raise KernelError("open_group", errno.ENOENT, group_id=group_id)  # no /dev/vfio/N
-        obj = FakeGroup(self, group_id)
+        # group.c vfio_group_fops_open: one opener at a time, none while a cdev is bound.
+        cdev_bound = _any_open(
+            d for d in self.devices if d.group_id == group_id and d.bound_to is not None
+        )
+        if self.group_is_open(group_id) or cdev_bound:
+            raise KernelError("open_group", errno.EBUSY, group_id=group_id)
+        obj = self.open_groups[group_id] = FakeGroup(self, group_id)
         self.record("open_group", group_id)
         return obj
 

@@ -11,7 +11,8 @@ Kernel references: include/uapi/linux/iommufd.h, include/uapi/linux/vfio.h,
 Documentation/userspace-api/iommufd.rst, Documentation/driver-api/vfio.rst.
 
 No policy: no quotas, no viability or ownership decisions, no logging of client
-data. Calls may block (pinning memory, resets): the broker runs them off the loop.
+data. Calls may block (pinning memory, resets): iommud.kernel.aio decides which leave
+the event loop.
 """
 
 from __future__ import annotations

@@ -49,12 +49,13 @@ async def test_claim_1to1_iommufd_dma_and_release(
     c = Client(broker, ALICE)
     reply = await c.claim(EDU)
     assert (reply.backend, reply.group_id, reply.fds) == ("iommufd", 3, 1)
-    assert reply.devices == (m.ClaimedDevice(bdf=EDU, fd_index=0, devid=1),)
+    # The IOAS (id 1) is allocated before the bind: one id space per iommufd.
+    assert reply.devices == (m.ClaimedDevice(bdf=EDU, fd_index=0, devid=2),)
     assert len(c.received) == 1
     assert driver(fs, EDU) == "vfio-pci"
     assert override(fs, EDU) == "vfio-pci"
     assert kernel.ops("bind_iommufd", "attach_ioas") == [
-        ("bind_iommufd", EDU, 1),
+        ("bind_iommufd", EDU, 2),
         ("attach_ioas", EDU, 1),
     ]
 

@@ -52,6 +52,11 @@ def _frozen(
     }
 
 
+# IOAS B's id in the session's iommufd: IOAS A is 1 and the bound device 2 (the kernel
+# numbers IOASes and devices in one id space per iommufd).
+B_KID = 3
+
+
 async def _refused_map(c: Client, ioas_id: int, ram: int) -> RevokedError:
     with pytest.raises(RevokedError) as ei:
         await c.map(ioas_id, ram, m.MapRange(fd_index=0, offset=0, length=PAGE, iova=0xB000))
@@ -67,13 +72,13 @@ async def test_revoke_unmaps_every_ioas_and_a_reattached_device_gets_no_dma(
     reply, _b_id, ram = await _two_ioases(c)
     ictx = c.session.iommufd
     assert isinstance(ictx, FakeIommuFd)
-    assert kernel.dma_read(ictx, 2, 0x9000, 5) == b"guest"  # B maps the guest's memory
+    assert kernel.dma_read(ictx, B_KID, 0x9000, 5) == b"guest"  # B maps the guest's memory
     kernel.calls.clear()
     assert await broker.revoke_group(3, "admin says so") == [reply.lease_id]
     assert kernel.ops("detach_ioas", "ioas_unmap_all") == [
         ("detach_ioas", EDU),
         ("ioas_unmap_all", 1),
-        ("ioas_unmap_all", 2),
+        ("ioas_unmap_all", B_KID),
     ]
     assert [i.mappings for i in c.session.ioases.values()] == [{}, {}]
     ev = broker.events(c.session).get_nowait().event
@@ -81,13 +86,13 @@ async def test_revoke_unmaps_every_ioas_and_a_reattached_device_gets_no_dma(
     assert (ev.lease_id, ev.group_id, ev.reason) == (reply.lease_id, 3, "admin says so")
     # The attack: the device fd is still bound to the iommufd, so attaching works...
     (dev_fd,) = c.received
-    kernel.client_attach(dev_fd, 2)
-    assert EDU in ictx.ioas[2].attached
+    kernel.client_attach(dev_fd, B_KID)
+    assert EDU in ictx.ioas[B_KID].attached
     # ...but there is nothing to reach.
     with pytest.raises(KeyError):
-        kernel.dma_read(ictx, 2, 0x9000, 5)
+        kernel.dma_read(ictx, B_KID, 0x9000, 5)
     assert ictx.ioas[1].space.areas == {}
-    assert ictx.ioas[2].space.areas == {}
+    assert ictx.ioas[B_KID].space.areas == {}
     await c.close()
     os.close(ram)
 
@@ -118,7 +123,7 @@ async def test_maps_stay_refused_until_released_and_every_device_fd_is_closed(
     assert c.session.freezes == {}
     ictx = c.session.iommufd
     assert isinstance(ictx, FakeIommuFd)
-    assert kernel.dma_read(ictx, 2, 0xB000, 5) == b"guest"  # DMA works again
+    assert kernel.dma_read(ictx, B_KID, 0xB000, 5) == b"guest"  # DMA works again
     await c.close()
     os.close(ram)
 
@@ -155,7 +160,7 @@ async def test_iommufd_claims_are_refused_while_frozen(
         "devices": [EDU],
         "claim_group_id": 7,
     }
-    assert kernel.ops("bind_iommufd") == [("bind_iommufd", EDU, 1)]
+    assert kernel.ops("bind_iommufd") == [("bind_iommufd", EDU, 2)]  # IOAS A is 1
     c.close_received()
     await c.call(m.Release(id=c.next_id(), lease_id=reply.lease_id))
     again = await c.claim(EDU2)  # thawed: claims work again
@@ -191,7 +196,7 @@ async def test_a_map_pinning_while_the_revoke_lands_is_undone(
     with pytest.raises(RevokedError) as ei:
         await task
     assert (ei.value.message, ei.value.details) == _frozen(b_id, reply.lease_id, "release", [EDU])
-    assert ictx.ioas[2].space.areas == {}
+    assert ictx.ioas[B_KID].space.areas == {}
     assert c.session.ioases[b_id].mappings == {}
     await c.close()
     os.close(ram)

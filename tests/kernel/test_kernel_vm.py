@@ -12,18 +12,13 @@ really crossed the virtual IOMMU.
 
 from __future__ import annotations
 
-import ctypes
 import errno
-import fcntl
 import mmap
 import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 import pytest
 from edu import Edu, EduError
@@ -34,7 +29,13 @@ from iommud.errors import KernelError
 from iommud.kernel import uapi
 from iommud.kernel.interface import GroupStatus, IovaRange, MapFlag
 from iommud.kernel.linux import LinuxIommuFd, LinuxKernel
-from iommud.kernel.sysfs_bind import SysfsBinder
+from tests.kernel.contract import (
+    DriverState,
+    SealedMemfd,
+    drivers_restored,
+    expect,
+    fd_count,
+)
 
 pytestmark = pytest.mark.vm
 
@@ -45,8 +46,7 @@ RW = MapFlag.READABLE | MapFlag.WRITEABLE
 PCI = Path("/sys/bus/pci/devices")
 
 
-def _fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
+_fd_count = fd_count
 
 
 def _group_of(bdf: str) -> int:
@@ -55,68 +55,9 @@ def _group_of(bdf: str) -> int:
 
 def _expect(op: str, err: int, call: Callable[[], object]) -> KernelError:
     """Run ``call`` and require KernelError(op, err) exactly."""
-    with pytest.raises(KernelError) as ei:
-        call()
-    # Compare names, so a failure reads "EPERM != EBUSY".
-    got = errno.errorcode.get(ei.value.errno, str(ei.value.errno))
-    assert (ei.value.op, got) == (op, errno.errorcode[err])
-    return ei.value
-
-
-@dataclass
-class _Saved:
-    driver: str | None
-    override: str | None
-
-
-class DriverState:
-    """Rebinds devices for a test and puts every one back as it was."""
-
-    def __init__(self, binder: SysfsBinder) -> None:
-        self.binder = binder
-        self.saved: dict[str, _Saved] = {}
-
-    def _save(self, bdf: str) -> None:
-        if bdf not in self.saved:
-            raw = (PCI / bdf / "driver_override").read_text().strip()
-            override = None if raw in ("", "(null)") else raw
-            self.saved[bdf] = _Saved(self.binder.current_driver(bdf), override)
-
-    def to_vfio(self, bdf: str) -> str:
-        """Bind ``bdf`` to vfio-pci (override, unbind, probe); return its cdev name."""
-        self._save(bdf)
-        self.binder.set_driver_override(bdf, "vfio-pci")
-        self.binder.unbind(bdf)
-        self.binder.drivers_probe(bdf)
-        assert self.binder.current_driver(bdf) == "vfio-pci"
-        (cdev,) = os.listdir(PCI / bdf / "vfio-dev")
-        return cdev
-
-    def unbind(self, bdf: str) -> None:
-        self._save(bdf)
-        self.binder.unbind(bdf)
-        assert self.binder.current_driver(bdf) is None
-
-    def restore(self) -> None:
-        # Unbinding vfio-pci blocks while the device is open: a test that leaked a VFIO fd
-        # would hang the whole batch, so close such leaks here and fail loudly instead.
-        leaked = []
-        for fd in os.listdir("/proc/self/fd"):
-            try:
-                target = os.readlink(f"/proc/self/fd/{fd}")
-            except OSError:
-                continue
-            if target.startswith("/dev/vfio/") or target.startswith("anon_inode:[vfio"):
-                leaked.append(target)
-                os.close(int(fd))
-        for bdf, saved in reversed(self.saved.items()):
-            self.binder.set_driver_override(bdf, saved.override)
-            self.binder.unbind(bdf)
-            if saved.driver is not None:
-                self.binder.drivers_probe(bdf)
-        for bdf, saved in self.saved.items():
-            assert self.binder.current_driver(bdf) == saved.driver, bdf
-        assert not leaked, f"test leaked VFIO fds: {leaked}"
+    exc = expect(err, call)
+    assert exc.op == op
+    return exc
 
 
 @pytest.fixture
@@ -126,32 +67,8 @@ def kernel() -> LinuxKernel:
 
 @pytest.fixture
 def drivers(kernel: LinuxKernel) -> Iterator[DriverState]:
-    state = DriverState(kernel.binder)
-    try:
+    with drivers_restored(kernel.binder, Path("/sys")) as state:
         yield state
-    finally:
-        state.restore()
-
-
-class SealedMemfd:
-    """A memfd sealed against shrink/grow (as a client would pass it), mmapped here."""
-
-    def __init__(self, size: int) -> None:
-        self.fd = os.memfd_create("iommud-test", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-        os.ftruncate(self.fd, size)
-        fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
-        self.mm = mmap.mmap(self.fd, size)
-        # The temporary ctypes view is dropped at once, so mm can still be closed.
-        self.address = ctypes.addressof(ctypes.c_char.from_buffer(self.mm))
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.mm.close()
-        os.close(self.fd)
 
 
 def _round_trip(edu: Edu, mm: mmap.mmap, src_iova: int, base_iova: int) -> float:

@@ -1,0 +1,79 @@
+"""iommud.kernel.aio: the one adapter that decides what leaves the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import threading
+from pathlib import Path
+
+import pytest
+
+from iommud.kernel import aio
+
+PACKAGE = Path(aio.__file__).resolve().parents[1]
+
+
+def test_no_other_module_leaves_the_loop_on_its_own() -> None:
+    """Every thread hop of the daemon goes through iommud.kernel.aio."""
+    offenders = [
+        str(p.relative_to(PACKAGE))
+        for p in PACKAGE.rglob("*.py")
+        if p != Path(aio.__file__).resolve()
+        and any(
+            word in p.read_text()
+            for word in ("to_thread(", "run_in_executor(", "threading.Thread(")
+        )
+    ]
+    assert offenders == []
+
+
+def test_the_pools_exist_from_import_and_never_grow() -> None:
+    """Daemon threads, started at import, and no new thread for any call."""
+    workers = aio.pool_threads()
+    assert len(workers) == sum(aio.POOL_SIZES.values())
+    assert all(t.daemon and t.is_alive() for t in workers)
+    before = set(threading.enumerate())
+
+    async def many() -> None:
+        await asyncio.gather(*(aio.call("read_snapshot", sum, [i, 1]) for i in range(50)))
+        await asyncio.gather(*(aio.call("restore", sum, [i, 1]) for i in range(50)))
+
+    asyncio.run(many())
+    assert set(threading.enumerate()) <= before | set(workers)
+
+
+async def test_instant_ops_run_inline_and_blocking_ones_on_a_worker() -> None:
+    loop_thread = threading.get_ident()
+    assert await aio.call("IOMMU_IOAS_ALLOC", threading.get_ident) == loop_thread
+    worker = await aio.call("IOMMU_IOAS_MAP", threading.get_ident)
+    assert worker != loop_thread
+    assert worker in {t.ident for t in aio.pool_threads()}
+
+
+async def test_errors_and_context_cross_back() -> None:
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("var")
+    var.set("bound in the caller")
+    assert await aio.call("journal_write", var.get) == "bound in the caller"
+
+    def boom() -> None:
+        raise OSError(5, "EIO")
+
+    with pytest.raises(OSError, match="EIO"):
+        await aio.call("VFIO_DEVICE_RESET", boom)
+    with pytest.raises(KeyError):
+        await aio.call("not an op", boom)
+
+
+async def test_a_stuck_sysfs_write_does_not_hold_up_a_pin() -> None:
+    """The sysfs pool and the work pool are separate: an unbind that waits for a client
+    (here: for an event) leaves every pin worker free."""
+    release = threading.Event()
+    stuck = [aio.submit("rebind", release.wait, 30) for _ in range(aio.POOL_SIZES[aio.Cost.SYSFS])]
+    try:
+        assert await asyncio.wait_for(aio.call("IOMMU_IOAS_MAP", lambda: 7), 30) == 7
+        busy = [t.name for t in aio.pool_threads() if t.name.startswith("iommud-sysfs:")]
+        assert busy == ["iommud-sysfs:rebind"] * len(stuck)
+    finally:
+        release.set()
+    assert await asyncio.gather(*stuck) == [True] * len(stuck)
