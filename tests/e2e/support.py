@@ -169,7 +169,8 @@ class Daemon:
             return c.status().model_dump(mode="json")
 
     def log_tail(self, lines: int = 80) -> str:
-        self._log.flush()
+        if not self._log.closed:  # stop() closes it: a failed start still shows its log
+            self._log.flush()
         text = self.log_path.read_text(errors="replace").splitlines()
         return "\n".join(text[-lines:])
 
