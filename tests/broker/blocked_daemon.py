@@ -37,7 +37,10 @@ def main(root: Path, socket_path: str) -> int:
         client = Client(broker, ALICE)
         reply = await client.claim(EDU)
         await client.call(m.Release(id=client.next_id(), lease_id=reply.lease_id))
-        (root / "blocked").write_text(json.dumps(broker.pending_restores))
+        # Written aside and renamed: the test polls for the file, and a plain write_text
+        # lets it see the file created but still empty.
+        (root / "blocked.tmp").write_text(json.dumps(broker.pending_restores))
+        (root / "blocked.tmp").rename(root / "blocked")
         await asyncio.Event().wait()  # client.received stays open until the process ends
 
     return run(serve(config, factory, socket_path=socket_path, grace=1.0, host_watch=hook))
