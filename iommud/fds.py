@@ -95,9 +95,6 @@ class FdSet:
     def append(self, fd: OwnedFd) -> None:
         self._fds.append(fd)
 
-    def steal_all(self) -> list[int]:
-        return [f.steal() for f in self._fds if not f.closed]
-
     def close(self) -> None:
         errors: list[OSError] = []
         for f in self._fds:

@@ -1,6 +1,6 @@
 """The bind-guard audit: react to writes on the guarded sysfs bind files.
 
-iommud.guard.BindGuard watches (inotify close-write) the sysfs files through which a
+iommud.broker.guard.BindGuard watches (inotify close-write) the sysfs files through which a
 driver could take a device of an owned group. On each write this re-checks every owned
 group (the enforcement path) and, when a bind was refused, attributes it to the owned
 device the driver had been seen on and publishes bind_refused. The re-check is the
@@ -16,9 +16,9 @@ import structlog
 
 from iommud.broker.drivers import VFIO_PCI
 from iommud.broker.enforcement import Enforcer
+from iommud.broker.guard import BindGuard, SysfsWrite, WriteKind
 from iommud.broker.state import BrokerState
 from iommud.errors import IommudError, KernelError
-from iommud.guard import BindGuard, SysfsWrite, WriteKind
 from iommud.protocol import messages as m
 
 log = structlog.get_logger(__name__)

@@ -85,7 +85,7 @@ class ClaimManager:
                 self._owners_changed()
 
     def _owners_changed(self) -> None:
-        """Point the bind guard at exactly the devices of the owned groups (iommud.guard)."""
+        """Point the bind guard at exactly the devices of the owned groups (iommud.broker.guard)."""
         guard = self._state.guard
         if guard is not None:
             guard.guard(b for hold in self._holds.values() for b in hold.pinned)

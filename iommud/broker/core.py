@@ -114,8 +114,6 @@ class Broker:
             hub=EventHub(),
             sysfs_timeout=sysfs_timeout,
         )
-        self._hub = state.hub
-        self._view = state.view
         self._claims = ClaimManager(state)
         self._sessions = SessionManager(state, self._claims)
         self._enforcer = Enforcer(state, self._claims)
@@ -129,7 +127,7 @@ class Broker:
     # ------------------------------------------------------------------ lifecycle
     @property
     def snapshot(self) -> HostSnapshot:
-        return self._view.snapshot
+        return self._state.view.snapshot
 
     @property
     def pending_restores(self) -> dict[str, str]:
@@ -152,7 +150,7 @@ class Broker:
             pending = await self._state.drivers.restore(entries)
             if pending:
                 log.error("journal.replay_pending", devices=pending)
-        snap = await self._view.start()
+        snap = await self._state.view.start()
         self._started = self._clock()
         self._audit.start()
         log.info(
@@ -357,7 +355,7 @@ class Broker:
     @property
     def view(self) -> HostView:
         """The one owner of the host snapshot (the uevent watcher refreshes through it)."""
-        return self._view
+        return self._state.view
 
     async def on_host_change(self, group_id: int, change: HostChange | None = None) -> None:
         """A group changed on the host: publish what the view reported, then enforce.
@@ -368,10 +366,10 @@ class Broker:
         """
         if change is not None:
             sinks = [s.sink for s in self._state.sessions.values()]
-            for ev in self._hub.host_events(change):
-                self._hub.publish(ev, sinks)
+            for ev in self._state.hub.host_events(change):
+                self._state.hub.publish(ev, sinks)
         await self._enforcer.on_host_change(
-            group_id, None if change is None else self._view.snapshot
+            group_id, None if change is None else self._state.view.snapshot
         )
 
     async def revoke_group(self, group_id: int, reason: str) -> list[int]:

@@ -100,16 +100,16 @@ class EventHub:
         changed (none when the group vanished). Lease decisions (bind_refused,
         lease_revoked) are the broker's, not the host's.
         """
-        gid = change.group_id
+        group_id = change.group_id
         out: list[m.Event] = []
         for ev in change.events:
             name = _HOST_EVENT_NAMES.get(ev.action)
             if name is None or (ev.action is HostAction.BIND and ev.driver is None):
                 continue
             if ev.action in (HostAction.BIND, HostAction.UNBIND):
-                out.append(self.make(name, bdf=ev.bdf, group_id=gid, driver=ev.driver))
+                out.append(self.make(name, bdf=ev.bdf, group_id=group_id, driver=ev.driver))
             else:
-                out.append(self.make(name, bdf=ev.bdf, group_id=gid))
+                out.append(self.make(name, bdf=ev.bdf, group_id=group_id))
         after = change.after
         if change.is_viability_changed and after is not None:
             offenders = tuple(
@@ -121,7 +121,7 @@ class EventHub:
             out.append(
                 self.make(
                     m.EventName.VIABILITY_CHANGED,
-                    group_id=gid,
+                    group_id=group_id,
                     is_viable=after.is_viable,
                     offenders=offenders,
                 )

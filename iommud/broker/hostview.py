@@ -149,14 +149,14 @@ class HostView:
                     "one claim covers one IOMMU group; these devices span several",
                     groups={b: g for b, g in groups.items()},
                 )
-            (gid,) = ids
-            assert gid is not None
-            group, devs = read_group(root, gid)
-            return gid, group, devs
+            (group_id,) = ids
+            assert group_id is not None
+            group, devs = read_group(root, group_id)
+            return group_id, group, devs
 
-        gid, group, devs = await aio.call("read_group", work)
-        self._set_group(gid, (group, devs))
-        return self.snapshot, gid
+        group_id, group, devs = await aio.call("read_group", work)
+        self._set_group(group_id, (group, devs))
+        return self.snapshot, group_id
 
     async def refresh_group(self, group_id: int, snapshot: HostSnapshot | None = None) -> None:
         """Take a fresh view of one group: from ``snapshot`` (a view that already holds
@@ -198,16 +198,16 @@ class HostView:
         self._note(new.devices.values())
         self.rescans += 1
         changes: list[HostChange] = []
-        for gid in sorted(old.groups.keys() | new.groups.keys()):
-            before, after = _members(old, gid), _members(new, gid)
-            if before == after and old.groups.get(gid) == new.groups.get(gid):
+        for group_id in sorted(old.groups.keys() | new.groups.keys()):
+            before, after = _members(old, group_id), _members(new, group_id)
+            if before == after and old.groups.get(group_id) == new.groups.get(group_id):
                 continue
             changes.append(
                 HostChange(
-                    gid,
+                    group_id,
                     diff_events(before, after),
-                    self.viability(old, gid),
-                    self.viability(new, gid),
+                    self.viability(old, group_id),
+                    self.viability(new, group_id),
                     resync=reason,
                 )
             )
@@ -252,25 +252,25 @@ class HostView:
         if event.action is HostAction.UNBIND and event.driver is None and prev is not None:
             event = replace(event, driver=prev.driver)
         changes: list[HostChange] = []
-        for gid in gids:
+        for group_id in gids:
             try:
-                found: _Group | None = read_group(sys_root, gid)
+                found: _Group | None = read_group(sys_root, group_id)
             except NotFoundError:
                 found = None
             except (IommudError, ValueError) as exc:
-                log.warning("host.group_unreadable", group_id=gid, error=repr(exc))
+                log.warning("host.group_unreadable", group_id=group_id, error=repr(exc))
                 return [*changes, *await self.rescan("unreadable_group")]
-            self._set_group(gid, found)
+            self._set_group(group_id, found)
             before = self._announced
             self._announced = (
-                before.without_group(gid) if found is None else before.with_group(*found)
+                before.without_group(group_id) if found is None else before.with_group(*found)
             )
             changes.append(
                 HostChange(
-                    gid,
+                    group_id,
                     (event,),
-                    self.viability(before, gid),
-                    self.viability(self._announced, gid),
+                    self.viability(before, group_id),
+                    self.viability(self._announced, group_id),
                 )
             )
         return changes

@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from iommud.broker.drivers import DriverManager
 from iommud.broker.events import EventHub, EventSink
+from iommud.broker.guard import BindGuard
 from iommud.broker.hostview import HostView
 from iommud.broker.journal import Journal
 from iommud.config import Config, Quota
 from iommud.fds import OwnedFd
-from iommud.guard import BindGuard
 from iommud.host.viability import ClaimPath
 from iommud.kernel.interface import IommuFd, Kernel, VfioContainer, VfioDevice, VfioGroup
 from iommud.policy import Identity

@@ -71,9 +71,20 @@ async def test_a_stuck_sysfs_write_does_not_hold_up_a_pin() -> None:
     release = threading.Event()
     stuck = [aio.submit("rebind", release.wait, 30) for _ in range(aio.POOL_SIZES[aio.Cost.SYSFS])]
     try:
+        # Every sysfs worker must hold its stuck write before the pin is tried (workers
+        # pick their jobs up asynchronously; on a loaded machine that takes a while).
+        for _ in range(3000):  # hang guard only: 30 s
+            if _busy_sysfs() == ["iommud-sysfs:rebind"] * len(stuck):
+                break
+            await asyncio.sleep(0.01)
+        else:
+            pytest.fail(f"the sysfs workers never all took their job: {_busy_sysfs()}")
         assert await asyncio.wait_for(aio.call("IOMMU_IOAS_MAP", lambda: 7), 30) == 7
-        busy = [t.name for t in aio.pool_threads() if t.name.startswith("iommud-sysfs:")]
-        assert busy == ["iommud-sysfs:rebind"] * len(stuck)
+        assert _busy_sysfs() == ["iommud-sysfs:rebind"] * len(stuck)  # still stuck
     finally:
         release.set()
     assert await asyncio.gather(*stuck) == [True] * len(stuck)
+
+
+def _busy_sysfs() -> list[str]:
+    return [t.name for t in aio.pool_threads() if t.name.startswith("iommud-sysfs:rebind")]

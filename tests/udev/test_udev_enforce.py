@@ -28,10 +28,17 @@ from topology import BRIDGE, EDU0, NIC
 
 from iommud.broker import Broker
 from iommud.broker.core import DEVICE_REQUESTED
+from iommud.broker.guard import (
+    IN_CLOSE_WRITE,
+    IN_IGNORED,
+    IN_MODIFY,
+    BindGuard,
+    SysfsWrite,
+    WriteKind,
+)
 from iommud.broker.state import LeaseState, Session
 from iommud.config import AccessRule, Config, DaemonConfig, ManageConfig
 from iommud.fds import FdSet
-from iommud.guard import IN_CLOSE_WRITE, IN_IGNORED, IN_MODIFY, BindGuard, SysfsWrite, WriteKind
 from iommud.kernel.uapi import VFIO_PCI_REQ_IRQ_INDEX
 from iommud.policy import Identity
 from iommud.protocol import messages as m
@@ -263,7 +270,7 @@ def test_parse_folds_modify_into_close_and_drops_ignored(tmp_path: Path) -> None
 
 
 def g_target(driver: str) -> object:
-    from iommud.guard import _Target
+    from iommud.broker.guard import _Target
 
     return _Target(WriteKind.BIND, driver, "p")
 
