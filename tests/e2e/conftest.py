@@ -40,7 +40,7 @@ def steady(daemon: Daemon, request: pytest.FixtureRequest) -> Iterator[None]:
     # Teardown of a disconnected client is asynchronous: give it a few seconds. Status
     # requests open connections themselves, so the fd count is awaited separately.
     wait_until(lambda: not daemon.status()["leases"] and drivers_now() == BOOT_DRIVERS, 10.0, 0.05)
-    wait_until(lambda: daemon.fds() == before, 5.0)
+    wait_until(lambda: daemon.fds() == before, 15.0)
     assert daemon.proc.poll() is None, "the daemon died"
     assert daemon.status()["leases"] == []
     assert drivers_now() == BOOT_DRIVERS

@@ -38,6 +38,8 @@ CLIENT_SCRIPT = HERE / "client_script.py"
 REPO = HERE.parent.parent
 PCI = Path("/sys/bus/pci/devices")
 
+#: What a pidfd looks like in /proc/PID/fd; the daemon holds one per client session.
+PIDFD = "anon_inode:[pidfd]"
 USER = 1000  # allowed by the config
 STRANGER = 1001  # in no rule
 QUOTA_BYTES = 4 << 20
@@ -148,15 +150,17 @@ class Daemon:
                 continue
         return sorted(out)
 
-    def settled_fds(self, quiet: float = 0.2, timeout: float = 5.0) -> list[str]:
-        """``fds()`` once it stopped changing for ``quiet`` seconds: a client that just
-        closed its connection is only noticed by the daemon a moment later."""
+    def settled_fds(self, quiet: float = 0.2, timeout: float = 15.0) -> list[str]:
+        """``fds()`` once no client session is left (each holds its peer's pidfd) and it
+        stopped changing for ``quiet`` seconds: a client that just closed its connection
+        is only noticed by the daemon a moment later (seconds, on a loaded machine: a
+        start-up probe's session was once taken into the baseline)."""
         deadline = time.monotonic() + timeout
         last = self.fds()
         while time.monotonic() < deadline:
             time.sleep(quiet)
             now = self.fds()
-            if now == last:
+            if now == last and PIDFD not in now:
                 return now
             last = now
         return last
