@@ -90,6 +90,10 @@ def wait_until(pred: Callable[[], bool], timeout: float, step: float = 0.01) -> 
         time.sleep(step)
 
 
+STARTUP_GUARD = 240.0
+"""Seconds a lab daemon may take to answer before the harness calls it dead."""
+
+
 class Daemon:
     """The real iommud as a root subprocess, logging (JSON) into ``log_path``."""
 
@@ -118,7 +122,9 @@ class Daemon:
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
-        took = wait_until(self._answers, timeout=60.0, step=0.05)
+        # A hang guard, not a bound: under TCG on a loaded 2-core host the daemon's
+        # start (Python imports in the emulated guest) was seen to take over 60 s.
+        took = wait_until(self._answers, timeout=STARTUP_GUARD, step=0.05)
         if took is None:
             self.stop()
             raise AssertionError(f"the daemon did not come up:\n{self.log_tail()}")

@@ -22,6 +22,7 @@ from typing import Any
 from topology import HOTEDU
 
 from tests.e2e.support import (
+    STARTUP_GUARD,
     USER,
     ClientProc,
     Daemon,
@@ -59,7 +60,7 @@ class LiveDaemon(Daemon):
         """``config``: the live template (the default) or one that extends it."""
         super().__init__(workdir, config, hot=HOTEDU)
         # The watcher's startup rescan runs after the daemon answers: wait for it.
-        if wait_until(lambda: bool(self.log_events("host.rescanned")), 60.0, 0.05) is None:
+        if wait_until(lambda: bool(self.log_events("host.rescanned")), STARTUP_GUARD, 0.05) is None:
             raise AssertionError(f"no startup rescan:\n{self.log_tail()}")
         self.baseline_fds = self.settled_fds()
 
