@@ -25,11 +25,12 @@ import pytest
 import structlog
 
 from iommud.broker import Broker
+from iommud.config import DriversConfig
 from iommud.server import Server, ServerInfo
 from iommud.server.listen import bind_listener
 from tests.broker.support import make_config
 from tests.fakekernel import FakeKernel
-from tests.fakesys import lab_topology
+from tests.fakesys import FakeSys, lab_topology
 
 
 def _target(fd: str) -> str:
@@ -97,13 +98,23 @@ def logged(logs: Logs, event: str, **fields: object) -> Logs:
 
 @asynccontextmanager
 async def served_broker(
-    tmp_path: Path, sockdir: str, *, sysfs_timeout: float = 10.0
+    tmp_path: Path,
+    sockdir: str,
+    *,
+    sysfs_timeout: float = 10.0,
+    fs: FakeSys | None = None,
+    drivers: DriversConfig | None = None,
 ) -> AsyncIterator[tuple[str, Broker]]:
-    """(socket path, broker): the lab topology served by the real server."""
+    """(socket path, broker): the lab topology (or ``fs``) served by the real server;
+    ``drivers`` replaces the configuration's DMA-safe driver settings."""
     before = FdSnapshot.take()
-    fs = lab_topology(tmp_path / "host")
+    if fs is None:
+        fs = lab_topology(tmp_path / "host")
+    config = make_config(tmp_path, fs)
+    if drivers is not None:
+        config = config.model_copy(update={"drivers": drivers})
     broker = Broker(
-        make_config(tmp_path, fs),
+        config,
         FakeKernel(fs),
         sysfs_timeout=sysfs_timeout,
         restore_retry_delay=0.01,

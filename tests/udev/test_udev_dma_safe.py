@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
@@ -27,17 +26,13 @@ from typing import Any
 
 import pytest
 
-from iommud.broker import Broker
 from iommud.cli import Output, run
 from iommud.client import AsyncClient
-from iommud.config import Config, DaemonConfig, DriversConfig
+from iommud.config import DriversConfig
 from iommud.protocol import messages as m
-from iommud.server import Server, ServerInfo
-from iommud.server.listen import bind_listener
 from iommud.watch import HostAction, HostEvent, HostWatcher, broker_sink
-from tests.fakekernel import FakeKernel
 from tests.fakesys import FakeSys, lab_topology
-from tests.serving import FdSnapshot
+from tests.serving import served_broker
 
 NIC = "0000:01:03.0"
 EDU1 = "0000:01:01.0"
@@ -62,26 +57,11 @@ def sockdir() -> Iterator[str]:
 
 @pytest.fixture
 async def served(tmp_path: Path, sockdir: str) -> AsyncIterator[Served]:
-    before = FdSnapshot.take()
     fs = lab_topology(tmp_path / "host")
-    config = Config(
-        daemon=DaemonConfig(
-            sys_root=fs.sys_root, dev_root=fs.dev_root, state_dir=tmp_path / "state"
-        ),
-        drivers=DriversConfig(dma_safe_add=("e1000",)),
-    )
-    broker = Broker(config, FakeKernel(fs))
-    await broker.start()
-    path = os.path.join(sockdir, "s")
-    server = Server(broker, [bind_listener(path)], info=ServerInfo(capabilities=("iommufd",)))
-    ready = asyncio.Event()
-    task = asyncio.create_task(server.serve(ready.set))
-    await ready.wait()
-    yield Served(fs, path, HostWatcher(broker.view, broker_sink(broker)))
-    server.stop()
-    await asyncio.wait_for(task, 5)
-    await broker.aclose(grace=5.0)
-    before.assert_unchanged()
+    drivers = DriversConfig(dma_safe_add=("e1000",))
+    async with served_broker(tmp_path, sockdir, fs=fs, drivers=drivers) as (path, broker):
+        assert "e1000" in broker.state.config.dma_safe_drivers
+        yield Served(fs, path, HostWatcher(broker.view, broker_sink(broker)))
 
 
 def _dump(model: m.Event | m.GroupEntry) -> dict[str, Any]:
