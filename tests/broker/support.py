@@ -1,14 +1,6 @@
 """Helpers for broker tests: the lab's devices, identities, a config like the demo's,
-sealed memfds and a ``Client`` that drives one broker session (fixtures: conftest.py).
-
-The tree (tests/fakesys.py, lab_topology)::
-
-    group 3:  0000:00:10.0  edu    (alone, driver-less)
-    group 4:  0000:00:11.0  pci-bridge (no driver)
-              0000:01:01.0  edu, 0000:01:02.0 edu (driver-less)
-              0000:01:03.0  e1000  (bound to e1000)
-    group 5:  0000:00:1f.0 lpc_ich + 0000:00:1f.2 ahci
-    group 6:  0000:00:01.0  virtio-pci
+sealed memfds and a ``Client`` that drives one broker session (fixtures, and the drawing
+of the fake lab tree they use: conftest.py).
 """
 
 from __future__ import annotations
