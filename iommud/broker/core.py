@@ -143,6 +143,18 @@ class Broker:
     async def start(self) -> None:
         """Replay the rebind journal of a previous run, then read the host."""
         entries = await aio.call("journal_read", self._journal.load)
+        bad = self._journal.problem
+        if bad is not None:
+            # Loud, one line, and no stop: a daemon that refused to start would leave
+            # every device a crashed run changed without its driver for good.
+            log.error(
+                "journal.unusable",
+                error=bad.message,
+                path=bad.path,
+                problem=bad.problem,
+                moved_to=bad.moved_to,
+                not_moved=bad.not_moved,
+            )
         if entries:
             log.warning(
                 "journal.replay", devices=[e.bdf for e in entries], path=str(self._journal.path)
@@ -153,8 +165,10 @@ class Broker:
         snap = await self._state.view.start()
         self._started = self._clock()
         self._audit.start()
-        log.info(
+        started = log.error if bad is not None else log.info
+        started(
             "broker.started",
+            journal="UNUSABLE: started without replay" if bad is not None else "ok",
             devices=len(snap.devices),
             groups=len(snap.groups),
             iommufd=snap.has_iommufd,
