@@ -111,6 +111,28 @@ def test_daemon_binds_its_own_socket_and_removes_it(sockdir: str) -> None:
     assert not os.path.exists(path)
 
 
+@pytest.mark.parametrize("mode", [0o600, 0o640, 0o660, 0o666])
+def test_socket_mode_is_set_by_fd_never_by_path(
+    sockdir: str, monkeypatch: pytest.MonkeyPatch, mode: int
+) -> None:
+    """bind() creates the file with its final mode: no chmod by path that a swap could misdirect."""
+
+    def no_chmod(*_args: object, **_kw: object) -> None:
+        raise AssertionError("chmod by path")
+
+    monkeypatch.setattr(os, "chmod", no_chmod)
+    before = os.umask(0o022)
+    try:
+        path = os.path.join(sockdir, "s")
+        sock = bind_listener(path, mode=mode)
+        assert os.umask(0o022) == 0o022  # the process umask is back
+    finally:
+        os.umask(before)
+    assert os.stat(path).st_mode & 0o777 == mode
+    sock.close()
+    Path(path).unlink()
+
+
 def test_stale_socket_is_replaced_live_one_is_not(sockdir: str) -> None:
     from iommud.errors import ConfigError
 
