@@ -51,7 +51,12 @@ def _remove_stale(path: str) -> None:
 def bind_listener(path: str, *, mode: int = 0o660, group: int | None = None) -> socket.socket:
     """A listening SOCK_SEQPACKET socket at ``path`` with ``mode`` (and ``group`` if given)."""
     parent = os.path.dirname(path) or "."
-    os.makedirs(parent, mode=0o755, exist_ok=True)
+    try:
+        os.makedirs(parent, mode=0o755, exist_ok=True)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            "cannot create the socket's directory", path=parent, errno=getattr(exc, "errno", None)
+        ) from exc
     _remove_stale(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     try:
