@@ -128,12 +128,23 @@ class Journal:
             return list(entries.values())
 
     def record(self, entries: list[JournalEntry]) -> None:
-        """Add or replace entries and make it durable before returning."""
+        """Add entries and make it durable before returning.
+
+        A device already in the journal is not back on its recorded driver yet (a
+        restore is pending or failed): what the journal recorded first stays the truth.
+        A later claim sees the device as the daemon left it (no driver, override pinned)
+        and must not replace the original with that."""
         with self._lock:
             new = dict(self._entries)
-            new.update({e.bdf: e for e in entries})
+            for e in entries:
+                new[e.bdf] = _merge(new[e.bdf], e) if e.bdf in new else e
             self._write(new)
             self._entries = new
+
+    def get(self, bdf: str) -> JournalEntry | None:
+        """The recorded entry for a device, if it has one."""
+        with self._lock:
+            return self._entries.get(bdf)
 
     def drop(self, bdfs: list[str]) -> None:
         """Forget entries (the devices were restored) and make it durable."""
@@ -213,6 +224,15 @@ class Journal:
             raise KernelError.from_oserror("journal.write", exc, path=str(self._path)) from exc
         finally:
             os.close(dfd)
+
+
+def _merge(old: JournalEntry, new: JournalEntry) -> JournalEntry:
+    """``old`` recorded the device's state before the daemon first touched it."""
+    if old.rebound or not new.rebound:
+        return old
+    # Only its override was pinned before; now it is moved too: its driver then was
+    # still its original one.
+    return JournalEntry(old.bdf, old.group_id, new.original_driver, old.original_override, True)
 
 
 def _read(dfd: int) -> bytes:
