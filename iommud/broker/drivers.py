@@ -146,20 +146,27 @@ class DriverManager:
         return pending
 
     def restore_in_background(self, entries: list[JournalEntry]) -> asyncio.Task[None]:
-        """Put a released group's devices back, in order, in one background task.
+        """Put a group's devices back (after a release, or a crashed run's), one after
+        the other, in one background task.
 
-        Each device waits for the one before it: on the legacy path the original driver
-        of one member (e1000) can only probe once every member has left vfio-pci, and
-        vfio-pci's unbind of a member blocks until the client closes its copy of the
-        device fd. So nothing here has a deadline; a step refused while the group is
-        still user-owned (EBUSY) is retried for as long as it takes, and ``pending``
-        says what is awaited. The caller decides how long it waits for the task.
+        Devices that go back to a driver of their own (e1000) come first: their probe is
+        refused (EBUSY) while a client still owns the group (a device fd kept open,
+        maybe across a daemon crash; docs: the driver core refuses a driver without
+        driver_managed_dma on a user-owned group), and that refusal is retried without
+        a limit until the holder is gone. Only then are the vfio-pci members unbound:
+        vfio-pci's unbind of a device still open blocks, uninterruptibly once signalled
+        (drivers/vfio/vfio_main.c, vfio_unregister_group_dev), which would keep even a
+        SIGKILLed daemon from exiting. Members on vfio-pci do not stop e1000's probe:
+        only the group's ownership does. Nothing here has a deadline; ``pending`` says
+        what is awaited. The caller decides how long it waits for the task.
         """
+        truth = [self._journal.get(e.bdf) or e for e in entries]
+        ordered = sorted(truth, key=lambda e: not (e.rebound and e.original_driver))
 
         async def run() -> None:
-            for entry in entries:
+            for entry in ordered:
                 self.pending[entry.bdf] = "queued behind the group's other devices"
-            for entry in entries:
+            for entry in ordered:
                 await self._restore_one(entry)
 
         task = asyncio.create_task(run(), name=f"restore:{','.join(e.bdf for e in entries)}")
