@@ -21,8 +21,10 @@ import contextlib
 import os
 import signal
 import socket
+import stat
 import sys
 from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -109,17 +111,107 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def check_config(path: Path) -> int:
-    """Print a verdict on ``path``; 0 if valid, 1 if not."""
+    """Print a verdict on ``path``; 0 if valid (warnings allowed), 1 if not.
+
+    Beyond the file itself it checks what the daemon would meet at start (``preflight``),
+    so a config it accepts does not then stop the daemon."""
     try:
-        load_config(path)
+        config = load_config(path)
     except ConfigError as exc:
         where = f" at {exc.details['key']}" if exc.details.get("key") else ""
         print(f"{path}: INVALID{where}: {exc.message}", file=sys.stderr)
         for key, value in sorted(exc.details.items()):
-            print(f"  {key}: {value}", file=sys.stderr)
+            if value is not None:
+                print(f"  {key}: {value}", file=sys.stderr)
+        return 1
+    findings = preflight(config)
+    for f in findings:
+        verdict = "INVALID" if f.fatal else "WARNING"
+        print(f"{path}: {verdict} at {f.key}: {f.problem}", file=sys.stderr)
+    if any(f.fatal for f in findings):
         return 1
     print(f"{path}: OK")
     return 0
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """Something the daemon would meet at start: ``fatal`` ones stop it or its claims."""
+
+    key: str
+    problem: str
+    fatal: bool
+
+
+def preflight(config: Config, socket_path: str | None = None) -> list[Finding]:
+    """Check the paths a config names (``socket_path`` overrides its socket) against this
+    host, without changing anything."""
+    d = config.daemon
+    found: list[Finding] = []
+    sock = socket_path or str(d.socket)
+    if len(os.fsencode(sock)) >= _SUN_PATH_MAX:
+        found.append(Finding("daemon.socket", f"{sock} is longer than a socket path may be", True))
+    try:
+        st = os.lstat(sock)
+    except (FileNotFoundError, NotADirectoryError):
+        pass  # its directory's check says why
+    except OSError as exc:
+        found.append(Finding("daemon.socket", f"{sock}: {exc.strerror}", True))
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            found.append(Finding("daemon.socket", f"{sock} exists and is not a socket", True))
+    if (problem := _dir_problem(Path(sock).parent)) is not None:
+        found.append(Finding("daemon.socket", f"its directory {problem}", True))
+    if (problem := _dir_problem(d.state_dir)) is not None:
+        found.append(Finding("daemon.state_dir", problem, True))
+    elif d.state_dir.is_dir():
+        st = d.state_dir.stat()
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            found.append(
+                Finding(
+                    "daemon.state_dir",
+                    f"{d.state_dir} is writable by others (mode {stat.S_IMODE(st.st_mode):o}):"
+                    " its rebind journal would not be trusted",
+                    True,
+                )
+            )
+    pci = d.sys_root / "bus" / "pci" / "devices"
+    if not pci.is_dir():
+        found.append(
+            Finding(
+                "daemon.sys_root", f"{pci} does not exist: the daemon would see no devices", False
+            )
+        )
+    return found
+
+
+_SUN_PATH_MAX = 108  # sizeof(sockaddr_un.sun_path), with its NUL (include/uapi/linux/un.h)
+
+
+def _dir_problem(path: Path) -> str | None:
+    """Why a directory the daemon needs cannot exist at ``path`` (None when it can)."""
+    missing = False
+    at = path
+    while True:
+        try:
+            st = os.stat(at)
+        except (FileNotFoundError, NotADirectoryError):
+            missing, at = True, at.parent
+            continue
+        except OSError as exc:
+            return f"{at}: {exc.strerror}"
+        break
+    if not stat.S_ISDIR(st.st_mode):
+        return (
+            f"{at} is not a directory"
+            if at == path
+            else f"{path} cannot be created: {at} is a file"
+        )
+    if missing and not os.access(at, os.W_OK | os.X_OK):
+        return f"{path} cannot be created: {at} is not writable"
+    if not missing and not os.access(at, os.W_OK | os.X_OK):
+        return f"{path} is not writable"
+    return None
 
 
 def main(argv: Sequence[str] | None = None, *, broker_factory: BrokerFactory | None = None) -> int:
@@ -136,6 +228,11 @@ def main(argv: Sequence[str] | None = None, *, broker_factory: BrokerFactory | N
         log.error("daemon.bad_config", error=bad_config.message, **bad_config.details)
         return 1
     socket_path = args.socket or str(config.daemon.socket)
+    for finding in preflight(config, socket_path):
+        # Logged, not fatal here: the step that meets it fails with its own error line.
+        (log.error if finding.fatal else log.warning)(
+            "daemon.preflight", key=finding.key, problem=finding.problem
+        )
     coro = serve(
         config,
         broker_factory or default_broker,

@@ -148,6 +148,8 @@ class DaemonConfig(_Model):
     @field_validator("socket", "sys_root", "dev_root", "state_dir", mode="before")
     @classmethod
     def _absolute(cls, v: object) -> object:
+        if isinstance(v, str) and "\0" in v:
+            raise ValueError("must not contain a NUL character")  # no OS call takes it
         if isinstance(v, str) and not v.startswith("/"):
             raise ValueError(f"{v!r} must be an absolute path")
         return Path(v) if isinstance(v, str) else v
@@ -265,6 +267,14 @@ def parse_config(text: str, source: str = "<string>") -> Config:
     """Parse and validate TOML text; ConfigError on any problem."""
     try:
         raw = tomllib.loads(text)
+    except RecursionError:
+        # tomllib parses nested arrays and inline tables recursively.
+        raise ConfigError(
+            f"{source}: TOML nested too deeply",
+            path=source,
+            key=None,
+            problem="nested too deeply",
+        ) from None
     except tomllib.TOMLDecodeError as exc:
         msg = str(exc)
         m = _TOML_POS_RE.search(msg)

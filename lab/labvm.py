@@ -71,26 +71,14 @@ NO_TIMER_CHECK = "no_timer_check"
 # systemd-getty-generator starts console-getty.service instead, the command never runs
 # (a login prompt appears, seen), and the kernel command line is ignored (systemd reads
 # PID 1's argv in a container), so no systemd.wants=/mask= can fix it. The runner gives
-# vng a HOME of its own and copies vng's drop-in for console-getty.service as soon as vng
-# wrote it, seconds before the guest's systemd reads its units.
+# vng a HOME of its own and a QEMU of its own: a wrapper (``LabRun.write_qemu_wrapper``)
+# that copies vng's drop-in for console-getty.service and then execs QEMU. vng writes
+# the drop-in before it starts QEMU (virtme/commands/run.py), so the copy is there before
+# the guest exists: no race with the guest's systemd reading its units.
 VNG_HOME = "vng-home"
 _GETTY_DROP_IN = Path("serial-getty@.service.d") / "virtme-ng.conf"
 _CONSOLE_DROP_IN = Path("console-getty.service.d") / "virtme-ng.conf"
-
-
-def _mirror_getty_drop_in(home: Path, stop: threading.Event) -> None:
-    """Copy vng's serial-getty drop-in to console-getty (on /dev/ttyS0) once it appears."""
-    root = home / ".cache" / "virtme-ng" / "guest"
-    while not stop.wait(0.02):
-        for run_dir in root.glob("run-*"):
-            src, dst = run_dir / _GETTY_DROP_IN, run_dir / _CONSOLE_DROP_IN
-            if not src.is_file() or dst.exists():
-                continue
-            text = src.read_text()
-            if "ExecStart=/" not in text:  # vng is still writing it
-                continue
-            dst.parent.mkdir(exist_ok=True)
-            dst.write_text(text.replace("TTYPath=/dev/%I", "TTYPath=/dev/ttyS0"))
+QEMU_WRAPPER = "qemu-systemd"
 
 
 _KERNEL_PANIC = re.compile(r"^.*(?:Kernel panic - .*|BUG: .*|Oops: .*)$", re.MULTILINE)
@@ -284,6 +272,31 @@ class LabRun:
         script.chmod(0o755)
         return script
 
+    def write_qemu_wrapper(self, qemu: str | None = None) -> Path:
+        """The QEMU that vng runs for a systemd boot: mirror the getty drop-in, exec QEMU.
+
+        ``qemu`` defaults to the qemu-system-x86_64 on vng's PATH."""
+        real = qemu or shutil.which("qemu-system-x86_64", path=self.vng_env()["PATH"])
+        if real is None:
+            raise LabUnavailableError("qemu-system-x86_64 is not installed")
+        guests = shlex.quote(str(self.workdir / VNG_HOME / ".cache" / "virtme-ng" / "guest"))
+        wrapper = self.workdir / QEMU_WRAPPER
+        wrapper.write_text(
+            "#!/bin/sh\n"
+            "# lab/labvm.py: copy vng's serial-getty drop-in for console-getty (see VNG_HOME).\n"
+            f"for src in {guests}/run-*/{_GETTY_DROP_IN}; do\n"
+            '  [ -f "$src" ] || continue\n'
+            f'  dst="${{src%/{_GETTY_DROP_IN}}}/{_CONSOLE_DROP_IN}"\n'
+            '  [ -f "$dst" ] && continue\n'
+            '  mkdir -p "${dst%/*}"\n'
+            '  sed \'s|TTYPath=/dev/%I|TTYPath=/dev/ttyS0|\' "$src" >"$dst.tmp"\n'
+            '  mv "$dst.tmp" "$dst"\n'
+            "done\n"
+            f'exec {shlex.quote(real)} "$@"\n'
+        )
+        wrapper.chmod(0o755)
+        return wrapper
+
     def write_shell_script(self) -> Path:
         """A login shell for `lab/run --shell` with the same env as an exec run."""
         script = self.workdir / "shell.sh"
@@ -324,7 +337,7 @@ class LabRun:
         if os.geteuid() != 0:
             argv.append("--user=root")
         if self.systemd:
-            argv.append("--systemd")
+            argv += ["--systemd", f"--qemu={self.workdir / QEMU_WRAPPER}"]
         if exec_script is not None:
             argv.append(f"--exec={exec_script}")
         if shell is not None:
@@ -396,20 +409,14 @@ def execute(
     again up to boot_retries times; the consoles of such boots are kept in failed_boots.
     """
     script = run.write_exec_script(argv)
+    if run.systemd:
+        run.write_qemu_wrapper()
     vng = run.vng_argv(exec_script=script)
     deadline = time.monotonic() + timeout
     failed: list[str] = []
     while True:
         left = max(deadline - time.monotonic(), 1.0)
-        stop = threading.Event()
-        if run.systemd:
-            home = run.workdir / VNG_HOME
-            args = (home, stop)
-            threading.Thread(target=_mirror_getty_drop_in, args=args, daemon=True).start()
-        try:
-            result = _boot_once(run, vng, left, on_output, on_console)
-        finally:
-            stop.set()
+        result = _boot_once(run, vng, left, on_output, on_console)
         if result.boot_seconds is not None or result.timed_out or len(failed) >= boot_retries:
             break
         failed.append(result.console)

@@ -344,10 +344,14 @@ class ClaimManager:
         return await self._drivers.restore(self._restore_entries(hold))
 
     def _start_restore(self, hold: GroupHold) -> list[str]:
-        entries = self._restore_entries(hold)
+        return self.restore_group(hold.group_id, self._restore_entries(hold))
+
+    def restore_group(self, group_id: int, entries: list[JournalEntry]) -> list[str]:
+        """Give a group's devices back in the background; claims of the group are
+        answered ``busy`` (with what it waits for) until it is done. Also replays the
+        journal of a previous run at start. Returns the BDFs being restored."""
         if not entries:
             return []
-        group_id = hold.group_id
         task = self._drivers.restore_in_background(entries)
         self._restoring[group_id] = task
 

@@ -44,7 +44,7 @@ from iommud.broker.events import Delivery, EventHub
 from iommud.broker.freeze import check_not_frozen, frozen_error, holding
 from iommud.broker.hostview import HostChange, HostView
 from iommud.broker.ioas import IoasManager
-from iommud.broker.journal import Journal
+from iommud.broker.journal import Journal, JournalEntry
 from iommud.broker.listing import Listing
 from iommud.broker.sessions import SessionManager
 from iommud.broker.state import BrokerState, IoasState, LeaseState, Outcome, Session
@@ -143,18 +143,40 @@ class Broker:
     async def start(self) -> None:
         """Replay the rebind journal of a previous run, then read the host."""
         entries = await aio.call("journal_read", self._journal.load)
+        bad = self._journal.problem
+        if bad is not None:
+            # Loud, one line, and no stop: a daemon that refused to start would leave
+            # every device a crashed run changed without its driver for good.
+            log.error(
+                "journal.unusable",
+                error=bad.message,
+                path=bad.path,
+                problem=bad.problem,
+                moved_to=bad.moved_to,
+                not_moved=bad.not_moved,
+            )
         if entries:
             log.warning(
                 "journal.replay", devices=[e.bdf for e in entries], path=str(self._journal.path)
             )
-            pending = await self._state.drivers.restore(entries)
-            if pending:
-                log.error("journal.replay_pending", devices=pending)
+            # One background restore per group, like a release: a group a client still
+            # holds (it kept its device fd across the crash) waits for that fd to close,
+            # for as long as it takes, and is answered busy meanwhile.
+            groups: dict[int, list[JournalEntry]] = {}
+            for e in entries:
+                groups.setdefault(e.group_id, []).append(e)
+            for group_id, members in groups.items():
+                self._claims.restore_group(group_id, members)
+            await self._claims.wait_restored(list(groups), self._state.sysfs_timeout)
+            if self._state.drivers.pending:
+                log.error("journal.replay_pending", waiting_for=self.pending_restores)
         snap = await self._state.view.start()
         self._started = self._clock()
         self._audit.start()
-        log.info(
+        started = log.error if bad is not None else log.info
+        started(
             "broker.started",
+            journal="UNUSABLE: started without replay" if bad is not None else "ok",
             devices=len(snap.devices),
             groups=len(snap.groups),
             iommufd=snap.has_iommufd,

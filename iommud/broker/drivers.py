@@ -35,6 +35,10 @@ from iommud.kernel.interface import DriverBinder
 log = structlog.get_logger(__name__)
 
 VFIO_PCI: Final = "vfio-pci"
+# The longest pause between two binds refused with EBUSY: after the holder closes its
+# fd, the device is back within about this long.
+BUSY_RETRY_MAX: Final = 2.0
+UNBIND_WAIT: Final = "unbind from vfio-pci: waits until every holder of the device fd closes it"
 
 
 class DriverManager:
@@ -94,12 +98,32 @@ class DriverManager:
 
     def _restore_step(self, entry: JournalEntry) -> None:
         b = self._binder
-        b.set_driver_override(entry.bdf, entry.original_override)
-        if entry.rebound:
-            if b.current_driver(entry.bdf) is not None:
-                b.unbind(entry.bdf)  # blocks while a client still holds the vfio device
-            if entry.original_driver is not None:
-                b.bind(entry.original_driver, entry.bdf)
+        bdf = entry.bdf
+        b.set_driver_override(bdf, entry.original_override)
+        if not entry.rebound:
+            return
+        now = b.current_driver(bdf)
+        if now is not None and now != entry.original_driver:
+            # vfio-pci's remove waits until every holder of the device fd has closed it
+            # (drivers/vfio/vfio_main.c, vfio_unregister_group_dev): this write blocks.
+            b.unbind(bdf)
+            now = b.current_driver(bdf)
+        if entry.original_driver is not None and now is None:
+            # Written from this worker thread: one dict store, read on the loop only
+            # to report what is awaited.
+            self.pending[bdf] = f"bind to {entry.original_driver}"
+            b.bind(entry.original_driver, bdf)
+            now = b.current_driver(bdf)
+        if now != entry.original_driver:
+            # The journal keeps a device until it is really back: a bind that "worked"
+            # but left another driver (or none) is a failure to retry.
+            raise KernelError(
+                "restore",
+                errno.ENODEV,
+                f"{bdf} is on {now}, not its recorded driver {entry.original_driver}",
+                bdf=bdf,
+                driver=now,
+            )
 
     async def restore(self, entries: list[JournalEntry]) -> list[str]:
         """Put devices back; returns the BDFs still pending when the timeout hit.
@@ -122,35 +146,64 @@ class DriverManager:
         return pending
 
     def restore_in_background(self, entries: list[JournalEntry]) -> asyncio.Task[None]:
-        """Put a released group's devices back, in order, in one background task.
+        """Put a group's devices back (after a release, or a crashed run's), one after
+        the other, in one background task.
 
-        Each device waits for the one before it: on the legacy path the original driver
-        of one member (e1000) can only probe once every member has left vfio-pci, and
-        vfio-pci's unbind of a member blocks until the client closes its copy of the
-        device fd. So nothing here has a deadline; a step refused while the group is
-        still user-owned (EBUSY) is retried for as long as it takes, and ``pending``
-        says what is awaited. The caller decides how long it waits for the task.
+        Devices that go back to a driver of their own (e1000) come first: their probe is
+        refused (EBUSY) while a client still owns the group (a device fd kept open,
+        maybe across a daemon crash; docs: the driver core refuses a driver without
+        driver_managed_dma on a user-owned group), and that refusal is retried without
+        a limit until the holder is gone. Only then are the vfio-pci members unbound:
+        vfio-pci's unbind of a device still open blocks, uninterruptibly once signalled
+        (drivers/vfio/vfio_main.c, vfio_unregister_group_dev), which would keep even a
+        SIGKILLed daemon from exiting. Members on vfio-pci do not stop e1000's probe:
+        only the group's ownership does. Nothing here has a deadline; ``pending`` says
+        what is awaited. The caller decides how long it waits for the task.
         """
+        truth = [self._journal.get(e.bdf) or e for e in entries]
+        ordered = sorted(truth, key=lambda e: not (e.rebound and e.original_driver))
 
         async def run() -> None:
-            for entry in entries:
-                self.pending[entry.bdf] = "queued"
-            for entry in entries:
-                await self._restore_one(entry, retry_busy_forever=True)
+            for entry in ordered:
+                self.pending[entry.bdf] = "queued behind the group's other devices"
+            for entry in ordered:
+                await self._restore_one(entry)
 
         task = asyncio.create_task(run(), name=f"restore:{','.join(e.bdf for e in entries)}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def _restore_one(self, entry: JournalEntry, *, retry_busy_forever: bool = False) -> None:
-        attempt = 0
+    async def _restore_one(self, entry: JournalEntry) -> None:
+        # The journal's entry is the truth: it was recorded before the daemon first
+        # touched the device, and a later claim never replaces it (Journal.record).
+        entry = self._journal.get(entry.bdf) or entry
+        attempt = busy = 0
+        self.pending[entry.bdf] = UNBIND_WAIT if entry.rebound else "driver_override"
         while True:
             attempt += 1
-            self.pending[entry.bdf] = "unbind" if entry.rebound else "driver_override"
             try:
                 await aio.call("restore", self._restore_step, entry)
             except KernelError as exc:
+                if exc.errno == errno.EBUSY:
+                    # The group is still user-owned: a client holds a device fd (maybe
+                    # one a previous run of the daemon handed out). The probe succeeds
+                    # once it is closed; no limit on attempts, gently, logged sparsely.
+                    busy += 1
+                    self.pending[entry.bdf] = (
+                        f"bind to {entry.original_driver}: group {entry.group_id} is still"
+                        " in use (a client holds a device fd); retrying until it is closed"
+                    )
+                    if busy == 1 or busy % 100 == 0:
+                        log.warning(
+                            "driver.restore_waits_for_holder",
+                            bdf=entry.bdf,
+                            group_id=entry.group_id,
+                            driver=entry.original_driver,
+                            attempts=busy,
+                        )
+                    await asyncio.sleep(min(self._retry_delay * busy, BUSY_RETRY_MAX))
+                    continue
                 log.warning(
                     "driver.restore_failed",
                     bdf=entry.bdf,
@@ -158,13 +211,7 @@ class DriverManager:
                     op=exc.op,
                     errno=exc.errno,
                 )
-                if retry_busy_forever and exc.errno == errno.EBUSY:
-                    # The group is still user-owned: a client holds a device fd. The
-                    # probe will succeed once it is closed; keep trying, gently.
-                    self.pending[entry.bdf] = "group still in use (a device fd is open)"
-                    await asyncio.sleep(min(self._retry_delay * attempt, 5.0))
-                    continue
-                if attempt >= self._retries:
+                if attempt - busy >= self._retries:
                     self.pending[entry.bdf] = f"gave up after {attempt} attempts: {exc.message}"
                     log.exception("driver.restore_abandoned", bdf=entry.bdf, error=exc.message)
                     return  # the journal keeps the entry: the next start retries

@@ -2,7 +2,7 @@
 
 ``bind_listener`` creates the parent directory, removes a stale socket left by a dead
 daemon (and refuses to steal one a live daemon still answers on, or a path that is not a
-socket), binds with a restrictive umask and then sets the configured mode and group.
+socket) and binds a socket whose mode was set on its fd first (never chmod by path).
 ``inherited_listeners`` implements systemd's socket activation protocol (sd_listen_fds(3):
 LISTEN_PID, LISTEN_FDS, fds from 3). Neither accepts connections or speaks the protocol.
 """
@@ -51,20 +51,27 @@ def _remove_stale(path: str) -> None:
 def bind_listener(path: str, *, mode: int = 0o660, group: int | None = None) -> socket.socket:
     """A listening SOCK_SEQPACKET socket at ``path`` with ``mode`` (and ``group`` if given)."""
     parent = os.path.dirname(path) or "."
-    os.makedirs(parent, mode=0o755, exist_ok=True)
+    try:
+        os.makedirs(parent, mode=0o755, exist_ok=True)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            "cannot create the socket's directory", path=parent, errno=getattr(exc, "errno", None)
+        ) from exc
     _remove_stale(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     try:
-        # The socket file is created by bind() with the process umask: keep it private
-        # until chmod/chown have run, so there is no moment with looser permissions.
-        old = os.umask(0o177)
+        # The mode is set on the socket, never on the path (someone who can write the
+        # parent directory could swap the file between bind and a chmod): bind() creates
+        # the file with the socket inode's mode less the umask (net/unix/af_unix.c,
+        # unix_bind_bsd), so fchmod first and bind under a umask that keeps it exact.
+        os.fchmod(sock.fileno(), mode)
+        old = os.umask(0o777 & ~mode)
         try:
             sock.bind(path)
         finally:
             os.umask(old)
         if group is not None:
-            os.chown(path, -1, group)
-        os.chmod(path, mode)
+            os.chown(path, -1, group, follow_symlinks=False)
         sock.listen(socket.SOMAXCONN)
         sock.setblocking(False)
     except OSError as exc:

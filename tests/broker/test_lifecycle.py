@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from iommud.broker import Broker
+from iommud.broker.drivers import UNBIND_WAIT
 from iommud.broker.journal import Journal, JournalEntry
 from iommud.errors import PermissionDeniedError, RevokedError
 from iommud.protocol import messages as m
@@ -92,7 +93,7 @@ async def test_release_waits_for_the_client_to_close_its_device_fd(
     c = Client(broker, ALICE)
     reply = await c.claim(EDU)
     await c.call(m.Release(id=c.next_id(), lease_id=reply.lease_id))  # fd still held
-    assert broker.pending_restores == {EDU: "unbind"}
+    assert broker.pending_restores == {EDU: UNBIND_WAIT}
     assert driver(fs, EDU) == "vfio-pci"
     c.close_received()
     for _ in range(200):

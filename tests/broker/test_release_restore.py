@@ -14,6 +14,7 @@ import time
 import pytest
 
 from iommud.broker import Broker
+from iommud.broker.drivers import UNBIND_WAIT
 from iommud.errors import BusyError, PermissionDeniedError
 from iommud.protocol import messages as m
 from tests.broker.support import ALICE, BOB, BR_EDU1, E1000, EDU, MALLORY, Client
@@ -45,16 +46,16 @@ async def test_release_with_fd_open_answers_and_does_not_stall_others(
     reply = await asyncio.wait_for(alice.call(release), HANG)
     assert isinstance(reply, m.ReleaseReply)
     # Answered although the driver restore is still blocked on alice's open fd.
-    assert broker.pending_restores == {EDU: "unbind"}
+    assert broker.pending_restores == {EDU: UNBIND_WAIT}
     assert driver(fs, EDU) == "vfio-pci"
 
     # Another group: not held up by alice's pending restore (the claim lock is free).
     theirs = await asyncio.wait_for(bob.claim(BR_EDU1), HANG)
-    assert broker.pending_restores == {EDU: "unbind"}  # still blocked meanwhile
+    assert broker.pending_restores == {EDU: UNBIND_WAIT}  # still blocked meanwhile
 
     with pytest.raises(BusyError) as ei:
         await bob.claim(EDU)  # the same group: busy until it is given back
-    assert ei.value.details == {"group_id": lease.group_id, "restoring": {EDU: "unbind"}}
+    assert ei.value.details == {"group_id": lease.group_id, "restoring": {EDU: UNBIND_WAIT}}
 
     alice.close_received()
     assert await _until(lambda: driver(fs, EDU) is None, HANG)

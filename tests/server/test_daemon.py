@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import configparser
+import json
 import os
 import shutil
 import signal
@@ -111,6 +112,28 @@ def test_daemon_binds_its_own_socket_and_removes_it(sockdir: str) -> None:
     assert not os.path.exists(path)
 
 
+@pytest.mark.parametrize("mode", [0o600, 0o640, 0o660, 0o666])
+def test_socket_mode_is_set_by_fd_never_by_path(
+    sockdir: str, monkeypatch: pytest.MonkeyPatch, mode: int
+) -> None:
+    """bind() creates the file with its final mode: no chmod by path that a swap could misdirect."""
+
+    def no_chmod(*_args: object, **_kw: object) -> None:
+        raise AssertionError("chmod by path")
+
+    monkeypatch.setattr(os, "chmod", no_chmod)
+    before = os.umask(0o022)
+    try:
+        path = os.path.join(sockdir, "s")
+        sock = bind_listener(path, mode=mode)
+        assert os.umask(0o022) == 0o022  # the process umask is back
+    finally:
+        os.umask(before)
+    assert os.stat(path).st_mode & 0o777 == mode
+    sock.close()
+    Path(path).unlink()
+
+
 def test_stale_socket_is_replaced_live_one_is_not(sockdir: str) -> None:
     from iommud.errors import ConfigError
 
@@ -166,6 +189,126 @@ def test_check_config_verdict(tmp_path: Path, text: str, rc: int) -> None:
         assert res.stdout == f"{cfg}: OK\n"
     else:
         assert res.stderr.startswith(f"{cfg}: INVALID")
+
+
+def _paths(tmp: Path, **daemon: str) -> str:
+    """A [daemon] table with every path under ``tmp`` (a sys_root with PCI devices)."""
+    (tmp / "sys" / "bus" / "pci" / "devices").mkdir(parents=True, exist_ok=True)
+    keys = {
+        "socket": f"{tmp}/run/s.sock",
+        "state_dir": f"{tmp}/state",
+        "sys_root": f"{tmp}/sys",
+        **daemon,
+    }
+    return "[daemon]\n" + "".join(f'{k} = "{v}"\n' for k, v in keys.items())
+
+
+@pytest.mark.parametrize(
+    ("daemon", "rc", "lines"),
+    [
+        ({}, 0, []),
+        (
+            {"state_dir": "{tmp}/afile"},
+            1,
+            ["INVALID at daemon.state_dir: {tmp}/afile is not a directory"],
+        ),
+        (
+            {"socket": "{tmp}/afile/run/s.sock"},
+            1,
+            [
+                "INVALID at daemon.socket: its directory {tmp}/afile/run cannot be created:"
+                " {tmp}/afile is a file"
+            ],
+        ),
+        (
+            {"socket": "{tmp}/afile"},
+            1,
+            ["INVALID at daemon.socket: {tmp}/afile exists and is not a socket"],
+        ),
+        (
+            {"socket": "{tmp}/" + "x" * 120},
+            1,
+            [
+                "INVALID at daemon.socket: {tmp}/"
+                + "x" * 120
+                + " is longer than a socket path may be"
+            ],
+        ),
+        (
+            {"state_dir": "{tmp}/open"},
+            1,
+            [
+                "INVALID at daemon.state_dir: {tmp}/open is writable by others (mode 777):"
+                " its rebind journal would not be trusted"
+            ],
+        ),
+        (
+            {"sys_root": "{tmp}/nosys"},
+            0,
+            [
+                "WARNING at daemon.sys_root: {tmp}/nosys/bus/pci/devices does not exist:"
+                " the daemon would see no devices"
+            ],
+        ),
+        (
+            {"state_dir": "{tmp}/a\\u0000b"},
+            1,
+            [
+                "INVALID at daemon.state_dir: {cfg}: daemon.state_dir:"
+                " must not contain a NUL character"
+            ],
+        ),
+    ],
+)
+def test_check_config_catches_what_would_stop_the_daemon(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    daemon: dict[str, str],
+    rc: int,
+    lines: list[str],
+) -> None:
+    """Each problem is one line on stderr naming the key; warnings keep the verdict OK."""
+    from iommud.app import check_config
+
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "open").mkdir(mode=0o777)
+    (tmp_path / "open").chmod(0o777)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(_paths(tmp_path, **{k: v.format(tmp=tmp_path) for k, v in daemon.items()}))
+    assert check_config(cfg) == rc
+    out, err = capsys.readouterr()
+    want = [f"{cfg}: " + line.format(tmp=tmp_path, cfg=cfg) for line in lines]
+    assert err.splitlines()[: len(want)] == want
+    if rc == 0:
+        assert err.splitlines() == want
+        assert out == f"{cfg}: OK\n"
+
+
+def test_check_config_deeply_nested_toml_is_one_line_no_traceback(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("x = " + "[" * 50_000 + "]" * 50_000 + "\n")
+    args = [sys.executable, "-m", "iommud", "--check-config", str(cfg)]
+    res = subprocess.run(args, cwd=REPO, capture_output=True, text=True, check=False)
+    assert res.returncode == 1
+    assert res.stderr.splitlines()[0] == f"{cfg}: INVALID: {cfg}: TOML nested too deeply"
+    assert "Traceback" not in res.stderr
+
+
+def test_daemon_with_an_unusable_socket_dir_says_so_in_one_line(tmp_path: Path) -> None:
+    """No traceback: the pre-flight names the problem, then the listener fails cleanly."""
+    (tmp_path / "afile").write_text("")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(_paths(tmp_path, socket=f"{tmp_path}/afile/run/s.sock", sys_root="/nosys"))
+    args = [sys.executable, "-m", "tests.server.daemon_main", "--config", str(cfg)]
+    res = subprocess.run(args, cwd=REPO, capture_output=True, text=True, check=False, timeout=120)
+    assert res.returncode == 1
+    assert "Traceback" not in res.stdout + res.stderr
+    events = [json.loads(line) for line in res.stdout.splitlines()]
+    assert [(e["event"], e["level"]) for e in events if e["level"] != "info"] == [
+        ("daemon.preflight", "error"),
+        ("daemon.preflight", "warning"),
+        ("daemon.cannot_listen", "error"),
+    ]
 
 
 def _unit(name: str) -> configparser.RawConfigParser:

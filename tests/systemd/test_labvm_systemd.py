@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import threading
-import time
+import subprocess
 from pathlib import Path
 
 import labvm
@@ -44,25 +43,26 @@ def test_systemd_boot_adds_the_flag_and_a_home_of_its_own(
     assert run.vng_env()["HOME"] == str(tmp_path / labvm.VNG_HOME)
 
 
-def test_getty_drop_in_is_mirrored_onto_console_getty(tmp_path: Path) -> None:
-    """vng's serial-getty drop-in, once complete, is copied for console-getty on ttyS0."""
-    guest = tmp_path / ".cache" / "virtme-ng" / "guest" / "run-abc"
-    stop = threading.Event()
-    mirror = threading.Thread(target=labvm._mirror_getty_drop_in, args=(tmp_path, stop))
-    mirror.start()
-    try:
-        src = guest / "serial-getty@.service.d" / "virtme-ng.conf"
-        src.parent.mkdir(parents=True)
-        src.write_text("[Service]\nStandardInput=tty\n")  # vng still writing: not copied
-        time.sleep(0.2)
-        dst = guest / "console-getty.service.d" / "virtme-ng.conf"
-        assert not dst.exists()
-        src.write_text(VNG_DROP_IN)
-        deadline = time.monotonic() + 5
-        while not dst.exists() and time.monotonic() < deadline:
-            time.sleep(0.02)
-    finally:
-        stop.set()
-        mirror.join(5)
-    assert not mirror.is_alive()
-    assert dst.read_text() == VNG_DROP_IN.replace("TTYPath=/dev/%I", "TTYPath=/dev/ttyS0")
+def test_qemu_wrapper_mirrors_the_getty_drop_in_before_qemu_runs(tmp_path: Path) -> None:
+    """vng wrote its serial-getty drop-in before starting QEMU: the wrapper vng runs as
+    QEMU copies it for console-getty on ttyS0 and only then execs QEMU (no race)."""
+    run = _run(tmp_path, systemd=True)
+    guest = tmp_path / labvm.VNG_HOME / ".cache" / "virtme-ng" / "guest" / "run-abc"
+    src = guest / "serial-getty@.service.d" / "virtme-ng.conf"
+    src.parent.mkdir(parents=True)
+    src.write_text(VNG_DROP_IN)
+    qemu = tmp_path / "qemu"
+    dst = guest / "console-getty.service.d" / "virtme-ng.conf"
+    # The fake QEMU proves the copy was complete when it started.
+    qemu.write_text(f'#!/bin/sh\ncat "{dst}" >"{tmp_path}/seen"\necho "$@"\n')
+    qemu.chmod(0o755)
+    wrapper = run.write_qemu_wrapper(str(qemu))
+    assert f"--qemu={wrapper}" in run.vng_argv(exec_script=None)
+    out = subprocess.run([wrapper, "-m", "2G"], capture_output=True, text=True, check=True)
+    assert out.stdout == "-m 2G\n"
+    mirrored = VNG_DROP_IN.replace("TTYPath=/dev/%I", "TTYPath=/dev/ttyS0")
+    assert dst.read_text() == mirrored
+    assert (tmp_path / "seen").read_text() == mirrored
+    # Probes (qemu --version) before vng wrote anything, and later runs, are harmless.
+    subprocess.run([wrapper, "--version"], capture_output=True, check=True)
+    assert sorted(p.name for p in dst.parent.iterdir()) == ["virtme-ng.conf"]
