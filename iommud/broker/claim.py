@@ -39,6 +39,7 @@ from iommud.broker.state import (
 )
 from iommud.errors import (
     KernelError,
+    NotDelegableError,
     NotFoundError,
 )
 from iommud.fds import OwnedFd
@@ -49,6 +50,7 @@ from iommud.host.viability import (
 )
 from iommud.kernel import aio
 from iommud.protocol.messages import Claim, ClaimedDevice, ClaimReply
+from iommud.protocol.v2 import ClaimMode, ClaimReplyV2, ClaimV2
 
 log = structlog.get_logger(__name__)
 
@@ -91,8 +93,12 @@ class ClaimManager:
             guard.guard(b for hold in self._holds.values() for b in hold.pinned)
 
     # ------------------------------------------------------------------ claim
-    async def claim(self, session: Session, req: Claim) -> tuple[ClaimReply, list[OwnedFd]]:
+    async def claim(
+        self, session: Session, req: Claim
+    ) -> tuple[ClaimReply | ClaimReplyV2, list[OwnedFd]]:
         """Read the group, plan the claim (iommud.broker.plan), carry the plan out."""
+        if isinstance(req, ClaimV2) and req.mode is ClaimMode.DELEGATED:
+            raise NotDelegableError("delegated claims are not served yet", reason="unsupported")
         async with self.held():
             snap, group_id = await self._state.view.refresh_groups(list(req.devices))
             plan = plan_claim(
@@ -385,7 +391,23 @@ def _owner(hold: GroupHold | None) -> GroupOwner | None:
     )
 
 
-def _reply(req: Claim, lease: Lease) -> ClaimReply:
+def _reply(req: Claim, lease: Lease) -> ClaimReply | ClaimReplyV2:
+    """The reply in the request's protocol version (v2's claim_reply carries ``mode``)."""
+    devices = tuple(
+        ClaimedDevice(bdf=ld.bdf, fd_index=i, devid=ld.devid) for i, ld in enumerate(lease.devices)
+    )
+    if isinstance(req, ClaimV2):
+        return ClaimReplyV2(
+            id=req.id,
+            lease_id=lease.lease_id,
+            group_id=lease.group_id,
+            backend=str(lease.backend),
+            ioas_id=lease.ioas.ioas_id,
+            mode=ClaimMode.BROKERED,
+            iommufd_id=None,
+            iommufd_fd_index=None,
+            devices=devices,
+        )
     return ClaimReply(
         id=req.id,
         fds=len(lease.devices),
@@ -393,10 +415,7 @@ def _reply(req: Claim, lease: Lease) -> ClaimReply:
         group_id=lease.group_id,
         backend=str(lease.backend),
         ioas_id=lease.ioas.ioas_id,
-        devices=tuple(
-            ClaimedDevice(bdf=ld.bdf, fd_index=i, devid=ld.devid)
-            for i, ld in enumerate(lease.devices)
-        ),
+        devices=devices,
     )
 
 

@@ -222,7 +222,8 @@ class Broker:
         with fds:
             if session.closing:
                 raise InvalidStateError("the session is closing")
-            route = self.routes.get(type(request))
+            # v2 requests subclass their v1 class (ClaimV2 is a Claim): one route each
+            route = self.routes.get(m.REQUEST_TYPES.get(request.op, type(request)))
             if route is None:
                 raise BadRequestError(f"unexpected op {request.op!r}", op=request.op)
             if not route.in_session:

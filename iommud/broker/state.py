@@ -28,6 +28,7 @@ from iommud.host.viability import ClaimPath
 from iommud.kernel.interface import IommuFd, Kernel, VfioContainer, VfioDevice, VfioGroup
 from iommud.policy import Identity
 from iommud.protocol.messages import Event, EventName, Reply
+from iommud.protocol.v2 import ReplyV2
 
 if TYPE_CHECKING:  # iommud.broker.ioas imports the records below
     from iommud.broker.ioas import IoasManager
@@ -37,7 +38,7 @@ if TYPE_CHECKING:  # iommud.broker.ioas imports the records below
 class Outcome:
     """What ``Broker.handle`` returns: the reply and the fds to send with it, in order."""
 
-    reply: Reply
+    reply: Reply | ReplyV2
     fds: list[OwnedFd] = field(default_factory=list)
 
 

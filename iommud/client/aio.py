@@ -23,6 +23,7 @@ from iommud.protocol import messages as m
 from iommud.protocol.connection import ClientConnection
 from iommud.protocol.exceptions import ProtocolError
 from iommud.protocol.limits import MAX_DATAGRAM, MAX_FDS
+from iommud.protocol.v2 import AnyServerMessage
 from iommud.transport import DEFAULT_SOCKET, recv_datagram, send_datagram
 
 T = TypeVar("T")
@@ -34,7 +35,7 @@ class AsyncClient:
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
         self._conn = ClientConnection()
-        self._waiting: dict[int, asyncio.Future[tuple[m.ServerMessage, FdSet]]] = {}
+        self._waiting: dict[int, asyncio.Future[tuple[AnyServerMessage, FdSet]]] = {}
         self._events: asyncio.Queue[m.Event | None] = asyncio.Queue()
         self._send_lock = asyncio.Lock()
         self._slots = asyncio.Semaphore(1)  # until hello_reply tells the server's limit

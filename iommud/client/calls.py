@@ -16,6 +16,7 @@ from iommud import errors
 from iommud.fds import FdSet, OwnedFd
 from iommud.protocol import messages as m
 from iommud.protocol.connection import ClientConnection
+from iommud.protocol.v2 import AnyServerMessage
 
 T = TypeVar("T")
 
@@ -125,10 +126,10 @@ class Call(Generic[T]):
     request: m.Request
     data: bytes
     fds: list[int]
-    parse: Callable[[m.ServerMessage, FdSet], T]
+    parse: Callable[[AnyServerMessage, FdSet], T]
 
 
-def finish(call: Call[T], reply: m.ServerMessage, fds: FdSet) -> T:
+def finish(call: Call[T], reply: AnyServerMessage, fds: FdSet) -> T:
     """The call's result; raises the mapped IommudError for an error reply.
 
     ``fds`` are closed unless ``parse`` moved them into the result.
@@ -139,7 +140,7 @@ def finish(call: Call[T], reply: m.ServerMessage, fds: FdSet) -> T:
         return call.parse(reply, fds)
 
 
-def _expect(reply: m.ServerMessage, cls: type[T]) -> T:
+def _expect(reply: AnyServerMessage, cls: type[T]) -> T:
     if not isinstance(reply, cls):  # ClientConnection already matched op to id
         raise errors.BadRequestError("unexpected reply", op=getattr(reply, "op", None))
     return reply
@@ -153,8 +154,8 @@ def _make(conn: ClientConnection, request: m.Request, fds: Sequence[int], parse:
     return Call(request, data, list(fds), parse)
 
 
-def _none(cls: type[Any]) -> Callable[[m.ServerMessage, FdSet], None]:
-    def parse(reply: m.ServerMessage, _fds: FdSet) -> None:
+def _none(cls: type[Any]) -> Callable[[AnyServerMessage, FdSet], None]:
+    def parse(reply: AnyServerMessage, _fds: FdSet) -> None:
         _expect(reply, cls)
 
     return parse
@@ -269,7 +270,7 @@ def claim(
     backend: m.Backend | str = m.Backend.AUTO,
     ioas_id: int | None = None,
 ) -> Call[ClaimResult]:
-    def parse(reply: m.ServerMessage, fds: FdSet) -> ClaimResult:
+    def parse(reply: AnyServerMessage, fds: FdSet) -> ClaimResult:
         r = _expect(reply, m.ClaimReply)
         result = ClaimResult(r.lease_id, r.group_id, r.backend, r.ioas_id)
         for dev in r.devices:

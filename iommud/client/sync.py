@@ -21,6 +21,7 @@ from iommud.protocol import messages as m
 from iommud.protocol.connection import ClientConnection
 from iommud.protocol.exceptions import ProtocolError
 from iommud.protocol.limits import MAX_DATAGRAM, MAX_FDS
+from iommud.protocol.v2 import AnyServerMessage
 from iommud.transport import DEFAULT_SOCKET, recv_datagram_nowait, send_datagram_blocking
 
 T = TypeVar("T")
@@ -63,7 +64,7 @@ class Client:
 
     # ---------------------------------------------------------------- transport
 
-    def _receive(self) -> tuple[m.ServerMessage, FdSet]:
+    def _receive(self) -> tuple[AnyServerMessage, FdSet]:
         """Read and decode one datagram (blocking on the socket's timeout)."""
         dgram = recv_datagram_nowait(self._sock, MAX_DATAGRAM, MAX_FDS)
         if dgram is None:
