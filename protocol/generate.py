@@ -691,8 +691,17 @@ def errors_v2() -> list[dict[str, Any]]:
             ErrorReply(
                 id=2,
                 code=ErrorCode.PERMISSION_DENIED,
-                message="uid 1000 may not delegate 0000:00:10.0",
-                details={"reason": "delegate_not_allowed", "bdf": EDU, "uid": 1000, "rule": 0},
+                message=(
+                    "claim of 0000:00:10.0 denied: "
+                    "access[0] (uid 1000: *) does not grant delegate = true"
+                ),
+                details={
+                    "bdf": EDU,
+                    "uid": 1000,
+                    "gid": 1000,
+                    "rule": 0,
+                    "reason": "delegate_not_allowed",
+                },
             ),
         ),
         (

@@ -48,6 +48,7 @@ from iommud.host.viability import (
 )
 from iommud.policy import Identity, check_claim, may_rebind
 from iommud.protocol.messages import Claim
+from iommud.protocol.v2 import ClaimMode, ClaimV2
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,9 +119,11 @@ def plan_claim(
     (see the module docstring for their order).
     """
     devices = tuple(request.devices)
+    delegate = is_delegated(request)
     for bdf in devices:
         dev = snapshot.devices[bdf]
-        check_claim(config, claimant.identity, dev).raise_if_denied(claimant.identity, dev)
+        decision = check_claim(config, claimant.identity, dev, delegate=delegate)
+        decision.raise_if_denied(claimant.identity, dev)
     _check_owner(group_id, claimant, owner, restoring)
 
     members = snapshot.group_devices(group_id)
@@ -261,6 +264,11 @@ def _journal(
         if d.bdf in pinned
     ]
     return tuple(entries)
+
+
+def is_delegated(request: Claim) -> bool:
+    """A v2 claim in delegated mode (a v1 claim is always brokered)."""
+    return isinstance(request, ClaimV2) and request.mode is ClaimMode.DELEGATED
 
 
 def check_ioas_quota(quota: Quota, used: int) -> None:
