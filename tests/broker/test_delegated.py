@@ -252,3 +252,23 @@ def test_unmap_scan_skips_what_is_not_an_ioas(kernel: FakeKernel) -> None:
     ictx.close()
     with pytest.raises(KernelError):
         ictx.fileno()
+
+
+async def test_admin_revoke_blocks_a_delegated_lease(dbroker: Broker, kernel: FakeKernel) -> None:
+    """revoke: detach through the daemon's copy and unmap the VMM's IOAS at once; the
+    lease stays (revoked) until the client releases it."""
+    client = Client(dbroker, ALICE)
+    reply = await claim_delegated(client, EDU)
+    iommufd_fd, cdev_fd = client.received
+    kernel.client_bind(cdev_fd, iommufd_fd)
+    ictx = kernel.iommufd_of_fd(iommufd_fd)
+    ioas = ictx.ioas_alloc()
+    kernel.client_attach(cdev_fd, ioas)
+    ictx.ioas_map(ioas, 0x7F0000000000, VM_RAM, 0, RW)
+    assert await dbroker.revoke_group(3, "maintenance") == [reply.lease_id]
+    assert kernel.ops("detach_ioas") == [("detach_ioas", EDU)]
+    assert kernel.ops("ioas_unmap_all") == [("ioas_unmap_all", ioas)]
+    assert ictx.ioas[ioas].space.areas == {}
+    assert kernel.device_of_fd(cdev_fd).attached_to is None
+    await client.call(m.Release(id=client.next_id(), lease_id=reply.lease_id))
+    await client.close()
