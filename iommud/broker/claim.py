@@ -4,8 +4,9 @@ Claim: re-read the devices' (single) IOMMU group, decide everything with the pur
 iommud.broker.plan.plan_claim (policy, busy, revoked, path, rebind set, quota), then
 carry the plan out: journal, pin driver_override=vfio-pci on every device of the group,
 rebind, re-read the group, and open the kernel objects (iommufd: cdev, bind, attach;
-legacy: group, container, type1v2, device fds). Any failure unwinds what this claim
-did, shielded from cancellation.
+legacy: group, container, type1v2, device fds; delegated, protocol v2: a fresh /dev/iommu
+and unbound cdevs for the client's VMM, iommud.broker.delegation). Any failure unwinds
+what this claim did, shielded from cancellation.
 
 Release (or disconnect, revoke): block DMA first (detach, or unmap a container only this
 group uses), reset the devices where they can be reset, close the daemon's fds, then put
