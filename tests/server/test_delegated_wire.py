@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from iommud.broker import Broker
+from iommud.client import AsyncClient
 from iommud.fds import FdSet
 from iommud.protocol import messages as m
 from iommud.protocol.connection import ClientConnection
@@ -89,3 +90,23 @@ async def test_delegated_claim_over_the_socket(served: tuple[str, Broker]) -> No
         assert isinstance(done, m.ReleaseReply)
     finally:
         wire.close()
+
+
+async def test_client_library_speaks_v2(served: tuple[str, Broker]) -> None:
+    """AsyncClient(version=2): brokered claims still work; a delegated claim gives OwnedFds."""
+    path, broker = served
+    async with await AsyncClient.connect(path, "vmm", version=2) as client:
+        assert client.hello is not None
+        assert "delegate" in client.hello.capabilities
+        brokered = await client.claim([EDU])
+        assert brokered.devices[0].devid is not None
+        brokered.close()  # our fds first: vfio-pci lets go of the device only then
+        await client.release(brokered.lease_id)
+        lease = await client.claim_delegated([EDU])
+        with lease:
+            assert lease.iommufd is not None
+            assert [(d.bdf, d.devid) for d in lease.devices] == [(EDU, None)]
+            kernel = broker.state.kernel
+            ictx = kernel.iommufd_of_fd(lease.iommufd.fileno())  # type: ignore[attr-defined]
+            assert ictx.rlimit_per_process
+        await client.release(lease.lease_id)
