@@ -19,6 +19,7 @@ Example (every table and key is optional; an empty file is a valid config)::
     user = "alice"                       # or uid = 1000; group = "kvm" or gid = 36
     devices = ["1234:11e8", "0000:01:03.0"]   # BDF, vendor:device or "*"
     quota = "vm"
+    delegate = true                      # may also claim in delegated mode (default false)
 
     [quotas.vm]
     pinned_bytes = "512MiB"
@@ -185,6 +186,8 @@ class AccessRule(_Model):
     group: GroupName | None = None
     devices: tuple[Selector, ...] = Field(min_length=1)
     quota: str = DEFAULT_QUOTA
+    delegate: bool = False
+    """Delegated claims too (protocol v2): the peer gets the device's cdev and binds it."""
 
     @model_validator(mode="after")
     def _resolve_names(self) -> AccessRule:

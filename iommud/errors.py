@@ -36,6 +36,7 @@ __all__ = [
     "IommudError",
     "KernelError",
     "LimitReachedError",
+    "NotDelegableError",
     "NotFoundError",
     "NotViableError",
     "OverlapError",
@@ -147,6 +148,12 @@ class LimitReachedError(IommudError):
 
 class InvalidStateError(IommudError):
     code = ErrorCode.INVALID_STATE
+
+
+class NotDelegableError(IommudError):
+    """A delegated claim (protocol v2) of a group that cannot be delegated (``reason``)."""
+
+    code = ErrorCode.NOT_DELEGABLE
 
 
 class ConfigError(IommudError, canonical=False):

@@ -11,7 +11,11 @@ Rules (``[[access]]`` in the config) are read in order:
 - a claim is allowed by the first applying rule whose device selectors match the
   device. Rules only grant, so order matters just for which rule is reported;
 - otherwise the denial names the applying rules that did not cover the device, or says
-  that no rule matched the peer at all.
+  that no rule matched the peer at all;
+- delegation (protocol v2's delegated claim: the peer gets the unbound cdev and owns
+  binding, mapping and reset) is a right of its own: only rules with ``delegate = true``
+  grant it. A peer whose matching rules all lack it is denied with reason
+  ``delegate_not_allowed``, naming the first of them.
 
 The quota of a peer is the quota of the first rule that applies to it (root and peers
 without a rule get the "default" quota).
@@ -58,6 +62,8 @@ class Decision:
     allowed: bool
     rule_index: int | None
     reason: str
+    code: str | None = None
+    """A machine-readable reason that replaces ``reason`` in the error's details."""
 
     def raise_if_denied(self, identity: Identity, device: PciDevice) -> None:
         """PermissionDeniedError with the device, the peer and the rule that applied."""
@@ -68,7 +74,7 @@ class Decision:
             "uid": identity.uid,
             "gid": identity.gid,
             "rule": self.rule_index,
-            "reason": self.reason,
+            "reason": self.code or self.reason,
         }
         raise PermissionDeniedError(f"claim of {device.bdf} denied: {self.reason}", **details)
 
@@ -88,17 +94,32 @@ def _applies(rule: AccessRule, identity: Identity) -> bool:
     return rule.gid is None or rule.gid == identity.gid or rule.gid in identity.groups
 
 
-def check_claim(config: Config, identity: Identity, device: PciDevice) -> Decision:
-    """May ``identity`` claim ``device``? (Viability and ownership are decided elsewhere.)"""
+def check_claim(
+    config: Config, identity: Identity, device: PciDevice, *, delegate: bool = False
+) -> Decision:
+    """May ``identity`` claim ``device`` (in delegated mode when ``delegate``)?
+    (Viability and ownership are decided elsewhere.)"""
     if identity.is_root:
         return Decision(True, None, "uid 0 may claim any device")
     applying: list[int] = []
+    brokered_only: list[int] = []
     for i, rule in enumerate(config.access):
         if not _applies(rule, identity):
             continue
         if any(selector_matches(s, device) for s in rule.devices):
+            if delegate and not rule.delegate:
+                brokered_only.append(i)
+                continue
             return Decision(True, i, f"allowed by {rule.describe(i)}")
         applying.append(i)
+    if brokered_only:
+        i = brokered_only[0]
+        return Decision(
+            False,
+            i,
+            f"{config.access[i].describe(i)} does not grant delegate = true",
+            code="delegate_not_allowed",
+        )
     if not applying:
         return Decision(False, None, f"no rule matched uid {identity.uid} gid {identity.gid}")
     rules = "; ".join(config.access[i].describe(i) for i in applying)

@@ -5,10 +5,12 @@ after changing a message; ``--check`` exits 1 (and writes nothing) when the chec
 files differ. A dev tool that writes files: it lives next to what it writes, outside the
 runtime package, whose ``iommud.protocol`` core stays sans-I/O.
 
-Vectors are lists of ``{name, direction, json, fds}``: ``json`` is the exact
-datagram text (canonical: compact, keys in schema order), ``fds`` the number of fds
-that travel with it. ``invalid.json`` adds ``error`` (the code a server answers with)
-and ``id`` (the id in that error reply, or null).
+Version 2 has its own schema (``schema-v2.json``) and vectors (``vectors/v2/``); the v1
+files stay exactly as they were. Vectors are lists of ``{name, direction, json, fds}``:
+``json`` is the exact datagram text (canonical: compact, keys in schema order), ``fds``
+the number of fds that travel with it. ``invalid.json`` adds ``error`` (the code a
+server answers with) and ``id`` (the id in that error reply, or null);
+``v2/invalid.json`` also names the ``version`` of the connection that refuses it.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pydantic import TypeAdapter
 
 from iommud.protocol.codec import encode
 from iommud.protocol.errors import ErrorCode
-from iommud.protocol.limits import DEFAULT_LIMITS, MAX_FDS, PROTOCOL_VERSION
+from iommud.protocol.limits import DEFAULT_LIMITS, LATEST_VERSION, MAX_FDS, PROTOCOL_VERSION
 from iommud.protocol.messages import (
     BindRefused,
     Claim,
@@ -78,8 +80,10 @@ from iommud.protocol.messages import (
     SubscribeReply,
     ViabilityChanged,
 )
+from iommud.protocol.v2 import ClaimMode, ClaimReplyV2, ClaimV2, RequestV2, ServerMessageV2
 
 ROOT: Final = Path(__file__).resolve().parent
+V2_ONLY_CODES: Final = frozenset({ErrorCode.NOT_DELEGABLE})
 TO_SERVER: Final = "client_to_server"
 TO_CLIENT: Final = "server_to_client"
 
@@ -89,12 +93,12 @@ EDU2 = "0000:00:11.0"
 TS = 1735689600.25
 
 
-def schema() -> dict[str, Any]:
+def schema(version: int = PROTOCOL_VERSION) -> dict[str, Any]:
     """JSON Schema (draft 2020-12) of every datagram, with Request and ServerMessage."""
     defs: dict[str, Any] = {}
     roots: dict[str, Any] = {}
-    request: TypeAdapter[Request] = TypeAdapter(Request)
-    server: TypeAdapter[ServerMessage] = TypeAdapter(ServerMessage)
+    request: TypeAdapter[Any] = TypeAdapter(Request if version == 1 else RequestV2)
+    server: TypeAdapter[Any] = TypeAdapter(ServerMessage if version == 1 else ServerMessageV2)
     adapters: list[tuple[str, TypeAdapter[Any]]] = [("Request", request), ("ServerMessage", server)]
     for name, adapter in adapters:
         sub = adapter.json_schema(ref_template="#/$defs/{model}")
@@ -104,10 +108,14 @@ def schema() -> dict[str, Any]:
             defs[key] = value
         roots[name] = sub
     defs.update(roots)
+    if version == 1:
+        # v2's codes never reach a v1 connection; v1's schema lists v1's codes only
+        codes = defs["ErrorCode"]["enum"]
+        defs["ErrorCode"]["enum"] = [c for c in codes if c not in V2_ONLY_CODES]
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
-        "$id": "iommud-protocol-v1.schema.json",
-        "title": f"iommud wire protocol, version {PROTOCOL_VERSION}",
+        "$id": f"iommud-protocol-v{version}.schema.json",
+        "title": f"iommud wire protocol, version {version}",
         "description": (
             "One JSON object per SOCK_SEQPACKET datagram; see PROTOCOL.md. "
             "Request: client to server. ServerMessage: replies, errors, events."
@@ -591,6 +599,139 @@ def invalid() -> list[dict[str, Any]]:
     ]
 
 
+def requests_v2() -> list[dict[str, Any]]:
+    delegated = ClaimMode.DELEGATED
+    msgs: list[tuple[str, Message]] = [
+        ("hello_v2", Hello(id=1, version=LATEST_VERSION, client="iommuctl-vm/0.1.0")),
+        ("claim_delegated_new_iommufd", ClaimV2(id=2, devices=(EDU,), mode=delegated)),
+        (
+            "claim_delegated_join_iommufd",
+            ClaimV2(id=3, devices=(EDU, EDU2), mode=delegated, iommufd_id=1),
+        ),
+        ("claim_brokered_v2", ClaimV2(id=4, devices=(EDU,), ioas_id=3)),
+    ]
+    return [_vector(name, TO_SERVER, msg) for name, msg in msgs]
+
+
+def replies_v2() -> list[dict[str, Any]]:
+    delegated = ClaimMode.DELEGATED
+    msgs: list[tuple[str, Message]] = [
+        (
+            "hello_reply_v2",
+            HelloReply(
+                id=1,
+                version=LATEST_VERSION,
+                server="iommud/0.1.0",
+                capabilities=("iommufd", "legacy", "delegate"),
+                limits=DEFAULT_LIMITS,
+            ),
+        ),
+        (
+            "claim_reply_delegated_new_iommufd",
+            ClaimReplyV2(
+                id=2,
+                lease_id=1,
+                group_id=4,
+                backend="iommufd",
+                ioas_id=None,
+                mode=delegated,
+                iommufd_id=1,
+                iommufd_fd_index=0,
+                devices=(ClaimedDevice(bdf=EDU, fd_index=1, devid=None),),
+            ),
+        ),
+        (
+            "claim_reply_delegated_join_iommufd",
+            ClaimReplyV2(
+                id=3,
+                lease_id=2,
+                group_id=5,
+                backend="iommufd",
+                ioas_id=None,
+                mode=delegated,
+                iommufd_id=1,
+                iommufd_fd_index=None,
+                devices=(
+                    ClaimedDevice(bdf=EDU, fd_index=0, devid=None),
+                    ClaimedDevice(bdf=EDU2, fd_index=1, devid=None),
+                ),
+            ),
+        ),
+        (
+            "claim_reply_brokered_v2",
+            ClaimReplyV2(
+                id=4,
+                lease_id=3,
+                group_id=4,
+                backend="iommufd",
+                ioas_id=3,
+                mode=ClaimMode.BROKERED,
+                iommufd_id=None,
+                iommufd_fd_index=None,
+                devices=(ClaimedDevice(bdf=EDU, fd_index=0, devid=1),),
+            ),
+        ),
+    ]
+    return [_vector(name, TO_CLIENT, msg) for name, msg in msgs]
+
+
+def errors_v2() -> list[dict[str, Any]]:
+    msgs: list[tuple[str, Message]] = [
+        (
+            "error_not_delegable_legacy_only",
+            ErrorReply(
+                id=2,
+                code=ErrorCode.NOT_DELEGABLE,
+                message="group 5 can only go the legacy way; QEMU takes no legacy fd",
+                details={"reason": "legacy_only", "group_id": 5},
+            ),
+        ),
+        (
+            "error_delegate_not_allowed",
+            ErrorReply(
+                id=2,
+                code=ErrorCode.PERMISSION_DENIED,
+                message=(
+                    "claim of 0000:00:10.0 denied: "
+                    "access[0] (uid 1000: *) does not grant delegate = true"
+                ),
+                details={
+                    "bdf": EDU,
+                    "uid": 1000,
+                    "gid": 1000,
+                    "rule": 0,
+                    "reason": "delegate_not_allowed",
+                },
+            ),
+        ),
+        (
+            "error_device_reset_delegated",
+            ErrorReply(
+                id=5,
+                code=ErrorCode.INVALID_STATE,
+                message="0000:00:10.0 is delegated: its VMM resets it",
+                details={"reason": "delegated", "bdf": EDU, "lease_id": 1},
+            ),
+        ),
+    ]
+    return [_vector(name, TO_CLIENT, msg) for name, msg in msgs]
+
+
+def invalid_v2() -> list[dict[str, Any]]:
+    """Claims a v2 server refuses (and v2 keys a v1 connection refuses as unknown)."""
+    bad = ErrorCode.BAD_REQUEST
+    claim = '{"op":"claim","fds":0,"id":5,"devices":["%s"],%s}'
+    cases = [
+        (1, "v1_claim_with_mode", claim % (EDU, '"mode":"delegated"')),
+        (1, "v1_claim_with_iommufd_id", claim % (EDU, '"iommufd_id":null')),
+        (2, "delegated_with_ioas_id", claim % (EDU, '"ioas_id":3,"mode":"delegated"')),
+        (2, "delegated_legacy", claim % (EDU, '"backend":"legacy","mode":"delegated"')),
+        (2, "brokered_with_iommufd_id", claim % (EDU, '"mode":"brokered","iommufd_id":1')),
+        (2, "unknown_mode", claim % (EDU, '"mode":"shared"')),
+    ]
+    return [{**_bad(name, text, 0, bad, 5), "version": v} for v, name, text in cases]
+
+
 def outputs() -> dict[str, str]:
     """File path (relative to protocol/) -> exact content."""
 
@@ -604,6 +745,11 @@ def outputs() -> dict[str, str]:
         "vectors/events.json": dump(events()),
         "vectors/errors.json": dump(errors()),
         "vectors/invalid.json": dump(invalid()),
+        "schema-v2.json": dump(schema(LATEST_VERSION)),
+        "vectors/v2/requests.json": dump(requests_v2()),
+        "vectors/v2/replies.json": dump(replies_v2()),
+        "vectors/v2/errors.json": dump(errors_v2()),
+        "vectors/v2/invalid.json": dump(invalid_v2()),
     }
 
 

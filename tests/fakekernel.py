@@ -65,6 +65,18 @@ def _any_open(objects: Iterable[_FdBacked], but: Inode | None = None) -> bool:
     return any(o.inode in live for o in objects)
 
 
+def _open_copies(inode: Inode) -> int:
+    """How many fds of this process refer to the file ``inode`` right now."""
+    count = 0
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            st = os.stat(f"/proc/self/fd/{name}")
+        except OSError:
+            continue
+        count += (st.st_dev, st.st_ino) == inode
+    return count
+
+
 def _open_inodes() -> set[Inode]:
     """(st_dev, st_ino) of every fd open in this process right now."""
     out: set[Inode] = set()
@@ -331,6 +343,9 @@ class FakeIommuFd(_FdBacked):
             self.rlimit_per_process = per_process
         return self.rlimit_per_process
 
+    def dup_fd(self) -> int:
+        return os.dup(self.fileno())
+
     def is_device_bound(self, dev_id: int) -> bool:
         """Bound while any fd of the device (the daemon's or a client's dup) is open,
         as a VFIO cdev stays bound until its file is released."""
@@ -349,6 +364,10 @@ class FakeIommuFd(_FdBacked):
         dev.leave_ioas()
 
     def _on_close(self) -> None:
+        # The file (and its objects) lives on while a client holds a dup (delegated
+        # claims): only the last close destroys them (main.c iommufd_fops_release).
+        if _open_copies(self.inode) > 1:
+            return
         for ioas in self.ioas.values():
             ioas.space.unmap("close", 0, U64_MAX)
         self.ioas.clear()
@@ -700,6 +719,7 @@ class FakeKernel:
         self._mutex = threading.Lock()
         self._binder = FakeBinder(self)
         self.devices: list[FakeDevice] = []  # every device object ever opened
+        self.iommufds: list[FakeIommuFd] = []  # every /dev/iommu ever opened
         # (bdf, irq index) -> the kernel's reference to a registered eventfd (a dup).
         self.irq_eventfds: dict[tuple[str, int], int] = {}
         # drivers_probe without an override binds the driver the device had at start.
@@ -741,6 +761,22 @@ class FakeKernel:
             if dev.inode == (st.st_dev, st.st_ino):
                 return dev
         raise KernelError("device_of_fd", errno.EBADF)
+
+    def iommufd_of_fd(self, fd: int) -> FakeIommuFd:
+        """The iommufd a (client's) fd refers to: its open file, wherever it came from."""
+        st = os.fstat(fd)
+        for ictx in self.iommufds:
+            if ictx.inode == (st.st_dev, st.st_ino):
+                return ictx
+        raise KernelError("iommufd_of_fd", errno.EBADF)
+
+    def client_bind(self, device_fd: int, iommufd_fd: int) -> int:
+        """VFIO_DEVICE_BIND_IOMMUFD issued by a client (a VMM given a delegated claim's
+        fds) on its own copies; returns the devid."""
+        dev = self.device_of_fd(device_fd)
+        devid = dev.bind_iommufd(self.iommufd_of_fd(iommufd_fd))
+        self.record("client_bind", dev.bdf, devid)
+        return devid
 
     def client_attach(self, fd: int, pt_id: int) -> None:
         """VFIO_DEVICE_ATTACH_IOMMUFD_PT issued by a client on its own copy of a device
@@ -848,6 +884,7 @@ class FakeKernel:
     def open_iommufd(self) -> FakeIommuFd:
         self.maybe_fail("open_iommufd")
         obj = FakeIommuFd(self, "iommu")
+        self.iommufds.append(obj)
         self.record("open_iommufd")
         return obj
 

@@ -4,8 +4,9 @@ Claim: re-read the devices' (single) IOMMU group, decide everything with the pur
 iommud.broker.plan.plan_claim (policy, busy, revoked, path, rebind set, quota), then
 carry the plan out: journal, pin driver_override=vfio-pci on every device of the group,
 rebind, re-read the group, and open the kernel objects (iommufd: cdev, bind, attach;
-legacy: group, container, type1v2, device fds). Any failure unwinds what this claim
-did, shielded from cancellation.
+legacy: group, container, type1v2, device fds; delegated, protocol v2: a fresh /dev/iommu
+and unbound cdevs for the client's VMM, iommud.broker.delegation). Any failure unwinds
+what this claim did, shielded from cancellation.
 
 Release (or disconnect, revoke): block DMA first (detach, or unmap a container only this
 group uses), reset the devices where they can be reset, close the daemon's fds, then put
@@ -25,11 +26,13 @@ from collections.abc import AsyncIterator
 
 import structlog
 
+from iommud.broker import delegation
 from iommud.broker.freeze import claim_refusal
 from iommud.broker.journal import JournalEntry
 from iommud.broker.plan import Claimant, ClaimPlan, GroupOwner, plan_claim
 from iommud.broker.state import (
     BrokerState,
+    DelegatedIommufd,
     GroupHold,
     IoasState,
     Lease,
@@ -49,6 +52,7 @@ from iommud.host.viability import (
 )
 from iommud.kernel import aio
 from iommud.protocol.messages import Claim, ClaimedDevice, ClaimReply
+from iommud.protocol.v2 import ClaimMode, ClaimReplyV2, ClaimV2
 
 log = structlog.get_logger(__name__)
 
@@ -91,7 +95,9 @@ class ClaimManager:
             guard.guard(b for hold in self._holds.values() for b in hold.pinned)
 
     # ------------------------------------------------------------------ claim
-    async def claim(self, session: Session, req: Claim) -> tuple[ClaimReply, list[OwnedFd]]:
+    async def claim(
+        self, session: Session, req: Claim
+    ) -> tuple[ClaimReply | ClaimReplyV2, list[OwnedFd]]:
         """Read the group, plan the claim (iommud.broker.plan), carry the plan out."""
         async with self.held():
             snap, group_id = await self._state.view.refresh_groups(list(req.devices))
@@ -105,13 +111,17 @@ class ClaimManager:
                     session.quota,
                     {i.ioas_id: i.backend for i in session.ioases.values()},
                     claim_refusal(session, group_id),
+                    frozenset(session.delegated),
                 ),
                 req,
                 owner=_owner(self._holds.get(group_id)),
                 restoring=self._restoring_now(group_id),
             )
-            lease, fds = await self._execute(session, plan)
-        return _reply(req, lease), fds
+            if plan.delegate:
+                lease, fds = await self._execute_delegated(session, plan)
+            else:
+                lease, fds = await self._execute(session, plan)
+        return _reply(req, lease, new_iommufd=plan.delegate and plan.iommufd_id is None), fds
 
     def _restoring_now(self, group_id: int) -> dict[str, str] | None:
         task = self._restoring.get(group_id)
@@ -148,12 +158,48 @@ class ClaimManager:
             raise
         return self._grant(session, hold, plan, target, lease_devices), fds
 
+    async def _execute_delegated(
+        self, session: Session, plan: ClaimPlan
+    ) -> tuple[Lease, list[OwnedFd]]:
+        """The host side as for any claim (journal, pin, rebind), then a fresh
+        /dev/iommu (or the one the claim names) and unbound cdevs (iommud.broker.delegation).
+        The client's fds: the new iommufd first (index 0), then one per device."""
+        group_id = plan.group_id
+        hold = self._holds.get(group_id) or GroupHold(group_id, session, plan.backend)
+        created: DelegatedIommufd | None = None
+        lease_devices: list[LeasedDevice] = []
+        fds: list[OwnedFd] = []
+        try:
+            await self._prepare_drivers(hold, plan)
+            self._holds[group_id] = hold
+            snap, _ = await self._state.view.refresh_groups(list(plan.devices))
+            if plan.iommufd_id is None:
+                delegated = created = delegation.open_fresh_iommufd(self._kernel, session)
+                fds.append(OwnedFd(delegated.ictx.dup_fd()))
+            else:
+                delegated = delegation.delegated_iommufd(session, plan.iommufd_id)
+            delegation.open_unbound(self._kernel, snap, plan.devices, lease_devices)
+            for ld in lease_devices:
+                fds.append(OwnedFd(ld.device.dup_fd()))
+        except BaseException:
+            for fd in fds:
+                fd.close()
+            await asyncio.shield(self._unwind(session, hold, plan.new_hold, lease_devices, None))
+            if created is not None:
+                session.delegated.pop(created.iommufd_id, None)
+                created.ictx.close()
+            raise
+        lease = self._grant(session, hold, plan, None, lease_devices)
+        lease.delegated = delegated
+        delegated.leases.add(lease.lease_id)
+        return lease, fds
+
     def _grant(
         self,
         session: Session,
         hold: GroupHold,
         plan: ClaimPlan,
-        ioas: IoasState,
+        ioas: IoasState | None,
         devices: list[LeasedDevice],
     ) -> Lease:
         """Record the new lease in the hold, the session and the IOAS."""
@@ -161,7 +207,8 @@ class ClaimManager:
         self._next_lease += 1
         hold.leases[lease.lease_id] = lease
         session.leases[lease.lease_id] = lease
-        ioas.groups.add(plan.group_id)
+        if ioas is not None:
+            ioas.groups.add(plan.group_id)
         log.info(
             "device.claimed",
             session=session.session_id,
@@ -171,7 +218,8 @@ class ClaimManager:
             group_id=plan.group_id,
             devices=list(plan.devices),
             backend=str(plan.backend),
-            ioas_id=ioas.ioas_id,
+            ioas_id=None if ioas is None else ioas.ioas_id,
+            delegated=plan.delegate,
             reason=plan.path.reason,
             rebound=[d.bdf for d in plan.rebind],
         )
@@ -280,12 +328,15 @@ class ClaimManager:
         session = lease.session
         last = len(hold.leases) == 1
         await self.block_dma(lease, drop_shared_container=last)
-        await self._close_devices(hold, lease.devices, reset=True)
+        # A delegated device is the VMM's to reset (it may still be using it).
+        await self._close_devices(hold, lease.devices, reset=not lease.is_delegated)
         hold.leases.pop(lease.lease_id, None)
         session.leases.pop(lease.lease_id, None)
+        delegation.forget(lease)
         pending: list[str] = []
         if last:
-            lease.ioas.groups.discard(hold.group_id)
+            if lease.ioas is not None:
+                lease.ioas.groups.discard(hold.group_id)
             if hold.group is not None:
                 hold.group.close()
                 hold.group = None
@@ -303,8 +354,13 @@ class ClaimManager:
 
     async def block_dma(self, lease: Lease, *, drop_shared_container: bool) -> None:
         """Stop the lease's devices from reaching memory: detach (iommufd); on the legacy
-        path unmap the container when no other group of the session uses it."""
-        if lease.backend is ClaimPath.IOMMUFD:
+        path unmap the container when no other group of the session uses it. Delegated:
+        detach through the daemon's fds, and empty the VMM's IOASes once no healthy lease
+        shares its iommufd (iommud.broker.delegation)."""
+        if lease.delegated is not None:
+            healthy = delegation.shares_healthy_lease(lease)
+            await delegation.block_delegated(lease, unmap=not healthy)
+        elif lease.backend is ClaimPath.IOMMUFD:
             for ld in lease.devices:
                 if ld.attached:
                     try:
@@ -312,7 +368,11 @@ class ClaimManager:
                     except KernelError as exc:
                         log.exception("device.detach_failed", bdf=ld.bdf, errno=exc.errno)
                     ld.attached = False
-        elif drop_shared_container and lease.ioas.groups <= {lease.group_id}:
+        elif (
+            drop_shared_container
+            and lease.ioas is not None
+            and lease.ioas.groups <= {lease.group_id}
+        ):
             await self._ioas.unmap_all(lease.session, lease.ioas)
 
     async def _close_devices(
@@ -382,14 +442,54 @@ def _owner(hold: GroupHold | None) -> GroupOwner | None:
         is_revoked=any(le.state is LeaseState.REVOKED for le in hold.leases.values()),
         pinned=dict(hold.pinned),
         claims={
-            d.bdf: ExistingClaim(session.session_id, le.ioas.ioas_id, le.backend)
+            # a delegated lease has no daemon IOAS: 0 is never a daemon IOAS id
+            d.bdf: ExistingClaim(session.session_id, _ioas_id(le), le.backend)
             for le in hold.leases.values()
             for d in le.devices
         },
+        delegated=frozenset(le.is_delegated for le in hold.leases.values()),
     )
 
 
-def _reply(req: Claim, lease: Lease) -> ClaimReply:
+def _ioas_id(lease: Lease) -> int:
+    return 0 if lease.ioas is None else lease.ioas.ioas_id
+
+
+def _reply(req: Claim, lease: Lease, *, new_iommufd: bool) -> ClaimReply | ClaimReplyV2:
+    """The reply in the request's protocol version (v2's claim_reply carries ``mode``).
+    Delegated: the new iommufd's fd comes first, then the devices'; devid unknown."""
+    if lease.delegated is not None:
+        first = int(new_iommufd)
+        return ClaimReplyV2(
+            id=req.id,
+            lease_id=lease.lease_id,
+            group_id=lease.group_id,
+            backend=str(lease.backend),
+            ioas_id=None,
+            mode=ClaimMode.DELEGATED,
+            iommufd_id=lease.delegated.iommufd_id,
+            iommufd_fd_index=0 if new_iommufd else None,
+            devices=tuple(
+                ClaimedDevice(bdf=ld.bdf, fd_index=first + i, devid=None)
+                for i, ld in enumerate(lease.devices)
+            ),
+        )
+    assert lease.ioas is not None
+    devices = tuple(
+        ClaimedDevice(bdf=ld.bdf, fd_index=i, devid=ld.devid) for i, ld in enumerate(lease.devices)
+    )
+    if isinstance(req, ClaimV2):
+        return ClaimReplyV2(
+            id=req.id,
+            lease_id=lease.lease_id,
+            group_id=lease.group_id,
+            backend=str(lease.backend),
+            ioas_id=lease.ioas.ioas_id,
+            mode=ClaimMode.BROKERED,
+            iommufd_id=None,
+            iommufd_fd_index=None,
+            devices=devices,
+        )
     return ClaimReply(
         id=req.id,
         fds=len(lease.devices),
@@ -397,10 +497,7 @@ def _reply(req: Claim, lease: Lease) -> ClaimReply:
         group_id=lease.group_id,
         backend=str(lease.backend),
         ioas_id=lease.ioas.ioas_id,
-        devices=tuple(
-            ClaimedDevice(bdf=ld.bdf, fd_index=i, devid=ld.devid)
-            for i, ld in enumerate(lease.devices)
-        ),
+        devices=devices,
     )
 
 

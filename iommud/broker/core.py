@@ -244,7 +244,8 @@ class Broker:
         with fds:
             if session.closing:
                 raise InvalidStateError("the session is closing")
-            route = self.routes.get(type(request))
+            # v2 requests subclass their v1 class (ClaimV2 is a Claim): one route each
+            route = self.routes.get(m.REQUEST_TYPES.get(request.op, type(request)))
             if route is None:
                 raise BadRequestError(f"unexpected op {request.op!r}", op=request.op)
             if not route.in_session:
@@ -277,7 +278,11 @@ class Broker:
 
     async def _claim(self, session: Session, request: m.Claim, fds: FdSet) -> Outcome:
         reply, out = await self._claims.claim(session, request)
-        self._enforcer.watch_requests(session.leases[reply.lease_id])
+        lease = session.leases[reply.lease_id]
+        if not lease.is_delegated:
+            # A delegated device's REQ irq is its VMM's: QEMU registers its own trigger
+            # and the kernel keeps one (vfio_pci_intrs.c vfio_pci_set_req_trigger).
+            self._enforcer.watch_requests(lease)
         return Outcome(reply, out)
 
     async def _release(self, session: Session, request: m.Release, fds: FdSet) -> Outcome:
@@ -364,6 +369,13 @@ class Broker:
         for lease in session.leases.values():
             for ld in lease.devices:
                 if ld.bdf == bdf:
+                    if lease.is_delegated:
+                        raise InvalidStateError(
+                            f"{bdf} is delegated: its VMM resets it",
+                            reason="delegated",
+                            bdf=bdf,
+                            lease_id=lease.lease_id,
+                        )
                     if lease.state is LeaseState.REVOKED:
                         raise RevokedError(
                             f"lease {lease.lease_id} was revoked", lease_id=lease.lease_id, bdf=bdf

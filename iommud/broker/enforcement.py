@@ -156,7 +156,11 @@ class Enforcer:
         for lease in self._claims.active_leases(group_id):
             session = lease.session
             await self._claims.block_dma(lease, drop_shared_container=False)
-            if lease.backend is ClaimPath.IOMMUFD:
+            if lease.ioas is None:
+                # delegated: block_dma detached the devices through the daemon's fds and
+                # emptied the VMM's IOASes unless a healthy lease shares its iommufd
+                targets = []
+            elif lease.backend is ClaimPath.IOMMUFD:
                 # The client's copy of the device fd stays bound to the session's
                 # iommufd and can be re-attached to any IOAS there: empty them all
                 # and keep them empty until the device is gone (iommud.broker.freeze).

@@ -110,5 +110,5 @@ def lease_info(lease: Lease) -> m.LeaseInfo:
         pid=ident.pid,
         backend=str(lease.backend),
         devices=tuple(d.bdf for d in lease.devices),
-        ioas_id=lease.ioas.ioas_id,
+        ioas_id=0 if lease.ioas is None else lease.ioas.ioas_id,  # 0: delegated, none
     )

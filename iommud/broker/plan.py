@@ -17,6 +17,13 @@ run in the order a client meets their errors:
    the daemon move;
 8. quota: a new IOAS beyond the session's ``max_ioas``.
 
+A delegated claim (protocol v2) needs the ``delegate`` right (step 1), names a delegated
+iommufd of its own session if any (``not_found``), never shares a group with a brokered
+lease (``group_split``, reason ``different_mode``), and takes the iommufd path only: a
+group that would go the legacy way is ``not_delegable`` (``legacy_only``; QEMU opens
+/dev/vfio/N by path and takes no legacy fd). It makes no daemon IOAS (no IOAS quota)
+and binds into its own iommufd, so a freeze on the session's iommufd does not touch it.
+
 The result, a ``ClaimPlan``, says which group, which path, what to journal, which
 devices to pin and to rebind, and whether the IOAS is new; ``ClaimManager`` carries it
 out. Must not read sysfs, call the kernel layer, or change anything it is given.
@@ -32,6 +39,8 @@ from iommud.broker.journal import JournalEntry
 from iommud.config import Config, Quota
 from iommud.errors import (
     BusyError,
+    GroupSplitError,
+    NotDelegableError,
     NotFoundError,
     PermissionDeniedError,
     QuotaExceededError,
@@ -48,6 +57,7 @@ from iommud.host.viability import (
 )
 from iommud.policy import Identity, check_claim, may_rebind
 from iommud.protocol.messages import Claim
+from iommud.protocol.v2 import ClaimMode, ClaimV2
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +73,7 @@ class Claimant:
     quota: Quota
     ioases: Mapping[int, ClaimPath] = field(default_factory=dict)  # its IOAS ids -> kind
     frozen: RevokedError | None = None
+    iommufds: frozenset[int] = frozenset()  # its delegated iommufd ids
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +86,7 @@ class GroupOwner:
     is_revoked: bool = False  # one of its leases on the group was revoked
     pinned: Mapping[str, str | None] = field(default_factory=dict)  # bdf -> override before
     claims: Mapping[str, ExistingClaim] = field(default_factory=dict)  # claimed bdf -> claim
+    delegated: frozenset[bool] = frozenset()  # is_delegated of each of its leases on the group
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +106,8 @@ class ClaimPlan:
     journal: tuple[JournalEntry, ...]
     pin: tuple[PciDevice, ...]
     rebind: tuple[PciDevice, ...]
+    delegate: bool = False
+    iommufd_id: int | None = None  # delegated: join this iommufd (None: a fresh one)
 
     @property
     def backend(self) -> ClaimPath:
@@ -118,10 +132,17 @@ def plan_claim(
     (see the module docstring for their order).
     """
     devices = tuple(request.devices)
+    delegate = is_delegated(request)
     for bdf in devices:
         dev = snapshot.devices[bdf]
-        check_claim(config, claimant.identity, dev).raise_if_denied(claimant.identity, dev)
+        decision = check_claim(config, claimant.identity, dev, delegate=delegate)
+        decision.raise_if_denied(claimant.identity, dev)
     _check_owner(group_id, claimant, owner, restoring)
+    iommufd_id = request.iommufd_id if isinstance(request, ClaimV2) else None
+    if delegate:
+        _check_delegation(group_id, claimant, owner, iommufd_id)
+    elif owner is not None and True in owner.delegated:
+        raise _mode_split(group_id, "brokered", "delegated")
 
     members = snapshot.group_devices(group_id)
     rebind, refused = _rebind_set(config, members, devices)
@@ -139,11 +160,18 @@ def plan_claim(
         owner.claims if owner is not None else {},
         config.dma_safe_drivers,
     )
-    if path.backend is ClaimPath.IOMMUFD and claimant.frozen is not None:
+    if delegate and path.backend is not ClaimPath.IOMMUFD:
+        raise NotDelegableError(
+            f"group {group_id} can only be claimed the legacy way ({path.reason}); "
+            "a delegated claim hands out iommufd cdevs only",
+            reason="legacy_only",
+            group_id=group_id,
+        )
+    if path.backend is ClaimPath.IOMMUFD and claimant.frozen is not None and not delegate:
         # A new bind could take a revoked device's id while the freeze waits for it.
         raise claimant.frozen
     _check_rebind_allowed(refused, devices)
-    if request.ioas_id is None:
+    if request.ioas_id is None and not delegate:
         check_ioas_quota(claimant.quota, len(claimant.ioases))
     pinned = owner.pinned if owner is not None else {}
     pin = tuple(d for d in members if d.bdf not in pinned)
@@ -156,6 +184,30 @@ def plan_claim(
         journal=_journal(group_id, pin, rebind, pinned),
         pin=pin,
         rebind=rebind,
+        delegate=delegate,
+        iommufd_id=iommufd_id,
+    )
+
+
+def _check_delegation(
+    group_id: int, claimant: Claimant, owner: GroupOwner | None, iommufd_id: int | None
+) -> None:
+    if iommufd_id is not None and iommufd_id not in claimant.iommufds:
+        raise NotFoundError(
+            f"no delegated iommufd {iommufd_id} in this session", iommufd_id=iommufd_id
+        )
+    if owner is not None and False in owner.delegated:
+        raise _mode_split(group_id, "delegated", "brokered")
+
+
+def _mode_split(group_id: int, wanted: str, held: str) -> GroupSplitError:
+    """A group is either brokered or delegated: its DMA ownership is one iommufd's."""
+    return GroupSplitError(
+        f"IOMMU group {group_id} is held in {held} mode; a {wanted} claim cannot join it",
+        group_id=group_id,
+        reason="different_mode",
+        requested=wanted,
+        held=held,
     )
 
 
@@ -261,6 +313,11 @@ def _journal(
         if d.bdf in pinned
     ]
     return tuple(entries)
+
+
+def is_delegated(request: Claim) -> bool:
+    """A v2 claim in delegated mode (a v1 claim is always brokered)."""
+    return isinstance(request, ClaimV2) and request.mode is ClaimMode.DELEGATED
 
 
 def check_ioas_quota(quota: Quota, used: int) -> None:

@@ -28,6 +28,7 @@ from iommud.host.viability import ClaimPath
 from iommud.kernel.interface import IommuFd, Kernel, VfioContainer, VfioDevice, VfioGroup
 from iommud.policy import Identity
 from iommud.protocol.messages import Event, EventName, Reply
+from iommud.protocol.v2 import ReplyV2
 
 if TYPE_CHECKING:  # iommud.broker.ioas imports the records below
     from iommud.broker.ioas import IoasManager
@@ -37,7 +38,7 @@ if TYPE_CHECKING:  # iommud.broker.ioas imports the records below
 class Outcome:
     """What ``Broker.handle`` returns: the reply and the fds to send with it, in order."""
 
-    reply: Reply
+    reply: Reply | ReplyV2
     fds: list[OwnedFd] = field(default_factory=list)
 
 
@@ -90,6 +91,21 @@ class LeasedDevice:
     request_fd: OwnedFd | None = None
 
 
+@dataclass(eq=False)
+class DelegatedIommufd:
+    """A /dev/iommu file handed to a client by a delegated claim (protocol v2).
+
+    ``ictx`` is the daemon's own fd of the very file the client got a dup of: the client
+    (its VMM) binds the delegated devices to it and maps its memory through it, and the
+    daemon unmaps through it on release. ``leases`` are the leases whose devices the
+    client may bind to it; the file is closed with the last of them.
+    """
+
+    iommufd_id: int
+    ictx: IommuFd
+    leases: set[int] = field(default_factory=set)
+
+
 class LeaseState(enum.Enum):
     ACTIVE = "active"
     REVOKED = "revoked"
@@ -101,10 +117,15 @@ class Lease:
     session: Session
     group_id: int
     backend: ClaimPath
-    ioas: IoasState
+    ioas: IoasState | None  # None: delegated, the client's VMM makes its own IOAS
     devices: list[LeasedDevice]
     state: LeaseState = LeaseState.ACTIVE
     revoke_reason: str | None = None
+    delegated: DelegatedIommufd | None = None  # set for a delegated lease (protocol v2)
+
+    @property
+    def is_delegated(self) -> bool:
+        return self.delegated is not None
 
 
 @dataclass(eq=False)
@@ -152,6 +173,8 @@ class Session:
     leases: dict[int, Lease] = field(default_factory=dict)
     # Revoked leases (by id) whose devices may still reach this session's iommufd.
     freezes: dict[int, Freeze] = field(default_factory=dict)
+    delegated: dict[int, DelegatedIommufd] = field(default_factory=dict)  # by iommufd_id
+    next_iommufd_id: int = 1
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     next_ioas_id: int = 1
     closing: bool = False

@@ -2,7 +2,8 @@
 
 Both connect to the daemon's socket, say hello, and offer the same methods (claim,
 ioas_create, ioas_map with memfds, ioas_unmap, release, subscribe and events, status,
-list_devices and list_groups (every page; ``*_page`` for one), ping, revoke). Errors
+list_devices and list_groups (every page; ``*_page`` for one), ping, revoke; with
+``version=2``, ``claim_delegated``: a /dev/iommu fd and unbound cdevs for a VMM). Errors
 come back as the daemon's own ``IommudError`` subclasses (``iommud.errors``), with the
 server's code, message and details; fds come back as ``OwnedFd`` objects. A lost
 connection is ``ClientClosedError`` (a ``ConnectionError``: no reply, so no code).
@@ -13,6 +14,7 @@ from iommud.client.calls import (
     ClaimedDeviceFd,
     ClaimResult,
     ClientClosedError,
+    DelegatedClaim,
     MapSpec,
     PagingError,
     error_from_reply,
@@ -28,6 +30,7 @@ __all__ = [
     "ClaimedDeviceFd",
     "Client",
     "ClientClosedError",
+    "DelegatedClaim",
     "IommudError",
     "MapSpec",
     "PagingError",

@@ -17,12 +17,23 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TypeVar
 
 from iommud.client import calls
-from iommud.client.calls import Call, ClaimResult, ClientClosedError, E, K, LeaseTracker, MapSpec, P
+from iommud.client.calls import (
+    Call,
+    ClaimResult,
+    ClientClosedError,
+    DelegatedClaim,
+    E,
+    K,
+    LeaseTracker,
+    MapSpec,
+    P,
+)
 from iommud.fds import FdSet
 from iommud.protocol import messages as m
 from iommud.protocol.connection import ClientConnection
 from iommud.protocol.exceptions import ProtocolError
-from iommud.protocol.limits import MAX_DATAGRAM, MAX_FDS
+from iommud.protocol.limits import MAX_DATAGRAM, MAX_FDS, PROTOCOL_VERSION
+from iommud.protocol.v2 import AnyServerMessage
 from iommud.transport import DEFAULT_SOCKET, recv_datagram, send_datagram
 
 T = TypeVar("T")
@@ -34,7 +45,7 @@ class AsyncClient:
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
         self._conn = ClientConnection()
-        self._waiting: dict[int, asyncio.Future[tuple[m.ServerMessage, FdSet]]] = {}
+        self._waiting: dict[int, asyncio.Future[tuple[AnyServerMessage, FdSet]]] = {}
         self._events: asyncio.Queue[m.Event | None] = asyncio.Queue()
         self._send_lock = asyncio.Lock()
         self._slots = asyncio.Semaphore(1)  # until hello_reply tells the server's limit
@@ -45,9 +56,14 @@ class AsyncClient:
 
     @classmethod
     async def connect(
-        cls, path: str = DEFAULT_SOCKET, name: str = calls.DEFAULT_NAME
+        cls,
+        path: str = DEFAULT_SOCKET,
+        name: str = calls.DEFAULT_NAME,
+        *,
+        version: int = PROTOCOL_VERSION,
     ) -> AsyncClient:
-        """Connect and do the handshake; the server's hello_reply is in ``.hello``."""
+        """Connect and do the handshake; the server's hello_reply is in ``.hello``.
+        ``version`` 2 allows delegated claims (:meth:`claim_delegated`)."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
             sock.setblocking(False)
@@ -58,7 +74,7 @@ class AsyncClient:
         client = cls(sock)
         client._reader = asyncio.create_task(client._read_loop())
         try:
-            client.hello = await client._call(calls.hello(client._conn, name))
+            client.hello = await client._call(calls.hello(client._conn, name, version))
         except BaseException:
             await client.aclose()
             raise
@@ -179,13 +195,22 @@ class AsyncClient:
         result = await self._limited(lambda c: calls.claim(c, devices, backend, ioas_id))
         return self._leases.add(result)
 
+    async def claim_delegated(
+        self, devices: Sequence[str], iommufd_id: int | None = None
+    ) -> DelegatedClaim:
+        """A fresh /dev/iommu (or ``iommufd_id``'s) and unbound cdevs (protocol v2)."""
+        result = await self._limited(lambda c: calls.claim_delegated(c, devices, iommufd_id))
+        return self._leases.add(result)
+
     async def release(self, lease_id: int) -> None:
         await self._limited(lambda c: calls.release(c, lease_id))
         self._leases.forget(lease_id)
 
     def lease(self, lease_id: int) -> ClaimResult | None:
-        """The ClaimResult of a lease this client holds (None once released or revoked)."""
-        return self._leases.get(lease_id)
+        """The ClaimResult of a brokered lease this client holds (None once released or
+        revoked, and for a delegated lease)."""
+        found = self._leases.get(lease_id)
+        return found if isinstance(found, ClaimResult) else None
 
     async def ioas_create(self) -> int:
         return await self._limited(calls.ioas_create)

@@ -16,8 +16,11 @@ from iommud import errors
 from iommud.fds import FdSet, OwnedFd
 from iommud.protocol import messages as m
 from iommud.protocol.connection import ClientConnection
+from iommud.protocol.limits import PROTOCOL_VERSION
+from iommud.protocol.v2 import AnyServerMessage, ClaimMode, ClaimReplyV2, ClaimV2
 
 T = TypeVar("T")
+L = TypeVar("L", "ClaimResult", "DelegatedClaim")
 
 DEFAULT_NAME: Final = "iommud-client"
 """The ``hello.client`` name a client sends unless told another."""
@@ -78,6 +81,40 @@ class ClaimResult:
         self.close()
 
 
+@dataclass(slots=True)
+class DelegatedClaim:
+    """A delegated lease (protocol v2): the /dev/iommu fd (None when the claim joined an
+    iommufd this client already holds) and the UNBOUND device cdev fds, for a VMM that
+    binds and maps itself (QEMU: ``-object iommufd,fd=N -device vfio-pci,fd=M``).
+
+    Pass the fds on (``OwnedFd.steal`` or inheritance) and close what is left; on
+    ``lease_revoked`` the client closes what the caller did not steal.
+    """
+
+    lease_id: int
+    group_id: int
+    iommufd_id: int
+    iommufd: OwnedFd | None
+    devices: list[ClaimedDeviceFd] = field(default_factory=list)
+    revoked: str | None = None
+
+    def close(self) -> None:
+        if self.iommufd is not None:
+            self.iommufd.close()
+        for dev in self.devices:
+            dev.fd.close()
+
+    def revoke(self, reason: str) -> None:
+        self.revoked = reason
+        self.close()
+
+    def __enter__(self) -> DelegatedClaim:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class LeaseTracker:
     """The claims a client handed out and still holds, by lease id.
 
@@ -86,13 +123,13 @@ class LeaseTracker:
     """
 
     def __init__(self) -> None:
-        self._claims: dict[int, ClaimResult] = {}
+        self._claims: dict[int, ClaimResult | DelegatedClaim] = {}
 
-    def add(self, result: ClaimResult) -> ClaimResult:
+    def add(self, result: L) -> L:
         self._claims[result.lease_id] = result
         return result
 
-    def get(self, lease_id: int) -> ClaimResult | None:
+    def get(self, lease_id: int) -> ClaimResult | DelegatedClaim | None:
         return self._claims.get(lease_id)
 
     def forget(self, lease_id: int) -> None:
@@ -125,10 +162,10 @@ class Call(Generic[T]):
     request: m.Request
     data: bytes
     fds: list[int]
-    parse: Callable[[m.ServerMessage, FdSet], T]
+    parse: Callable[[AnyServerMessage, FdSet], T]
 
 
-def finish(call: Call[T], reply: m.ServerMessage, fds: FdSet) -> T:
+def finish(call: Call[T], reply: AnyServerMessage, fds: FdSet) -> T:
     """The call's result; raises the mapped IommudError for an error reply.
 
     ``fds`` are closed unless ``parse`` moved them into the result.
@@ -139,7 +176,7 @@ def finish(call: Call[T], reply: m.ServerMessage, fds: FdSet) -> T:
         return call.parse(reply, fds)
 
 
-def _expect(reply: m.ServerMessage, cls: type[T]) -> T:
+def _expect(reply: AnyServerMessage, cls: type[T]) -> T:
     if not isinstance(reply, cls):  # ClientConnection already matched op to id
         raise errors.BadRequestError("unexpected reply", op=getattr(reply, "op", None))
     return reply
@@ -153,15 +190,16 @@ def _make(conn: ClientConnection, request: m.Request, fds: Sequence[int], parse:
     return Call(request, data, list(fds), parse)
 
 
-def _none(cls: type[Any]) -> Callable[[m.ServerMessage, FdSet], None]:
-    def parse(reply: m.ServerMessage, _fds: FdSet) -> None:
+def _none(cls: type[Any]) -> Callable[[AnyServerMessage, FdSet], None]:
+    def parse(reply: AnyServerMessage, _fds: FdSet) -> None:
         _expect(reply, cls)
 
     return parse
 
 
-def hello(conn: ClientConnection, name: str) -> Call[m.HelloReply]:
-    return _make(conn, conn.hello(name), [], lambda r, _f: _expect(r, m.HelloReply))
+def hello(conn: ClientConnection, name: str, version: int = PROTOCOL_VERSION) -> Call[m.HelloReply]:
+    req = conn.hello(name, version)
+    return _make(conn, req, [], lambda r, _f: _expect(r, m.HelloReply))
 
 
 def ping(conn: ClientConnection) -> Call[None]:
@@ -269,8 +307,12 @@ def claim(
     backend: m.Backend | str = m.Backend.AUTO,
     ioas_id: int | None = None,
 ) -> Call[ClaimResult]:
-    def parse(reply: m.ServerMessage, fds: FdSet) -> ClaimResult:
-        r = _expect(reply, m.ClaimReply)
+    def parse(reply: AnyServerMessage, fds: FdSet) -> ClaimResult:
+        r: m.ClaimReply | ClaimReplyV2 = (  # v2's reply to a brokered claim has an ioas_id
+            reply if isinstance(reply, ClaimReplyV2) else _expect(reply, m.ClaimReply)
+        )
+        if r.ioas_id is None:
+            raise errors.BadRequestError("a brokered claim_reply without ioas_id", op=r.op)
         result = ClaimResult(r.lease_id, r.group_id, r.backend, r.ioas_id)
         for dev in r.devices:
             result.devices.append(
@@ -279,6 +321,34 @@ def claim(
         return result
 
     req = conn.build(m.Claim, devices=tuple(devices), backend=m.Backend(backend), ioas_id=ioas_id)
+    return _make(conn, req, [], parse)
+
+
+def claim_delegated(
+    conn: ClientConnection, devices: Sequence[str], iommufd_id: int | None = None
+) -> Call[DelegatedClaim]:
+    """A delegated claim (needs a version 2 connection and the ``delegate`` right)."""
+
+    def parse(reply: AnyServerMessage, fds: FdSet) -> DelegatedClaim:
+        r = _expect(reply, ClaimReplyV2)
+        if r.iommufd_id is None:
+            raise errors.BadRequestError("a delegated claim_reply without iommufd_id", op=r.op)
+        index = r.iommufd_fd_index
+        result = DelegatedClaim(
+            r.lease_id,
+            r.group_id,
+            r.iommufd_id,
+            None if index is None else OwnedFd(fds[index].steal()),
+        )
+        for dev in r.devices:
+            result.devices.append(
+                ClaimedDeviceFd(dev.bdf, None, OwnedFd(fds[dev.fd_index].steal()))
+            )
+        return result
+
+    req = conn.build(
+        ClaimV2, devices=tuple(devices), mode=ClaimMode.DELEGATED, iommufd_id=iommufd_id
+    )
     return _make(conn, req, [], parse)
 
 

@@ -15,12 +15,23 @@ from collections.abc import Iterator, Sequence
 from typing import TypeVar
 
 from iommud.client import calls
-from iommud.client.calls import Call, ClaimResult, ClientClosedError, E, K, LeaseTracker, MapSpec, P
+from iommud.client.calls import (
+    Call,
+    ClaimResult,
+    ClientClosedError,
+    DelegatedClaim,
+    E,
+    K,
+    LeaseTracker,
+    MapSpec,
+    P,
+)
 from iommud.fds import FdSet
 from iommud.protocol import messages as m
 from iommud.protocol.connection import ClientConnection
 from iommud.protocol.exceptions import ProtocolError
-from iommud.protocol.limits import MAX_DATAGRAM, MAX_FDS
+from iommud.protocol.limits import MAX_DATAGRAM, MAX_FDS, PROTOCOL_VERSION
+from iommud.protocol.v2 import AnyServerMessage
 from iommud.transport import DEFAULT_SOCKET, recv_datagram_nowait, send_datagram_blocking
 
 T = TypeVar("T")
@@ -30,8 +41,14 @@ class Client:
     """A blocking connection to iommud; ``Client(path, name)`` connects and says hello."""
 
     def __init__(
-        self, path: str = DEFAULT_SOCKET, name: str = calls.DEFAULT_NAME, *, timeout: float = 30.0
+        self,
+        path: str = DEFAULT_SOCKET,
+        name: str = calls.DEFAULT_NAME,
+        *,
+        timeout: float = 30.0,
+        version: int = PROTOCOL_VERSION,
     ) -> None:
+        """``version`` 2 allows delegated claims (:meth:`claim_delegated`)."""
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         self._conn = ClientConnection()
         self._events: collections.deque[m.Event] = collections.deque()
@@ -40,7 +57,7 @@ class Client:
         try:
             self._sock.settimeout(timeout)
             self._sock.connect(path)
-            self.hello: m.HelloReply = self._call(calls.hello(self._conn, name))
+            self.hello: m.HelloReply = self._call(calls.hello(self._conn, name, version))
         except BaseException:
             self.close()
             raise
@@ -63,7 +80,7 @@ class Client:
 
     # ---------------------------------------------------------------- transport
 
-    def _receive(self) -> tuple[m.ServerMessage, FdSet]:
+    def _receive(self) -> tuple[AnyServerMessage, FdSet]:
         """Read and decode one datagram (blocking on the socket's timeout)."""
         dgram = recv_datagram_nowait(self._sock, MAX_DATAGRAM, MAX_FDS)
         if dgram is None:
@@ -137,13 +154,22 @@ class Client:
     ) -> ClaimResult:
         return self._leases.add(self._call(calls.claim(self._conn, devices, backend, ioas_id)))
 
+    def claim_delegated(
+        self, devices: Sequence[str], iommufd_id: int | None = None
+    ) -> DelegatedClaim:
+        """A fresh /dev/iommu (or ``iommufd_id``'s) and unbound cdevs (protocol v2)."""
+        call = calls.claim_delegated(self._conn, devices, iommufd_id)
+        return self._leases.add(self._call(call))
+
     def release(self, lease_id: int) -> None:
         self._call(calls.release(self._conn, lease_id))
         self._leases.forget(lease_id)
 
     def lease(self, lease_id: int) -> ClaimResult | None:
-        """The ClaimResult of a lease this client holds (None once released or revoked)."""
-        return self._leases.get(lease_id)
+        """The ClaimResult of a brokered lease this client holds (None once released or
+        revoked, and for a delegated lease)."""
+        found = self._leases.get(lease_id)
+        return found if isinstance(found, ClaimResult) else None
 
     def ioas_create(self) -> int:
         return self._call(calls.ioas_create(self._conn))

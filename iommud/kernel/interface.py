@@ -115,6 +115,11 @@ class IommuFd(FdObject, Protocol):
         """IOMMU_OPTION RLIMIT_MODE: set when ``per_process`` is given; returns the value."""
         ...
 
+    def dup_fd(self) -> int:
+        """A new fd (dup) of this very file for a client (delegated claims); the caller
+        owns it."""
+        ...
+
     def is_device_bound(self, dev_id: int) -> bool:
         """Whether the device ``dev_id`` (a bind's out_devid) is still bound here.
 

@@ -131,6 +131,11 @@ class _FdOwner:
     ) -> int:
         return ioctl(self.fileno(), op, request, arg)
 
+    def dup_fd(self) -> int:
+        """A new fd of this very open file (a client's copy); the caller owns it."""
+        with map_oserror("dup"):
+            return os.dup(self.fileno())  # non-inheritable (O_CLOEXEC) by default
+
 
 @dataclass(frozen=True, slots=True)
 class HwInfo:
@@ -361,10 +366,6 @@ class LinuxVfioDevice(_FdOwner):
             eventfd=eventfd,
         )
         self._ioctl("VFIO_DEVICE_SET_IRQS", uapi.VFIO_DEVICE_SET_IRQS, cmd)
-
-    def dup_fd(self) -> int:
-        with map_oserror("dup"):
-            return os.dup(self.fileno())  # non-inheritable (O_CLOEXEC) by default
 
 
 class LinuxVfioContainer(_FdOwner):

@@ -3,9 +3,10 @@
 One datagram holds one UTF-8 JSON object, compact, keys in the models' field order;
 ``nfds`` is the number of fds that travelled with it (SCM_RIGHTS). ``encode`` returns
 the bytes and the number of fds the caller must attach; ``decode_request`` and
-``decode_server`` take the bytes and the number of fds actually received and return a
-validated message or raise ``ProtocolError``. No other exception leaves this module
-for any input: pydantic and json errors are translated here.
+``decode_server`` take the bytes, the number of fds actually received and the
+connection's protocol version (1 until hello is done; ``v2`` swaps in its claim
+messages) and return a validated message or raise ``ProtocolError``. No other
+exception leaves this module for any input: pydantic and json errors are translated here.
 
 Pure: no sockets, no fds (only their count), no logging.
 """
@@ -29,9 +30,16 @@ from iommud.protocol.messages import (
     Request,
     ServerMessage,
 )
+from iommud.protocol.v2 import AnyServerMessage, RequestV2, ServerMessageV2
 
-_REQUEST: Final[TypeAdapter[Request]] = TypeAdapter(Request)
-_SERVER: Final[TypeAdapter[ServerMessage]] = TypeAdapter(ServerMessage)
+_REQUEST: Final[Mapping[int, TypeAdapter[Request]]] = {
+    1: TypeAdapter(Request),
+    2: TypeAdapter(RequestV2),  # ClaimV2 is a Claim
+}
+_SERVER: Final[Mapping[int, TypeAdapter[AnyServerMessage]]] = {
+    1: TypeAdapter(ServerMessage),
+    2: TypeAdapter(ServerMessageV2),
+}
 
 REQUEST_OPS: Final = frozenset(REQUEST_TYPES)
 SERVER_OPS: Final = frozenset(
@@ -65,14 +73,14 @@ def encode(msg: Message) -> tuple[bytes, int]:
     return data, msg.fds
 
 
-def decode_request(data: bytes, nfds: int) -> Request:
-    """Decode a client datagram that arrived with ``nfds`` fds."""
-    return _decode(_REQUEST, REQUEST_OPS, data, nfds)
+def decode_request(data: bytes, nfds: int, version: int = 1) -> Request:
+    """Decode a client datagram that arrived with ``nfds`` fds on a ``version`` connection."""
+    return _decode(_REQUEST[version], REQUEST_OPS, data, nfds)
 
 
-def decode_server(data: bytes, nfds: int) -> ServerMessage:
+def decode_server(data: bytes, nfds: int, version: int = 1) -> AnyServerMessage:
     """Decode a server datagram (reply, error or event) that arrived with ``nfds`` fds."""
-    return _decode(_SERVER, SERVER_OPS, data, nfds)
+    return _decode(_SERVER[version], SERVER_OPS, data, nfds)
 
 
 def _decode(adapter: TypeAdapter[_M], ops: frozenset[str], data: bytes, nfds: int) -> _M:

@@ -36,6 +36,8 @@ from iommud.protocol.limits import (
     Limits,
 )
 from iommud.protocol.messages import (
+    REPLY_TYPES,
+    REQUEST_TYPES,
     ErrorReply,
     Event,
     EventName,
@@ -46,10 +48,16 @@ from iommud.protocol.messages import (
     ReplyBase,
     Request,
     RequestBase,
-    ServerMessage,
     Subscribe,
     SubscribeReply,
 )
+from iommud.protocol.v2 import REPLY_TYPES_V2, REQUEST_TYPES_V2, AnyServerMessage, ReplyV2
+
+_REQUESTS: Final[Mapping[int, Mapping[str, type[RequestBase]]]] = {
+    1: REQUEST_TYPES,
+    2: REQUEST_TYPES_V2,
+}
+_REPLIES: Final[Mapping[int, Mapping[str, type[ReplyBase]]]] = {1: REPLY_TYPES, 2: REPLY_TYPES_V2}
 
 MAX_PROTOCOL_ERRORS: Final = 8
 """Protocol errors after which a server should close the connection."""
@@ -113,7 +121,7 @@ class ServerConnection:
         if self.state is State.CLOSED:
             raise LocalProtocolError("receive() on a closed connection")
         try:
-            request = decode_request(data, nfds)
+            request = decode_request(data, nfds, self.version or 1)
             self._admit(request)
         except ProtocolError:
             self.error_count += 1
@@ -162,7 +170,7 @@ class ServerConnection:
 
     # ----------------------------------------------------------------- outbound
 
-    def send_reply(self, reply: Reply | ErrorReply) -> tuple[bytes, int]:
+    def send_reply(self, reply: Reply | ReplyV2 | ErrorReply) -> tuple[bytes, int]:
         """Encode the answer to an in-flight request and retire its id.
 
         ``reply`` is the request's ``<op>_reply`` or an ``ErrorReply`` with its id.
@@ -175,6 +183,10 @@ class ServerConnection:
         request = self._inflight[reply.id]
         if isinstance(reply, ReplyBase) and reply.op != f"{request.op}_reply":
             raise LocalProtocolError(f"{reply.op} does not answer {request.op}")
+        if isinstance(reply, ReplyBase) and self.version is not None:
+            expected = _REPLIES[self.version][request.op]
+            if type(reply) is not expected:
+                raise LocalProtocolError(f"a version {self.version} connection sends {expected}")
         if isinstance(reply, HelloReply) and (
             not isinstance(request, Hello) or reply.version != request.version
         ):
@@ -292,13 +304,19 @@ class ClientConnection:
             raise LocalProtocolError("hello was already done")
         if request.id in self._pending:
             raise LocalProtocolError(f"request id {request.id} is already in flight")
+        # v1's classes are valid in every version (v2 only adds fields with defaults)
+        if type(request) not in (
+            REQUEST_TYPES[request.op],
+            _REQUESTS[self.version or 1][request.op],
+        ):
+            raise LocalProtocolError(f"{type(request).__name__} needs another protocol version")
         if len(self._pending) >= self.limits.max_inflight:
             raise LocalProtocolError("too many requests in flight")
         out = encode(request)
         self._pending[request.id] = request
         return out
 
-    def receive(self, data: bytes, nfds: int) -> ServerMessage:
+    def receive(self, data: bytes, nfds: int) -> AnyServerMessage:
         """Decode one server datagram; replies retire their request, events pass through.
 
         An ErrorReply with a null id (the server could not read our id) retires
@@ -307,7 +325,7 @@ class ClientConnection:
         """
         if self.state is State.CLOSED:
             raise LocalProtocolError("receive() on a closed connection")
-        msg = decode_server(data, nfds)
+        msg = decode_server(data, nfds, self.version or 1)
         if isinstance(msg, Event):
             if self.state is not State.READY:
                 raise ProtocolError(ErrorCode.INVALID_STATE, "event before hello_reply")

@@ -28,3 +28,4 @@ class ErrorCode(enum.StrEnum):
     REVOKED = "revoked"  # the lease was revoked (viability lost, admin revoke)
     LIMIT_REACHED = "limit_reached"  # protocol limits: in-flight requests, fds, size
     INVALID_STATE = "invalid_state"  # request not valid now (before hello, after release)
+    NOT_DELEGABLE = "not_delegable"  # v2: the group cannot be delegated (details.reason)

@@ -58,6 +58,13 @@ class BackendKind(enum.StrEnum):
     LEGACY = "legacy"
 
 
+class ClaimMode(enum.StrEnum):
+    """How a v2 ``claim`` hands devices out (protocol v2 only)."""
+
+    BROKERED = "brokered"  # the daemon binds, attaches and maps (v1's only mode)
+    DELEGATED = "delegated"  # a fresh /dev/iommu fd and unbound cdev fds: the VMM does it all
+
+
 class EventName(enum.StrEnum):
     """The ``event`` field of an ``event`` message."""
 

@@ -12,9 +12,12 @@ from annotated_types import Ge, Le
 from pydantic import BaseModel, ConfigDict, Strict
 
 PROTOCOL_VERSION: Final = 1
-"""The protocol version this implementation speaks (``hello.version``)."""
+"""The version a client speaks unless it asks for another (``hello.version``)."""
 
-SUPPORTED_VERSIONS: Final = frozenset({PROTOCOL_VERSION})
+LATEST_VERSION: Final = 2
+"""The newest version: v1 plus delegated claims (PROTOCOL.md, "Version 2")."""
+
+SUPPORTED_VERSIONS: Final = frozenset({PROTOCOL_VERSION, LATEST_VERSION})
 
 MAX_DATAGRAM: Final = 65536
 """Largest datagram (bytes of JSON) either side may send."""

@@ -45,6 +45,7 @@ from iommud.protocol.messages import (
     Reply,
     Request,
 )
+from iommud.protocol.v2 import ReplyV2
 from iommud.transport import (
     Datagram,
     PeerCredentials,
@@ -230,7 +231,7 @@ class ConnectionHandler:
         try:
             with fds:
                 try:
-                    reply: Reply | ErrorReply
+                    reply: Reply | ReplyV2 | ErrorReply
                     if isinstance(request, Hello):
                         reply = self._hello_reply(request)
                     else:
@@ -251,15 +252,21 @@ class ConnectionHandler:
 
     def _hello_reply(self, hello: Hello) -> HelloReply:
         self._log.info("connection.hello", client=hello.client, version=hello.version)
+        capabilities = self.info.capabilities
+        if hello.version >= 2 and "iommufd" in capabilities:
+            # v2's delegated claims hand out /dev/iommu and cdev fds: iommufd hosts only
+            capabilities = (*capabilities, "delegate")
         return HelloReply(
             id=hello.id,
             version=hello.version,
             server=self.info.name,
-            capabilities=self.info.capabilities,
+            capabilities=capabilities,
             limits=self.info.limits,
         )
 
-    async def _send_reply(self, reply: Reply | ErrorReply, fds: Sequence[OwnedFd]) -> None:
+    async def _send_reply(
+        self, reply: Reply | ReplyV2 | ErrorReply, fds: Sequence[OwnedFd]
+    ) -> None:
         try:
             data, nfds = self.proto.send_reply(reply)
         except ProtocolError as exc:  # the reply itself is too big to send

@@ -16,6 +16,7 @@ from iommud.config import AccessRule, Config, DaemonConfig, ManageConfig, Quota
 from iommud.fds import FdSet
 from iommud.policy import Identity
 from iommud.protocol import messages as m
+from iommud.protocol.v2 import ReplyV2
 from tests.fakesys import FakeSys
 
 EDU = topology.EDU0
@@ -64,7 +65,7 @@ class Client:
         self._id = 0
         self.received: list[int] = []
 
-    async def call(self, request: m.RequestBase, fds: list[int] | None = None) -> m.Reply:
+    async def call(self, request: m.RequestBase, fds: list[int] | None = None) -> m.Reply | ReplyV2:
         outcome = await self.broker.handle(self.session, request, FdSet(fds or []))  # type: ignore[arg-type]
         self.received += [fd.steal() for fd in outcome.fds]
         return outcome.reply

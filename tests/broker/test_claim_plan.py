@@ -21,6 +21,7 @@ from iommud.config import AccessRule, Config, DaemonConfig, ManageConfig, Quota
 from iommud.errors import (
     BusyError,
     GroupSplitError,
+    NotDelegableError,
     NotFoundError,
     NotViableError,
     PermissionDeniedError,
@@ -30,6 +31,7 @@ from iommud.errors import (
 from iommud.host.snapshot import HostSnapshot, IommuGroup, PciDevice
 from iommud.host.viability import ClaimPath, ExistingClaim
 from iommud.protocol import messages as m
+from iommud.protocol.v2 import ClaimMode, ClaimV2
 from tests.broker.support import ALICE, BOB, BR_EDU1, BR_EDU2, E1000, EDU, MALLORY
 
 QUOTA = Quota(pinned_bytes=1 << 20, max_ioas=4, max_mappings=8)
@@ -223,3 +225,78 @@ def test_a_frozen_iommufd_refuses_iommufd_claims_only() -> None:
     assert ei.value is refusal
     plan = plan_claim(lab(), 4, config(), alice(frozen=refusal), claim(BR_EDU1, BR_EDU2))
     assert plan.backend is ClaimPath.LEGACY
+
+
+def delegating_config() -> Config:
+    return config().model_copy(
+        update={"access": (AccessRule(uid=1000, devices=("*",), quota="vm", delegate=True),)}
+    )
+
+
+def delegated(*devices: str, **kw: object) -> ClaimV2:
+    return ClaimV2(id=1, devices=devices, mode=ClaimMode.DELEGATED, **kw)
+
+
+def test_a_delegated_claim_plans_the_host_side_and_no_ioas() -> None:
+    """Same pin, rebind and journal as a brokered claim; no IOAS, no IOAS quota."""
+    full = Quota(pinned_bytes=1 << 20, max_ioas=0, max_mappings=8)
+    plan = plan_claim(lab(), 3, delegating_config(), Claimant(1, ALICE, full), delegated(EDU))
+    assert (plan.backend, plan.delegate, plan.iommufd_id, plan.ioas_id) == (
+        ClaimPath.IOMMUFD,
+        True,
+        None,
+        None,
+    )
+    assert [d.bdf for d in plan.rebind] == [EDU]
+    assert plan.journal == (JournalEntry(EDU, 3, None, None, rebound=True),)
+
+
+def test_a_delegated_claim_of_a_legacy_only_group_is_not_delegable() -> None:
+    with pytest.raises(NotDelegableError) as ei:
+        plan_claim(lab(), 4, delegating_config(), alice(), delegated(BR_EDU1))
+    assert ei.value.details["reason"] == "legacy_only"
+    with pytest.raises(NotDelegableError):
+        plan_claim(lab(iommufd=False), 3, delegating_config(), alice(), delegated(EDU))
+
+
+def test_the_whole_bridge_group_is_delegable() -> None:
+    """Every DMA-capable member in one claim: iommufd, the e1000 rebound."""
+    plan = plan_claim(
+        lab(),
+        4,
+        delegating_config(),
+        alice(iommufds=frozenset({2})),
+        delegated(BR_EDU1, BR_EDU2, E1000, iommufd_id=2),
+    )
+    assert (plan.backend, plan.iommufd_id) == (ClaimPath.IOMMUFD, 2)
+    assert {d.bdf for d in plan.rebind} == {BR_EDU1, BR_EDU2, E1000}
+
+
+def test_a_delegated_claim_names_its_own_iommufd() -> None:
+    with pytest.raises(NotFoundError) as ei:
+        plan_claim(lab(), 3, delegating_config(), alice(), delegated(EDU, iommufd_id=5))
+    assert ei.value.details == {"iommufd_id": 5}
+
+
+def test_modes_never_share_a_group() -> None:
+    """A brokered claim in a delegated group, or the reverse: group_split different_mode."""
+    owner = GroupOwner(1, ALICE, lease_ids=(7,), delegated=frozenset({True}))
+    with pytest.raises(GroupSplitError) as ei:
+        plan_claim(lab(), 4, delegating_config(), alice(), claim(BR_EDU2), owner=owner)
+    assert ei.value.details == {
+        "group_id": 4,
+        "reason": "different_mode",
+        "requested": "brokered",
+        "held": "delegated",
+    }
+    owner = GroupOwner(1, ALICE, lease_ids=(7,), delegated=frozenset({False}))
+    with pytest.raises(GroupSplitError) as ei:
+        plan_claim(lab(), 4, delegating_config(), alice(), delegated(BR_EDU2), owner=owner)
+    assert ei.value.details["reason"] == "different_mode"
+
+
+def test_delegated_claims_ignore_a_freeze_of_the_sessions_iommufd() -> None:
+    """The freeze guards the session's own iommufd; a delegated claim binds elsewhere."""
+    frozen = RevokedError("frozen", group_id=9)
+    plan = plan_claim(lab(), 3, delegating_config(), alice(frozen=frozen), delegated(EDU))
+    assert plan.delegate

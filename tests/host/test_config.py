@@ -52,7 +52,9 @@ def test_example_file_loads() -> None:
     cfg = load_config(EXAMPLE)
     assert cfg.access[0].gid == kvm_gid
     assert cfg.access[0].quota == "vm"
+    assert cfg.access[0].delegate is True
     assert cfg.access[1].uid == 1000
+    assert cfg.access[1].delegate is False
     assert cfg.quotas["vm"] == Quota(pinned_bytes=512 << 20, max_ioas=4, max_mappings=1024)
     assert cfg.manage.rebind == ("1234:11e8",)
 

@@ -159,3 +159,65 @@ def test_may_rebind() -> None:
     assert may_rebind(narrow, EDU)
     assert not may_rebind(narrow, EDU_SOLO)
     assert not may_rebind(parse_config(""), EDU)
+
+
+DELEGATING = parse_config(
+    """
+    [[access]]
+    uid = 1000
+    devices = ["0000:01:03.0"]
+
+    [[access]]
+    uid = 1000
+    devices = ["1234:11e8"]
+    delegate = true
+
+    [[access]]
+    uid = 1001
+    devices = ["*"]
+    """
+)
+
+
+def test_delegate_is_off_unless_a_rule_grants_it() -> None:
+    """A v1 configuration (no ``delegate`` key) allows brokered claims only."""
+    assert CONFIG.access[0].delegate is False
+    assert check_claim(CONFIG, ALICE, EDU).allowed
+    assert check_claim(CONFIG, ALICE, EDU, delegate=True) == Decision(
+        False,
+        0,
+        "access[0] (uid 1000: 1234:11e8) does not grant delegate = true",
+        code="delegate_not_allowed",
+    )
+
+
+def test_delegate_granted_by_a_later_rule() -> None:
+    """Rules only grant: the first matching rule with delegate = true allows it."""
+    d = check_claim(DELEGATING, ALICE, EDU, delegate=True)
+    assert (d.allowed, d.rule_index) == (True, 1)
+    assert check_claim(DELEGATING, ROOT, EDU, delegate=True).allowed
+
+
+def test_delegate_denial_payload() -> None:
+    """The refusal says delegate_not_allowed and names the rule that matched the device."""
+    bob = Identity(uid=1001, gid=1001, pid=13)
+    d = check_claim(DELEGATING, bob, EDU, delegate=True)
+    with pytest.raises(PermissionDeniedError) as exc:
+        d.raise_if_denied(bob, EDU)
+    assert exc.value.details == {
+        "bdf": "0000:01:01.0",
+        "uid": 1001,
+        "gid": 1001,
+        "rule": 2,
+        "reason": "delegate_not_allowed",
+    }
+    assert exc.value.message == (
+        "claim of 0000:01:01.0 denied: access[2] (uid 1001: *) does not grant delegate = true"
+    )
+
+
+def test_delegate_denied_device_not_covered_keeps_v1_reason() -> None:
+    """A device no rule covers is refused as before, delegated or not."""
+    d = check_claim(DELEGATING, ALICE, PORT, delegate=True)
+    assert d.code is None
+    assert not d.allowed

@@ -278,6 +278,30 @@ class KernelContract:
             expect(errno.EBUSY, lambda: ifd.option_rlimit_mode(True))
             ifd.destroy(ioas)
 
+    def test_delegated_shape(self, rig: Rig) -> None:
+        """What a delegated claim relies on: a dup of the iommufd is the same file; an
+        unbound cdev refuses detach (EINVAL); unmap-all of an id that is no IOAS (a
+        device, a destroyed or never used id) is ENOENT, so probing ids is safe."""
+        cdev = rig.drivers.to_vfio(EDU0)
+        k = rig.kernel
+        with _closing(k.open_iommufd()) as ifd, _closing(k.open_cdev(cdev)) as dev:
+            assert ifd.option_rlimit_mode(True) is True
+            copy = ifd.dup_fd()
+            try:
+                assert os.fstat(copy).st_ino == os.fstat(ifd.fileno()).st_ino
+            finally:
+                os.close(copy)
+            expect(errno.EINVAL, dev.detach_ioas)
+            devid = dev.bind_iommufd(ifd)
+            ioas = ifd.ioas_alloc()
+            dev.attach_ioas(ioas)
+            expect(errno.ENOENT, lambda: ifd.ioas_unmap_all(devid))
+            expect(errno.ENOENT, lambda: ifd.ioas_unmap_all(999))
+            assert ifd.ioas_unmap_all(ioas) == 0
+            dev.detach_ioas()
+            ifd.destroy(ioas)
+            expect(errno.ENOENT, lambda: ifd.ioas_unmap_all(ioas))
+
     def test_map_file_is_absent_on_6_12(self, rig: Rig) -> None:
         """IOMMU_IOAS_MAP_FILE came with 6.13: the probe says no and the call is ENOTTY."""
         with _closing(rig.kernel.open_iommufd()) as ifd, SealedMemfd(MiB) as buf:

@@ -100,18 +100,18 @@ def test_request_while_hello_in_flight_is_invalid_state() -> None:
 def test_unsupported_version_then_retry() -> None:
     """A wrong version is refused with the supported list; the client may hello again."""
     conn = ServerConnection()
-    err = reject(conn, encode(Hello(id=1, version=2, client="t")))
+    err = reject(conn, encode(Hello(id=1, version=3, client="t")))
     assert (err.code, err.request_id, err.details) == (
         ErrorCode.UNSUPPORTED_VERSION,
         1,
-        {"version": 2, "supported": [1]},
+        {"version": 3, "supported": [1, 2]},
     )
     reply = decode_server(*conn.send_error(err))
     assert reply == ErrorReply(
         id=1,
         code=ErrorCode.UNSUPPORTED_VERSION,
         message="protocol version not supported",
-        details={"version": 2, "supported": [1]},
+        details={"version": 3, "supported": [1, 2]},
     )
     assert conn.version is None
     conn.receive(*encode(Hello(id=1, version=1, client="t")))

@@ -11,7 +11,17 @@ from pathlib import Path
 import iommud.protocol
 
 PACKAGE = Path(iommud.protocol.__file__).parent
-CORE = ("codec", "connection", "errors", "events", "exceptions", "fields", "limits", "messages")
+CORE = (
+    "codec",
+    "connection",
+    "errors",
+    "events",
+    "exceptions",
+    "fields",
+    "limits",
+    "messages",
+    "v2",
+)
 FORBIDDEN_ROOTS = {"asyncio", "socket", "pyudev", "structlog", "uvloop", "selectors", "os"}
 ALLOWED_IMPORTS = {
     "__future__",

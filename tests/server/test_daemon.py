@@ -325,7 +325,7 @@ def test_units_key_settings() -> None:
     svc = _unit("iommud.service")["Service"]
     assert svc["Type"] == "notify"
     assert svc["NotifyAccess"] == "main"
-    assert svc["CapabilityBoundingSet"] == "CAP_IPC_LOCK CAP_DAC_READ_SEARCH"
+    assert svc["CapabilityBoundingSet"] == "CAP_IPC_LOCK CAP_DAC_READ_SEARCH CAP_SYS_RESOURCE"
     assert svc["RestrictAddressFamilies"] == "AF_UNIX AF_NETLINK"
     assert svc["ProtectSystem"] == "strict"
     assert svc["SystemCallFilter"] == "@system-service"

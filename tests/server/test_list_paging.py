@@ -28,6 +28,7 @@ from iommud.client import AsyncClient, Client
 from iommud.protocol import messages as m
 from iommud.protocol.connection import ClientConnection
 from iommud.protocol.limits import MAX_DATAGRAM
+from iommud.protocol.v2 import AnyServerMessage
 from iommud.server import Server, ServerInfo
 from iommud.server.listen import bind_listener
 from tests.broker.support import make_config
@@ -92,7 +93,7 @@ def raw_walk(path: str, op: type[m.ListDevices] | type[m.ListGroups]) -> list[tu
         sock.connect(path)
         conn = ClientConnection()
 
-        def ask(request: m.Request) -> tuple[bytes, m.ServerMessage]:
+        def ask(request: m.Request) -> tuple[bytes, AnyServerMessage]:
             sock.send(conn.send(request)[0])
             data, _anc, flags, _addr = sock.recvmsg(MAX_DATAGRAM + 1)
             assert not flags & socket.MSG_TRUNC

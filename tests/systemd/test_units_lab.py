@@ -34,6 +34,7 @@ pytestmark = pytest.mark.timeout(BOOT_TIMEOUT + 120)
 
 CAP_DAC_READ_SEARCH = 2
 CAP_IPC_LOCK = 14
+CAP_SYS_RESOURCE = 24
 
 Result = dict[str, Any]
 
@@ -138,10 +139,10 @@ def test_watchdog_pings_arrive(lab: Result) -> None:
 
 
 def test_capabilities_no_new_privs_and_seccomp_apply_to_the_daemon(lab: Result) -> None:
-    """/proc/<MainPID>/status: the bounding set is the unit's two capabilities, NoNewPrivs,
-    a seccomp filter."""
+    """/proc/<MainPID>/status: the bounding set is the unit's three capabilities,
+    NoNewPrivs, a seccomp filter."""
     status = lab["proc_status"]
-    unit_caps = f"{1 << CAP_IPC_LOCK | 1 << CAP_DAC_READ_SEARCH:016x}"
+    unit_caps = f"{1 << CAP_IPC_LOCK | 1 << CAP_DAC_READ_SEARCH | 1 << CAP_SYS_RESOURCE:016x}"
     assert status["CapBnd"] == unit_caps
     assert status["CapEff"] == unit_caps
     assert status["CapPrm"] == unit_caps

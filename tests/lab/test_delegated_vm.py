@@ -1,0 +1,270 @@
+"""The first delegated claim end to end: the real daemon, a uid-1000 launcher, QEMU 10.
+
+In the lab guest: the daemon runs as root (config: uid 1000 may claim the edu devices
+with ``delegate = true``). tests/lab/delegated_vmm.py runs as uid 1000 with no
+capabilities (memlock raised for QEMU beforehand), claims the 1:1 edu 0000:00:10.0 in
+delegated mode over the socket (protocol v2) and starts QEMU 10 as its child with the
+fresh /dev/iommu fd and the unbound cdev fd it received. QEMU binds, maps and pins its
+guest RAM itself; an edu DMA driven by the test (through a copy of QEMU's own device fd,
+pidfd_getfd) lands in QEMU's guest RAM. Then ``release``: the daemon detaches through its
+copy and unmaps every IOAS of the iommufd, so the next DMA faults (DMAR) and QEMU's VmPin
+drops to 0 while QEMU runs on unaware; once QEMU is gone the device goes back to its
+boot driver (none). Timings go to the output (``delegated.*`` lines).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import datetime
+import json
+import os
+import struct
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import vmm
+from edu import PCI_COMMAND, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY, Edu
+from kmsg import Kmsg
+from qmp_guest import QmpError
+from topology import EDU0
+
+from iommud.kernel import uapi
+from iommud.kernel.linux import get_region_info
+from tests.e2e.support import (
+    BOOT_DRIVERS,
+    CONFIG,
+    Daemon,
+    client_command,
+    driver_of,
+    drivers_now,
+    wait_until,
+)
+from tests.labharness import running_daemon
+
+pytestmark = pytest.mark.vm
+
+LAUNCHER = Path(__file__).resolve().parent / "delegated_vmm.py"
+DELEGATING = CONFIG.replace('quota = "e2e"\n', 'quota = "e2e"\ndelegate = true\n')
+EDU_VENDOR, EDU_DEVICE = 0x1234, 0x11E8
+LENGTH = 2048
+GPA_SRC, GPA_DST, GPA_BLOCKED = 0x100000, 0x200000, 0x300000
+RAM_KIB = vmm.RAM_MIB * 1024
+SYS_PIDFD_GETFD = 438  # x86_64 (arch/x86/entry/syscalls/syscall_64.tbl)
+
+
+def _report(name: str, **values: object) -> None:
+    fields = " ".join(
+        f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()
+    )
+    print(f"delegated.{name} {fields}", flush=True)
+
+
+def _fd_of(pid: int, target: int) -> int:
+    """A copy of fd ``target`` of process ``pid`` (pidfd_getfd: the same open file)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = os.pidfd_open(pid)
+    try:
+        fd = libc.syscall(SYS_PIDFD_GETFD, pidfd, target, 0)
+        if fd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        return int(fd)
+    finally:
+        os.close(pidfd)
+
+
+def _enable_device(fd: int) -> Edu:
+    """PCI_COMMAND |= MEMORY | MASTER (QEMU's realize reset cleared them), then an Edu."""
+    config = get_region_info(fd, uapi.VFIO_PCI_CONFIG_REGION_INDEX)
+    (cmd,) = struct.unpack("<H", os.pread(fd, 2, config.offset + PCI_COMMAND))
+    cmd |= PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER
+    os.pwrite(fd, struct.pack("<H", cmd), config.offset + PCI_COMMAND)
+    return Edu(fd)
+
+
+class Launcher:
+    """delegated_vmm.py as uid 1000 (no capabilities, memlock raised by root first)."""
+
+    def __init__(self, socket: str) -> None:
+        paths = vmm.qemu_paths()  # bind-mounted where uid 1000 can reach it
+        argv, env = client_command()
+        self.proc = subprocess.Popen(
+            vmm.unprivileged(
+                [*argv, str(LAUNCHER), socket, EDU0, str(paths.binary)]
+                + [str(d) for d in paths.data_dirs]
+            ),
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd="/",
+        )
+        self.qmp: vmm.Qmp | None = None
+        self.qemu_pid = 0
+
+    def read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait(10.0)
+            assert self.proc.stderr is not None
+            raise AssertionError(
+                f"launcher exited {self.proc.returncode}: {self.proc.stderr.read()}"
+            )
+        answer: dict[str, Any] = json.loads(line)
+        return answer
+
+    def send(self, word: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(word + "\n")
+        self.proc.stdin.flush()
+
+    def connect_qmp(self, path: str, timeout: float = 120.0) -> vmm.Qmp:
+        deadline = time.monotonic() + timeout
+        while self.qmp is None:
+            try:
+                self.qmp = vmm.Qmp(Path(path), timeout=max(1.0, deadline - time.monotonic()))
+            except (FileNotFoundError, ConnectionRefusedError):
+                if time.monotonic() > deadline or not _alive(self.qemu_pid):
+                    raise
+                time.sleep(0.05)
+        return self.qmp
+
+    def close(self) -> None:
+        if self.qmp is not None:
+            with contextlib.suppress(OSError, QmpError):
+                self.qmp.execute("quit")
+            self.qmp.close()
+        if self.qemu_pid and _alive(self.qemu_pid):
+            os.kill(self.qemu_pid, 9)
+        if self.proc.poll() is None:
+            try:
+                self.send("quit")
+                self.proc.wait(30.0)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+        for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+def _at(record: dict[str, Any]) -> float:
+    """A daemon log record's time (ISO 8601, UTC) as a Unix time."""
+    return datetime.datetime.fromisoformat(record["timestamp"]).timestamp()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        status = vmm.proc_status(pid)
+    except FileNotFoundError:
+        return False
+    return not status["State"].startswith("Z")
+
+
+def _run_firmware(qmp: vmm.Qmp, device: str, timeout: float = 120.0) -> None:
+    """As vmm.Vmm.run_firmware: SeaBIOS numbers the root ports so query-pci lists them."""
+    t0 = time.monotonic()
+    qmp("cont")
+    try:
+        while qmp.unnumbered_bridges() or device not in {
+            str(d["qdev_id"]) for d in qmp.pci_devices()
+        }:
+            assert time.monotonic() - t0 < timeout, "firmware numbered no buses"
+            time.sleep(0.1)
+    finally:
+        qmp("stop")
+
+
+@pytest.fixture(scope="module")
+def daemon() -> Iterator[Daemon]:
+    with running_daemon(lambda d: Daemon(d, DELEGATING), "iommud-dlg-") as d:
+        yield d
+
+
+def test_uid1000_qemu_gets_the_edu_from_the_daemon_and_loses_it_on_release(
+    daemon: Daemon, request: pytest.FixtureRequest
+) -> None:
+    """Delegated claim -> QEMU realizes the edu, pins its RAM, DMA lands; release ->
+    DMA faults, VmPin 0, and once QEMU is gone the edu is back on its boot driver."""
+    request.node.daemon = daemon
+    assert drivers_now() == BOOT_DRIVERS
+    launcher = Launcher(daemon.socket)
+    dup = -1
+    try:
+        info = launcher.read()
+        claimed = time.monotonic()
+        claim = info["claim"]
+        assert (claim["mode"], claim["ioas_id"], claim["fds"]) == ("delegated", None, 2)
+        assert claim["devices"] == [{"bdf": EDU0, "fd_index": 1, "devid": None}]
+        launcher.qemu_pid = info["qemu_pid"]
+        status = vmm.proc_status(launcher.qemu_pid)
+        assert status["Uid"].split() == [str(vmm.VMM_UID)] * 4
+        assert int(status["CapEff"], 16) == 0
+        assert driver_of(EDU0) == "vfio-pci"
+
+        qmp = launcher.connect_qmp(info["qmp"])
+        assert qmp.is_realized("dev0")
+        realized_s = time.monotonic() - claimed
+        pinned = vmm.vm_pin_kib(launcher.qemu_pid)
+        assert pinned >= RAM_KIB  # QEMU's own pins, per-process accounted
+        _run_firmware(qmp, "dev0")
+        (dev,) = (d for d in qmp.pci_devices() if d["qdev_id"] == "dev0")
+        assert (dev["id"]["vendor"], dev["id"]["device"]) == (EDU_VENDOR, EDU_DEVICE)
+
+        dup = _fd_of(launcher.qemu_pid, info["device_fd"])
+        edu = _enable_device(dup)
+        pattern = os.urandom(LENGTH)
+        vmm.write_process_memory(launcher.qemu_pid, qmp.gpa2hva(GPA_SRC), pattern)
+        edu.dma_from_ram(GPA_SRC, LENGTH)
+        edu.dma_to_ram(GPA_DST, LENGTH)
+        assert qmp.xp(GPA_DST, LENGTH) == pattern
+
+        with Kmsg() as kmsg:
+            t0, sent = time.monotonic(), time.time()
+            launcher.send("release")
+            answer = launcher.read()
+            release_s = time.monotonic() - t0
+            assert answer["reply"]["op"] == "release_reply", answer
+            line = kmsg.expect_fault(
+                lambda: edu.dma_to_ram(GPA_BLOCKED, LENGTH),
+                lambda m: "DMAR" in m and "[00:10.0]" in m,
+            )
+        blocked_s = time.monotonic() - t0
+        assert f"fault addr {GPA_BLOCKED:#x}" in line
+        assert qmp.xp(GPA_BLOCKED, LENGTH) == bytes(LENGTH)
+        assert wait_until(lambda: vmm.vm_pin_kib(launcher.qemu_pid) == 0, 30.0, 0.05) is not None
+        unpinned = time.monotonic() - t0  # an upper bound: VmPin was read after the fault
+        assert qmp("query-status")["status"] == "paused"  # QEMU runs on, unaware
+        (unmapped,) = daemon.log_events("iommufd.unmapped")
+        assert unmapped["bytes"] == pinned * 1024
+        (detached,) = daemon.log_events("device.detached")
+
+        os.close(dup)
+        dup = -1
+        launcher.close()
+        back = wait_until(lambda: drivers_now() == BOOT_DRIVERS, 60.0, 0.05)
+        assert back is not None, (drivers_now(), daemon.log_tail())
+        assert wait_until(lambda: not daemon.status()["leases"], 10.0, 0.05) is not None
+        _report(
+            "edu0",
+            claim_s=info["claim_s"],
+            claim_to_realized_s=realized_s,
+            vm_pin_kib=pinned,
+            release_reply_s=release_s,
+            release_to_blocked_s=blocked_s,
+            release_to_unpinned_s=unpinned,
+            release_to_detached_s=_at(detached) - sent,
+            release_to_unmapped_s=_at(unmapped) - sent,
+            qemu_exit_to_driver_back_s=back,
+        )
+    finally:
+        if dup >= 0:
+            os.close(dup)
+        launcher.close()
