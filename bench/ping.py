@@ -70,6 +70,7 @@ async def _serve_daemon(path: str, tmp: Path) -> None:
 
     from iommud.broker import Broker
     from iommud.server import Server, ServerInfo
+    from iommud.server.handler import ConnectionLimits
     from iommud.server.listen import bind_listener
     from tests.broker.support import make_config
     from tests.fakekernel import FakeKernel
@@ -79,7 +80,9 @@ async def _serve_daemon(path: str, tmp: Path) -> None:
     fs = lab_topology(tmp / "host")
     broker = Broker(make_config(tmp, fs), FakeKernel(fs))
     await broker.start()
-    server = Server(broker, [bind_listener(path)], info=ServerInfo(capabilities=("iommufd",)))
+    # One uid runs every client here: lift the per-uid connection limit (default 64).
+    info = ServerInfo(capabilities=("iommufd",), connections=ConnectionLimits(max_per_uid=1024))
+    server = Server(broker, [bind_listener(path)], info=info)
     await server.serve()
 
 
@@ -176,11 +179,15 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="iommud-ping-", dir="/tmp"))
     try:
         load = _build_load(workdir)
-        print(f"{'clients':>7} {'server':>6} {'req/CPU-s':>10} {'req/s':>8} {'p50 us':>8} "
-              f"{'p99 us':>8}  ratio (daemon/echo per CPU-s)")
+        print(
+            f"{'clients':>7} {'server':>6} {'req/CPU-s':>10} {'req/s':>8} {'p50 us':>8} "
+            f"{'p99 us':>8}  ratio (daemon/echo per CPU-s)"
+        )
         for clients in (int(c) for c in args.clients.split(",")):
             for _ in range(args.rounds):
-                rows = {k: run_one(k, load, workdir, clients, args.seconds) for k in ("echo", "daemon")}
+                rows = {
+                    k: run_one(k, load, workdir, clients, args.seconds) for k in ("echo", "daemon")
+                }
                 for kind, r in rows.items():
                     ratio = ""
                     if kind == "daemon":

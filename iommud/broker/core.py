@@ -216,6 +216,11 @@ class Broker:
         """The session's event queue (the connection applies the subscription)."""
         return session.sink.queue
 
+    def holds_resources(self, session: Session) -> bool:
+        """Does the session hold anything (leases, IOASes, delegations, freezes)? A
+        connection that holds nothing may be closed when idle (the server's policy)."""
+        return bool(session.leases or session.ioases or session.delegated or session.freezes)
+
     # ------------------------------------------------------------------ requests
     def _route_table(self) -> list[Route[Any]]:
         """Every op the broker answers: PROTOCOL.md section 5, in its order."""
