@@ -63,6 +63,7 @@ __all__ = [
     "DEFAULT_QUOTA",
     "AccessRule",
     "Config",
+    "ConnectionsConfig",
     "DaemonConfig",
     "DriversConfig",
     "ManageConfig",
@@ -134,6 +135,8 @@ GroupName = Annotated[str, AfterValidator(_known(grp.getgrnam, "group"))]
 DriverName = Annotated[str, AfterValidator(_driver_name)]
 Size = Annotated[int, BeforeValidator(parse_size)]
 Count = Annotated[int, Field(strict=True, ge=0)]  # strict: TOML true is not 1
+Positive = Annotated[int, Field(strict=True, ge=1)]
+Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 
 class _Model(BaseModel):
@@ -212,8 +215,23 @@ class AccessRule(_Model):
         return f"access[{index}] ({' and '.join(who)}: {', '.join(self.devices)})"
 
 
+class ConnectionsConfig(_Model):
+    """What one peer's connections may hold (iommud.server.handler.ConnectionLimits has
+    the meaning of each; PROTOCOL.md section 10 the error a peer gets)."""
+
+    max_total: Positive = 1024
+    max_per_uid: Positive = 64
+    hello_timeout: Seconds = 10.0
+    idle_timeout: Seconds = 600.0
+    send_timeout: Seconds = 10.0
+    max_unsent_bytes: Size = Field(default=256 * 1024, ge=64 * 1024)
+    max_held_fds: Positive = Field(default=64, ge=16)  # at least one datagram's MAX_FDS
+    fd_reserve: Count = 256
+
+
 class Config(_Model):
     daemon: DaemonConfig = DaemonConfig()
+    connections: ConnectionsConfig = ConnectionsConfig()
     drivers: DriversConfig = DriversConfig()
     manage: ManageConfig = ManageConfig()
     access: tuple[AccessRule, ...] = ()

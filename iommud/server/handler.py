@@ -158,6 +158,7 @@ class ConnectionHandler:
     _pump_wake: asyncio.Future[None] | None = field(init=False, default=None)
     _requests: dict[asyncio.Task[None], str] = field(init=False, default_factory=dict)
     _held_fds: int = field(init=False, default=0)
+    _cancelled: int = field(init=False, default=0)
     _last_request: float = field(init=False, default=0.0)
     _timer: asyncio.TimerHandle | None = field(init=False, default=None)
     _session: Any = field(init=False, default=None)
@@ -232,15 +233,19 @@ class ConnectionHandler:
             async with asyncio.TaskGroup() as tg:
                 pump = tg.create_task(self._pump_events(session))
                 await self._read_loop(tg, session)
-                if self._stopping != "drain":
+                if self._stopping not in ("drain", "too_many_errors"):
                     # The peer left (or was cut off): nobody will read what read-only
                     # requests would answer, so they stop here; the rest finish.
                     for task, op in self._requests.items():
                         if op in READ_ONLY_OPS:
-                            task.cancel()
+                            self._cancelled += task.cancel()
                 if self._requests:
                     await asyncio.wait(set(self._requests))
                 pump.cancel()
+                # Let the replies out (a peer that does not read is cut off by the
+                # outbox's send_timeout; one that left fails the send at once).
+                while not (self._outbox.is_empty or self._outbox.is_dead):
+                    await self._wait(readable=False)
         finally:
             # Releasing kernel resources must not be cut short by a cancellation.
             await asyncio.shield(self.broker.close_session(session))
@@ -249,6 +254,7 @@ class ConnectionHandler:
                 errors=self.proto.error_count,
                 reason=self._stopping or "eof",
                 peak_unsent=self._outbox.peak_bytes,
+                cancelled=self._cancelled,
             )
 
     # ------------------------------------------------------------------ reading
@@ -263,9 +269,9 @@ class ConnectionHandler:
         """End the connection: no more reading; a cut-off peer's socket is shut down."""
         if self._stopping is None:
             self._stopping = reason
-            if reason != "drain":
-                with contextlib.suppress(OSError):
-                    self.sock.shutdown(socket.SHUT_RDWR)
+        if reason != "drain":
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)
         self._poke()
 
     def _must_pause(self) -> bool:
@@ -308,7 +314,7 @@ class ConnectionHandler:
                 return
             if not self._admit(tg, session, dgram):
                 self._log.warning("connection.too_many_errors", errors=self.proto.error_count)
-                self._stop("too_many_errors")
+                self._stopping = "too_many_errors"  # no more reading; replies still go out
                 return
             batch += 1
             if batch >= _BATCH:

@@ -143,6 +143,7 @@ class Outbox:
         self._timer = None
         log.warning("connection.send_timeout", timeout=self._send_timeout)
         self._on_stall("send_timeout")
+        self.close()
 
     def _failed(self, exc: OSError) -> None:
         if exc.errno not in PEER_GONE:
