@@ -159,6 +159,7 @@ class ConnectionHandler:
     _requests: dict[asyncio.Task[None], str] = field(init=False, default_factory=dict)
     _held_fds: int = field(init=False, default=0)
     _cancelled: int = field(init=False, default=0)
+    _pauses: int = field(init=False, default=0)
     _last_request: float = field(init=False, default=0.0)
     _timer: asyncio.TimerHandle | None = field(init=False, default=None)
     _session: Any = field(init=False, default=None)
@@ -299,6 +300,14 @@ class ConnectionHandler:
         batch = 0
         while self._stopping is None:
             if self._must_pause():
+                self._pauses += 1
+                if self._pauses & (self._pauses - 1) == 0:  # 1, 2, 4, ...: logs stay few
+                    self._log.info(
+                        "connection.backpressure",
+                        unsent=self._outbox.unsent_bytes,
+                        held_fds=self._held_fds,
+                        pauses=self._pauses,
+                    )
                 await self._wait(readable=False)
                 continue
             try:

@@ -225,6 +225,51 @@ def test_pipelining_client_that_never_reads_is_refused_and_bounded(
     assert rss_during - rss_before < 16 * 1024, (rss_before, rss_during)
 
 
+def test_large_replies_unread_pause_reading_instead_of_growing(
+    tmp_path: Path, sockdir: str
+) -> None:
+    """H1: 150 list pages (~60 KB each) asked for without reading: the daemon stops
+    reading once max_unsent_bytes wait, refuses nothing, and answers all as we drain."""
+    budget = 64 * 1024
+    with (
+        fake_daemon(tmp_path, sockdir, devices=2000, max_unsent_bytes=budget) as d,
+        connect(d.path) as sock,
+    ):
+        hello(sock)
+        first = call(sock, {"op": "list_devices", "fds": 0, "id": 1, "offset": 1})
+        assert len(json.dumps(first)) > 32 * 1024  # a big page, or this proves nothing
+        requests = [
+            json.dumps({"op": "list_devices", "fds": 0, "id": i, "offset": 1}).encode()
+            for i in range(2, 152)
+        ]
+
+        def send_what_fits() -> None:
+            sock.setblocking(False)
+            try:
+                while requests:
+                    sock.send(requests[0])
+                    requests.pop(0)
+            except BlockingIOError:
+                pass  # the daemon has stopped reading us: its socket buffer is full
+            sock.settimeout(GUARD)
+
+        send_what_fits()
+        d.wait_for("connection.backpressure")
+        replies = []
+        while len(replies) < 150:
+            reply = recv(sock)
+            assert reply is not None
+            replies.append(reply)
+            send_what_fits()
+        assert sorted(r["id"] for r in replies if r["op"] == "list_devices_reply") == list(
+            range(2, 152)
+        )
+        sock.close()
+        closed = d.wait_for("connection.closed")[-1]
+    assert closed["errors"] == 0
+    assert closed["peak_unsent"] <= budget + MAX_INFLIGHT * MAX_DATAGRAM
+
+
 # --------------------------------------------------------------------------- H3
 
 
@@ -376,3 +421,20 @@ def test_peers_that_leave_cost_no_further_work(tmp_path: Path, sockdir: str) -> 
     cancelled = sum(e["cancelled"] for e in closed)
     assert cancelled > 0
     assert reads <= 40 // 4, f"{reads} full host reads for 40 listings of peers that left"
+
+
+# --------------------------------------------------------------------------- docs
+
+
+def test_connection_limits_have_one_set_of_defaults_everywhere() -> None:
+    """The config model, the server's defaults, the example config and PROTOCOL.md's
+    table name the same values."""
+    from iommud.config import ConnectionsConfig, load_config
+
+    defaults = ConnectionLimits()
+    assert ConnectionLimits(**ConnectionsConfig().model_dump()) == defaults
+    example = load_config(REPO / "examples" / "iommud.toml").connections
+    assert ConnectionLimits(**example.model_dump()) == defaults
+    spec = (REPO / "protocol" / "PROTOCOL.md").read_text()
+    for key in ConnectionsConfig.model_fields:
+        assert f"| `{key}` |" in spec, key
