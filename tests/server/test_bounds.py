@@ -255,7 +255,7 @@ def test_large_replies_unread_pause_reading_instead_of_growing(
 
         send_what_fits()
         d.wait_for("connection.backpressure")
-        replies = []
+        replies: list[Message] = []
         while len(replies) < 150:
             reply = recv(sock)
             assert reply is not None
