@@ -21,7 +21,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import Callable, Sequence
+import types
+from collections.abc import Callable, Coroutine, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
@@ -160,6 +161,7 @@ class ConnectionHandler:
     _held_fds: int = field(init=False, default=0)
     _cancelled: int = field(init=False, default=0)
     _pauses: int = field(init=False, default=0)
+    _watching: bool = field(init=False, default=False)
     _last_request: float = field(init=False, default=0.0)
     _timer: asyncio.TimerHandle | None = field(init=False, default=None)
     _session: Any = field(init=False, default=None)
@@ -282,20 +284,34 @@ class ConnectionHandler:
             or self._held_fds > limits.max_held_fds - self.info.limits.max_fds
         )
 
+    def _watch_readable(self, on: bool) -> None:
+        # The reader stays registered while the loop reads (one epoll_ctl per pause,
+        # not two per datagram); it is removed while paused, so a peer whose data we
+        # leave unread does not wake the loop over and over.
+        if on != self._watching:
+            loop = asyncio.get_running_loop()
+            if on:
+                loop.add_reader(self.sock.fileno(), self._poke)
+            else:
+                loop.remove_reader(self.sock.fileno())
+            self._watching = on
+
     async def _wait(self, *, readable: bool) -> None:
-        loop = asyncio.get_running_loop()
-        self._wake = wake = loop.create_future()
-        fd = self.sock.fileno()
-        if readable:
-            loop.add_reader(fd, self._poke)
+        self._watch_readable(readable)
+        self._wake = wake = asyncio.get_running_loop().create_future()
         try:
             await wake
         finally:
             self._wake = None
-            if readable:
-                loop.remove_reader(fd)
 
     async def _read_loop(self, tg: asyncio.TaskGroup, session: Any) -> None:
+        try:
+            await self._read_datagrams(tg, session)
+        finally:
+            if self.sock.fileno() >= 0:
+                self._watch_readable(False)
+
+    async def _read_datagrams(self, tg: asyncio.TaskGroup, session: Any) -> None:
         limits = self.info.limits
         batch = 0
         while self._stopping is None:
@@ -347,9 +363,17 @@ class ConnectionHandler:
             fds.close()
             raise
         self._last_request = asyncio.get_running_loop().time()
+        # The request's first step runs here, inline, as Python 3.12's eager tasks do:
+        # most answers (ping, status, a list page, a map) never wait, and then no task
+        # is made at all. One that waits continues as a task of the connection.
+        coro = self._serve(session, request, fds)
+        try:
+            step = coro.send(None)
+        except StopIteration:
+            return True
         nfds = len(fds)
         self._held_fds += nfds
-        task = tg.create_task(self._serve(session, request, fds))
+        task = tg.create_task(_resume(coro, step))
         self._requests[task] = request.op
         task.add_done_callback(lambda t: self._finished(t, nfds))
         return True
@@ -482,6 +506,29 @@ class ConnectionHandler:
             out = self.proto.send_event(item.event, for_holder=item.for_holder)
             if out is not None:
                 self._outbox.send(out[0])
+
+
+@types.coroutine
+def _resume(coro: Coroutine[Any, Any, None], step: Any) -> Generator[Any, Any, None]:
+    """Go on with ``coro`` after its first step (which yielded ``step``), as a task.
+
+    Passes what the coroutine yields (the future it waits on, or None for a bare
+    yield) to the task and the task's answers (a value or a thrown exception, such as
+    a cancellation) back: the task protocol of asyncio.tasks.Task.__step, unchanged.
+    """
+    while True:
+        try:
+            sent = yield step
+        except BaseException as exc:
+            try:
+                step = coro.throw(exc)
+            except StopIteration:
+                return
+        else:
+            try:
+                step = coro.send(sent)
+            except StopIteration:
+                return
 
 
 def _transport_error(dgram: Datagram, limits: Limits) -> ProtocolError | None:

@@ -438,3 +438,17 @@ def test_connection_limits_have_one_set_of_defaults_everywhere() -> None:
     spec = (REPO / "protocol" / "PROTOCOL.md").read_text()
     for key in ConnectionsConfig.model_fields:
         assert f"| `{key}` |" in spec, key
+
+
+def test_code_under_the_server_does_not_ask_for_its_task() -> None:
+    """Requests run their first step inline in the connection's read loop (handler.py,
+    ``_resume``), where asyncio.current_task() is the connection's task, not the
+    request's: the broker and the kernel layer must not depend on it (asyncio.timeout
+    does, at entry). A timeout there belongs in a task of its own."""
+    offenders = [
+        str(path.relative_to(REPO))
+        for sub in ("broker", "kernel", "host", "watch")
+        for path in (REPO / "iommud" / sub).rglob("*.py")
+        if any(s in path.read_text() for s in ("asyncio.timeout(", "current_task("))
+    ]
+    assert offenders == []
