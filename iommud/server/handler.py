@@ -134,7 +134,6 @@ READ_ONLY_OPS: Final = frozenset(
 )
 """Requests that change no kernel or broker state: cancelled when their peer leaves."""
 
-_BATCH = 16  # datagrams read in a row before letting other connections run
 
 
 @dataclass(eq=False)
@@ -142,9 +141,10 @@ class ConnectionHandler:
     """Serves one accepted socket until EOF, a fatal violation, a timeout, or ``drain()``.
 
     The read loop waits on the loop's reader callback for its own socket (no task per
-    datagram): it reads a batch of datagrams, admits each (hello, limits, decode) and
-    starts a task per admitted request. It pauses while the outbox is over its budget or
-    the requests hold too many received fds, and resumes when either drops.
+    datagram): it reads one datagram per wake, admits it (hello, limits, decode) and
+    runs the request's first step inline; a request that waits goes on as a task. It
+    pauses while the outbox is over its budget or the requests hold too many received
+    fds, and resumes when either drops.
     """
 
     sock: socket.socket
@@ -313,7 +313,6 @@ class ConnectionHandler:
 
     async def _read_datagrams(self, tg: asyncio.TaskGroup, session: Any) -> None:
         limits = self.info.limits
-        batch = 0
         while self._stopping is None:
             if self._must_pause():
                 self._pauses += 1
@@ -326,11 +325,14 @@ class ConnectionHandler:
                     )
                 await self._wait(readable=False)
                 continue
+            # One datagram per wake of the (level-triggered) reader: every connection
+            # with data gets its turn in each loop iteration, as with one recv task each.
+            await self._wait(readable=True)
+            if self._stopping is not None or self._must_pause():
+                continue
             try:
                 dgram = recv_datagram_nowait(self.sock, limits.max_datagram, limits.max_fds)
             except (BlockingIOError, InterruptedError):
-                batch = 0
-                await self._wait(readable=True)
                 continue
             if dgram is None:
                 return
@@ -341,10 +343,6 @@ class ConnectionHandler:
                 self._log.warning("connection.too_many_errors", errors=self.proto.error_count)
                 self._stopping = "too_many_errors"  # no more reading; replies still go out
                 return
-            batch += 1
-            if batch >= _BATCH:
-                batch = 0
-                await asyncio.sleep(0)  # fairness: one busy peer must not hog the loop
 
     def _admit(self, tg: asyncio.TaskGroup, session: Any, dgram: Datagram) -> bool:
         """Turn one datagram into a running request, or reply with its error.

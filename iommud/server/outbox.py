@@ -87,7 +87,10 @@ class Outbox:
         """Send ``data`` with ``fds`` now, or queue it behind what is waiting. Takes the fds."""
         if not self._queue and not self.is_dead:
             try:
-                self._sock.sendmsg([data], rights([fd.fileno() for fd in fds]))
+                if fds:
+                    self._sock.sendmsg([data], rights([fd.fileno() for fd in fds]))
+                else:
+                    self._sock.send(data)  # the common case; cheaper than sendmsg
             except (BlockingIOError, InterruptedError):
                 pass  # full: queue it below
             except OSError as exc:
