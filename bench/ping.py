@@ -13,7 +13,8 @@ closed-loop clients, one ping in flight each, so the load itself costs little. F
 10 and 100 clients the two servers run back to back (interleaved, so drift on a shared
 machine hits both), and the table gives requests per server CPU-second (utime+stime of
 the server process over the measured window), p50 and p99 round trips, and the ratio
-daemon/echo. Issue 10's goal: >= 0.5.
+daemon/echo. Issue 10's goal: >= 0.5. Last, the blocking client library's (iommud.client
+``Client``) CPU per ping against the daemon, with one client.
 
 Run: ``.venv/bin/python bench/ping.py [--seconds 3] [--clients 1,10,100] [--rounds 1]``.
 This is a measurement, not a test: it asserts nothing about timing.
@@ -166,11 +167,44 @@ def run_one(kind: str, load: Path, workdir: Path, clients: int, seconds: float) 
             with_path.unlink()
 
 
+def client_cost(workdir: Path, pings: int) -> str:
+    """The blocking client library's CPU per ping against the daemon (one client)."""
+    from iommud.client import Client
+
+    path = str(workdir / "client.sock")
+    server = subprocess.Popen(
+        [sys.executable, __file__, "--serve", "daemon", path],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.exists(path):
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("daemon did not start")
+            time.sleep(0.02)
+        with Client(path, "bench") as client:
+            for _ in range(pings // 10):
+                client.ping()  # warm up
+            cpu0, wall0 = time.process_time(), time.perf_counter()
+            for _ in range(pings):
+                client.ping()
+            cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+        return (
+            f"blocking client (iommud.client.Client.ping, 1 client): "
+            f"{cpu / pings * 1e6:.1f} us client CPU per ping, {pings / wall:.0f} pings/s"
+        )
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--clients", default="1,10,100")
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--client-pings", type=int, default=10000)
     parser.add_argument("--serve", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
@@ -197,6 +231,7 @@ def main() -> None:
                         f"{r['p50_us']:>8.0f} {r['p99_us']:>8.0f}{ratio}"
                         + (f"  ERRORS {r['errors']:.0f}" if r["errors"] else "")
                     )
+        print(client_cost(workdir, args.client_pings))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

@@ -177,7 +177,10 @@ async def send_datagram(sock: socket.socket, data: bytes, fds: list[int]) -> Non
 
 def send_datagram_blocking(sock: socket.socket, data: bytes, fds: list[int]) -> None:
     """The blocking twin of ``send_datagram`` for plain (blocking) sockets."""
-    sock.sendmsg([data], rights(fds))
+    if fds:
+        sock.sendmsg([data], rights(fds))
+    else:
+        sock.send(data)  # cheaper than an empty sendmsg
 
 
 def _groups_from_proc(pid: int, proc_root: str) -> tuple[int, ...]:

@@ -135,7 +135,6 @@ READ_ONLY_OPS: Final = frozenset(
 """Requests that change no kernel or broker state: cancelled when their peer leaves."""
 
 
-
 @dataclass(eq=False)
 class ConnectionHandler:
     """Serves one accepted socket until EOF, a fatal violation, a timeout, or ``drain()``.
