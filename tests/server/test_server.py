@@ -290,3 +290,29 @@ async def test_blocking_client(running: Running) -> None:
                 return client.ioas_create(), os.pread(result.devices[0].fd.fileno(), 32, 0)
 
     assert await asyncio.to_thread(work) == (7, b"0000:00:10.0")
+
+
+async def test_blocking_client_deadlines(sockdir: str) -> None:
+    """The blocking client's deadlines are the kernel's (SO_RCVTIMEO): next_event(0) and
+    next_event(0.2) return None when nothing comes, a daemon that never answers hello
+    fails the connect with ClientClosedError instead of hanging."""
+    path = os.path.join(sockdir, "mute")
+    mute = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    mute.bind(path)
+    mute.listen(1)
+    try:
+        with pytest.raises(ClientClosedError, match="connection failed"):
+            await asyncio.to_thread(Client, path, "t", timeout=0.2)
+    finally:
+        mute.close()
+
+
+async def test_blocking_client_next_event_times_out(running: Running) -> None:
+    def work() -> tuple[object, object]:
+        with Client(running.path, "sync") as client:
+            first = client.next_event(0)
+            second = client.next_event(0.2)
+            client.ping()  # the call deadline is back in force and the connection fine
+            return first, second
+
+    assert await asyncio.to_thread(work) == (None, None)
