@@ -115,21 +115,27 @@ def _build_load(workdir: Path) -> Path:
     return exe
 
 
-def run_one(kind: str, load: Path, workdir: Path, clients: int, seconds: float) -> dict[str, float]:
-    path = str(workdir / f"{kind}.sock")
+def start_server(kind: str, path: str) -> subprocess.Popen[bytes]:
+    """This script as a ``kind`` server on ``path``, once it listens."""
     server = subprocess.Popen(
         [sys.executable, __file__, "--serve", kind, path],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
+    deadline = time.monotonic() + 30
+    while not os.path.exists(path):
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            _, err = server.communicate()
+            raise RuntimeError(f"{kind} server did not start: {err.decode()[-2000:]}")
+        time.sleep(0.02)
+    return server
+
+
+def run_one(kind: str, load: Path, workdir: Path, clients: int, seconds: float) -> dict[str, float]:
+    path = str(workdir / f"{kind}.sock")
+    server = start_server(kind, path)
     try:
-        deadline = time.monotonic() + 30
-        while not os.path.exists(path):
-            if server.poll() is not None or time.monotonic() > deadline:
-                server.kill()
-                _, err = server.communicate()
-                raise RuntimeError(f"{kind} server did not start: {err.decode()[-2000:]}")
-            time.sleep(0.02)
         gen = subprocess.Popen(
             [str(load), path, str(clients), "0.5", str(seconds)],
             stdout=subprocess.PIPE,
@@ -171,19 +177,9 @@ def client_cost(workdir: Path, pings: int) -> str:
     """The blocking client library's CPU per ping against the daemon (one client)."""
     from iommud.client import Client
 
-    path = str(workdir / "client.sock")
-    server = subprocess.Popen(
-        [sys.executable, __file__, "--serve", "daemon", path],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    server = start_server("daemon", str(workdir / "client.sock"))
     try:
-        deadline = time.monotonic() + 30
-        while not os.path.exists(path):
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("daemon did not start")
-            time.sleep(0.02)
-        with Client(path, "bench") as client:
+        with Client(str(workdir / "client.sock"), "bench") as client:
             for _ in range(pings // 10):
                 client.ping()  # warm up
             cpu0, wall0 = time.process_time(), time.perf_counter()
