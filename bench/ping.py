@@ -71,7 +71,6 @@ async def _serve_daemon(path: str, tmp: Path) -> None:
 
     from iommud.broker import Broker
     from iommud.server import Server, ServerInfo
-    from iommud.server.handler import ConnectionLimits
     from iommud.server.listen import bind_listener
     from tests.broker.support import make_config
     from tests.fakekernel import FakeKernel
@@ -81,14 +80,23 @@ async def _serve_daemon(path: str, tmp: Path) -> None:
     fs = lab_topology(tmp / "host")
     broker = Broker(make_config(tmp, fs), FakeKernel(fs))
     await broker.start()
-    # One uid runs every client here: lift the per-uid connection limit (default 64).
-    info = ServerInfo(capabilities=("iommufd",), connections=ConnectionLimits(max_per_uid=1024))
+    try:
+        from iommud.server.handler import ConnectionLimits
+    except ImportError:  # --baseline: a daemon from before connection limits
+        info = ServerInfo(capabilities=("iommufd",))
+    else:
+        # One uid runs every client here: lift the per-uid connection limit (default 64).
+        info = ServerInfo(capabilities=("iommufd",), connections=ConnectionLimits(max_per_uid=1024))
     server = Server(broker, [bind_listener(path)], info=info)
     await server.serve()
 
 
 def serve(kind: str, path: str) -> None:
     import uvloop
+
+    if kind == "baseline":  # the daemon of another checkout's iommud/ (--baseline)
+        sys.path.insert(0, os.environ["IOMMUD_BENCH_BASELINE"])
+        kind = "daemon"
 
     tmp = Path(tempfile.mkdtemp(prefix="iommud-bench-"))
     try:
@@ -201,8 +209,16 @@ def main() -> None:
     parser.add_argument("--clients", default="1,10,100")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--client-pings", type=int, default=10000)
+    parser.add_argument(
+        "--baseline",
+        metavar="DIR",
+        help="also run the daemon of the iommud/ package under DIR (e.g. an older commit's "
+        "`git archive REV iommud | tar -x -C DIR`) as a third row, for before/after",
+    )
     parser.add_argument("--serve", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.baseline:
+        os.environ["IOMMUD_BENCH_BASELINE"] = os.path.abspath(args.baseline)
     if args.serve:
         serve(*args.serve)
         return
@@ -210,20 +226,19 @@ def main() -> None:
     try:
         load = _build_load(workdir)
         print(
-            f"{'clients':>7} {'server':>6} {'req/CPU-s':>10} {'req/s':>8} {'p50 us':>8} "
+            f"{'clients':>7} {'server':>8} {'req/CPU-s':>10} {'req/s':>8} {'p50 us':>8} "
             f"{'p99 us':>8}  ratio (daemon/echo per CPU-s)"
         )
         for clients in (int(c) for c in args.clients.split(",")):
             for _ in range(args.rounds):
-                rows = {
-                    k: run_one(k, load, workdir, clients, args.seconds) for k in ("echo", "daemon")
-                }
+                kinds = ("echo", "daemon", *(("baseline",) if args.baseline else ()))
+                rows = {k: run_one(k, load, workdir, clients, args.seconds) for k in kinds}
                 for kind, r in rows.items():
                     ratio = ""
-                    if kind == "daemon":
+                    if kind in ("daemon", "baseline"):
                         ratio = f"  {r['per_cpu_s'] / rows['echo']['per_cpu_s']:.2f}"
                     print(
-                        f"{clients:>7} {kind:>6} {r['per_cpu_s']:>10.0f} {r['per_s']:>8.0f} "
+                        f"{clients:>7} {kind:>8} {r['per_cpu_s']:>10.0f} {r['per_s']:>8.0f} "
                         f"{r['p50_us']:>8.0f} {r['p99_us']:>8.0f}{ratio}"
                         + (f"  ERRORS {r['errors']:.0f}" if r["errors"] else "")
                     )
