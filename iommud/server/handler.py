@@ -2,9 +2,14 @@
 
 The handler reads datagrams (fds owned from arrival), admits them through the sans-I/O
 ``ServerConnection`` (hello, version, in-flight limit, error counting), runs each
-request in its own task in the connection's TaskGroup (so requests pipeline and replies
-may leave out of order, matched by id), sends replies with their fds, and forwards the
-broker's events. It decides nothing about devices, policy or quotas: that is the
+request's first step inline and, if it has to wait, the rest as a task in the
+connection's TaskGroup (so requests pipeline and replies may leave out of order, matched
+by id), hands replies with their fds to the connection's ``Outbox``, and forwards the
+broker's events. What a connection may make the daemon hold is bounded
+(``ConnectionLimits``): a request counts against max_inflight until its reply is sent,
+reading pauses while unsent output or received fds pass their budgets, a peer that
+never says hello or idles holding nothing is closed, and a peer that leaves has its
+read-only requests cancelled. It decides nothing about devices, policy or quotas: that is the
 broker's job. It answers ``hello`` itself (the handshake is about the connection, not
 about kernel state). The broker queues every event for every session; which ones are
 sent is the connection state's decision (``ServerConnection``: the subscription, and a
