@@ -169,6 +169,7 @@ class ConnectionHandler:
     _last_request: float = field(init=False, default=0.0)
     _timer: asyncio.TimerHandle | None = field(init=False, default=None)
     _session: Any = field(init=False, default=None)
+    _loop: asyncio.AbstractEventLoop = field(init=False)
     _log: Any = field(init=False, default=log)
 
     def __post_init__(self) -> None:
@@ -224,7 +225,7 @@ class ConnectionHandler:
             on_stall=self._stop,
             on_drained=self._poke,
         )
-        loop = asyncio.get_running_loop()
+        self._loop = loop = asyncio.get_running_loop()
         self._last_request = loop.time()
         self._timer = loop.call_later(limits.hello_timeout, self._hello_expired)
         pidfd = open_peer_pidfd(self.sock, creds.pid)
@@ -302,7 +303,7 @@ class ConnectionHandler:
 
     async def _wait(self, *, readable: bool) -> None:
         self._watch_readable(readable)
-        self._wake = wake = asyncio.get_running_loop().create_future()
+        self._wake = wake = self._loop.create_future()
         try:
             await wake
         finally:
@@ -364,7 +365,7 @@ class ConnectionHandler:
         except BaseException:
             fds.close()
             raise
-        self._last_request = asyncio.get_running_loop().time()
+        self._last_request = self._loop.time()
         # The request's first step runs here, inline, as Python 3.12's eager tasks do:
         # most answers (ping, status, a list page, a map) never wait, and then no task
         # is made at all. One that waits continues as a task of the connection.
