@@ -54,6 +54,15 @@ max_ioas = 64
 max_mappings = 100000
 max_memfds = 64
 
+[[access]]
+uid = 1001
+devices = ["1234:11e8"]
+quota = "small"
+
+[quotas.small]
+pinned_bytes = "64MiB"
+max_ioas = 4
+
 [memory]
 max_mappings = 200000  # the daemon-wide default (65,536) would stop it first
 """
@@ -211,4 +220,50 @@ def test_a_uid_without_a_rule_cannot_map(daemon: DaemonProcess) -> None:
         "code": "permission_denied",
         "details": {"uid": 2000, "gid": 2000, "rule": None, "reason": "no_access_rule"},
     }
+    assert daemon.stop() == 0
+
+
+def spread_over_connections(socket: str, _pause: Callable[[], None]) -> dict[str, Any]:
+    """H2 as reported: 10 connections, each asking for 4 IOASes and 64 MiB in them."""
+    clients = [Client(socket, f"spread-{i}") for i in range(10)]
+    ioases = mapped = 0
+    refused: dict[str, int] = {}
+    ram = sealed(16 * 256)  # 16 MiB
+    try:
+        for c in clients:
+            for _ in range(4):
+                try:
+                    ioas = c.ioas_create()
+                    ioases += 1
+                    c.ioas_map(ioas, [MapSpec(ram, 0, 16 << 20, iova=1 << 32)])
+                    mapped += 16 << 20
+                except IommudError as exc:
+                    key = f"{exc.code}:{exc.details.get('quota')}"
+                    refused[key] = refused.get(key, 0) + 1
+    finally:
+        os.close(ram)
+        for c in clients:
+            c.close()
+    return {"ioases": ioases, "mapped": mapped, "refused": refused}
+
+
+def test_quotas_hold_across_connections(daemon: DaemonProcess) -> None:
+    """H2: uid 1001's 64 MiB / 4 IOAS quota over 10 connections: 4 IOASes, 64 MiB in all
+    (reported: 40 IOASes and 640 MiB)."""
+    got = as_uid(1001, lambda pause: spread_over_connections(daemon.socket, pause))
+    assert got == {
+        "ioases": 4,
+        "mapped": 64 << 20,
+        "refused": {"quota_exceeded:max_ioas": 36},
+    }
+    assert daemon.stop() == 0
+
+
+def test_claim_release_loop_does_not_collect_ioases(daemon: DaemonProcess) -> None:
+    """A claim's IOAS goes with its release: 12 cycles under root's max_ioas of 8."""
+    with Client(daemon.socket, "loop", timeout=60) as c:
+        for _ in range(12):
+            lease = c.claim([EDU])
+            lease.close()  # the VMM lets go of its device fd, then releases
+            c.release(lease.lease_id)
     assert daemon.stop() == 0
