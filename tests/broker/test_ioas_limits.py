@@ -13,6 +13,7 @@ import pytest
 from iommud.broker import Broker
 from iommud.config import MemoryLimits, Quota
 from iommud.errors import BadRequestError, PermissionDeniedError, QuotaExceededError
+from iommud.kernel.interface import IovaRange
 from iommud.policy import Identity
 from iommud.protocol import messages as m
 from tests.broker.support import ALICE, BOB, EDU, MALLORY, PAGE, Client, make_config, memfd
@@ -274,3 +275,37 @@ async def test_a_claim_over_the_uids_ioas_quota_touches_nothing(
 def test_quota_defaults() -> None:
     assert Quota().max_memfds == 64
     assert MemoryLimits().max_memfds == 8192
+
+
+async def test_allowed_iova_ranges_are_read_once_per_attach(
+    broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Maps reuse the IOVA ranges read after the device attached; a release (detach)
+    makes the next request read them again."""
+    c = Client(broker, ALICE)
+    reply = await c.claim(EDU)
+    ictx = c.session.iommufd
+    assert ictx is not None
+    reads: list[int] = []
+    real = ictx.ioas_iova_ranges
+
+    def counted(ioas_id: int) -> tuple[list[IovaRange], int]:
+        reads.append(ioas_id)
+        return real(ioas_id)
+
+    monkeypatch.setattr(ictx, "ioas_iova_ranges", counted)
+    ram = memfd(8 * PAGE)
+    for i in range(5):
+        await c.map(reply.ioas_id, ram, _one(i * PAGE, iova=0x100000 + i * PAGE))
+    assert len(reads) == 1
+    own = await _ioas(c)
+    await c.map(own, ram, _one(0, iova=0))  # another IOAS: its own reading
+    assert len(reads) == 2
+    c.close_received()
+    await c.call(m.Release(id=c.next_id(), lease_id=reply.lease_id))
+    got = await c.call(m.IovaRanges(id=c.next_id(), ioas_id=reply.ioas_id))
+    assert isinstance(got, m.IovaRangesReply)
+    assert got.alignment == 1  # nothing attached any more: the fake allows every IOVA
+    assert len(reads) == 3
+    await c.close()
+    os.close(ram)
