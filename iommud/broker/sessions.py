@@ -134,9 +134,6 @@ class SessionManager:
                 if session.iommufd is not None:
                     session.iommufd.close()
                     session.iommufd = None
-                # The uid's idle file mappings hold its memory: a closing connection
-                # may be its VMM going away.
-                self._ioas.filemaps.drop_idle(session.identity.uid)
         finally:
             self._stop_watching(session)
             if session.pidfd is not None:

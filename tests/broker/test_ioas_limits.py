@@ -150,8 +150,7 @@ async def test_read_and_write_both_false_is_a_bad_request(
 
 async def test_one_daemon_mapping_per_memfd_reused(broker: Broker) -> None:
     """Eight one-page maps of one memfd at offsets that cannot merge: one daemon VMA;
-    another connection of the uid reuses it too; unmapping everything keeps it for the
-    next map (idle), and the connection's close drops it."""
+    another connection of the uid reuses it too; it goes with the last range using it."""
     a, b = Client(broker, ALICE), Client(broker, BOB)
     ram = memfd(16 * PAGE)
     ia, ib = await _ioas(a), await _ioas(b)
@@ -164,7 +163,7 @@ async def test_one_daemon_mapping_per_memfd_reused(broker: Broker) -> None:
     await b.close()
     for i in range(4):
         await a.call(m.IoasUnmap(id=a.next_id(), ioas_id=ia, iova=(2 * i) << 20, length=PAGE))
-    assert _daemon_maps_of(ram) == 1  # idle, kept for the next map
+    assert _daemon_maps_of(ram) == 0  # the daemon holds nothing of the file any more
     await a.map(ia, ram, _one(0, iova=0))
     assert _daemon_maps_of(ram) == 1
     await a.close()
@@ -176,7 +175,7 @@ async def test_one_daemon_mapping_per_memfd_reused(broker: Broker) -> None:
 async def test_distinct_memfds_are_bounded_per_uid(
     no_fd_leak: None, tmp_path: Path, fs: FakeSys, kernel: FakeKernel
 ) -> None:
-    """max_memfds = 3: a fourth file in use is quota_exceeded; idle ones make room."""
+    """max_memfds = 3: a fourth file in use is quota_exceeded; unmapping one makes room."""
     config = make_config(tmp_path, fs, max_memfds=3, max_mappings=100)
     broker = Broker(config, kernel, sysfs_timeout=1.0)
     await broker.start()
@@ -190,9 +189,8 @@ async def test_distinct_memfds_are_bounded_per_uid(
             await c.map(ioas, rams[3], _one(0, iova=3 << 20))
         assert ei.value.details == {"quota": "max_memfds", "limit": 3, "used": 3, "requested": 1}
         await c.call(m.IoasUnmap(id=c.next_id(), ioas_id=ioas, iova=0, length=PAGE))
-        assert _daemon_maps_of(rams[0]) == 1  # idle
-        await c.map(ioas, rams[3], _one(0, iova=3 << 20))  # the idle one made room
         assert _daemon_maps_of(rams[0]) == 0
+        await c.map(ioas, rams[3], _one(0, iova=3 << 20))
         assert broker.state.ioas.ledger.usage(1000).memfds == 3
     finally:
         await c.close()
@@ -239,8 +237,7 @@ async def test_claim_and_release_in_a_loop_never_hits_the_ioas_quota(
                 m.IoasUnmap(id=c.next_id(), ioas_id=reply.ioas_id, iova=0x100000, length=PAGE)
             )
         assert c.session.ioases == {}
-    total = broker.state.ioas.ledger.total
-    assert (total.ioas, total.mappings, total.pinned_bytes, total.memfds) == (0, 0, 0, 1)  # idle
+    assert broker.state.ioas.ledger.total.is_empty()
     # An IOAS made by ioas_create is not the claim's: it stays after the release.
     own = await _ioas(c)
     reply = await c.claim(EDU, ioas_id=own)
