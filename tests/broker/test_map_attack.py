@@ -199,8 +199,11 @@ def test_map_count_attack_leaves_the_daemon_answering_and_sigterm_able(
         "refused": {"quota_exceeded:max_memfds": 52},
     }
     # With all of it mapped: 64 memfd mappings (1 VMA each) and no more (the 4,096-page
-    # memfds' populated page tables are not VMAs). Slack for the daemon's own heap.
-    assert during[0] - vmas <= 64 + 16, (vmas, during)
+    # memfds' populated page tables are not VMAs). Slack for the daemon's own heap: the
+    # ~65k ranges' Python objects live in arenas and malloc's per-thread arenas that do
+    # not always merge (81 extra VMAs seen once beside other tests). A VMA per range
+    # would be 65,584.
+    assert during[0] - vmas <= 64 + 256, (vmas, during)
     print(f"daemon VMAs: {vmas} before, {during[0]} with 65,584 ranges mapped")
     with Client(daemon.socket, "good", timeout=60) as good:
         good.ping()
