@@ -1,0 +1,588 @@
+"""``iommuctl vm``: run an unmodified VMM on delegated devices, and keep it honest.
+
+What the launcher does, in order (``Launcher.run``):
+
+1. The command line is checked first (``template.parse_template``) and the VMM binary
+   looked up: bad input fails before anything is claimed.
+2. Delegated claims over protocol v2: the ``--device``s are split by IOMMU group
+   (``list_devices``), one claim per group; the first claim gets a fresh /dev/iommu,
+   the others join it (``iommufd_id``), so the whole VM has one iommufd and one IOAS.
+3. The VMM is spawned with exactly those fds (``pass_fds``; every other fd of ours is
+   close-on-exec) plus, unless ``--no-qmp``, the listening socket of a private QMP monitor
+   (``-chardev socket,fd=N,server=on`` + ``-mon``: the user's own ``-qmp`` stays theirs).
+   The launcher is connected to it before QEMU starts and the socket's path is removed at
+   once: no one else can reach that monitor. The launcher then closes its own copies of
+   the fds (the daemon keeps its duplicates; the VMM has its own).
+4. Supervision: the leases live as long as the VMM. The VMM's exit releases them and the
+   launcher exits with the VMM's status (128+N for a signal). SIGTERM/SIGINT/SIGHUP to the
+   launcher: SIGTERM to the VMM, SIGKILL after ``stop_timeout``, then release. The VMM gets
+   PR_SET_PDEATHSIG=SIGKILL, so a launcher killed outright takes its VMM along (and the
+   daemon sees the session end). The daemon going away: the leases are gone with it, so
+   the VMM is stopped the same way and the launcher exits 2.
+5. ``lease_revoked``: QMP ``device_del`` of every device of that lease, at once (before
+   the daemon's grace period, ``grace_s`` when the daemon sends it, runs out); reported as
+   ``vm.revoked`` with what QEMU answered. The launcher does NOT release the revoked lease
+   until QEMU reports ``DEVICE_DELETED`` (QEMU then closed its cdev fd): releasing earlier
+   would let the daemon close its duplicates while QEMU still holds the device. A
+   ``DEVICE_DELETED`` for every device of a lease (revoked, or unplugged by the guest)
+   releases it.
+6. Hotplug (``--control PATH``, ``iommuctl vm-attach``): claim (joining the VM's
+   iommufd), QMP ``getfd`` of the iommufd and ``object-add`` only when the VM has none
+   yet, ``getfd`` of each cdev and ``device_add vfio-pci``.
+
+It never needs root and never touches /dev or sysfs: every fd comes from the daemon.
+Records (``vm.*``) go to the caller's ``Report``; timings are measured here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import itertools
+import os
+import resource
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from iommud.client.aio import AsyncClient
+from iommud.client.calls import ClientClosedError, DelegatedClaim
+from iommud.errors import IommudError
+from iommud.protocol import messages as m
+from iommud.vmm.control import AttachRequest, ControlError, ControlServer
+from iommud.vmm.qmp import QmpClient, QmpClosedError, QmpError
+from iommud.vmm.template import IOMMUFD, Template, parse_template, qdev_id_for
+
+QMP_CHARDEV: Final = "iommuctl-qmp"
+HOTPLUG_IOMMUFD: Final = "iommuctl-iommufd"  # + a number: object-add'ed when the VM has none
+
+EXIT_ERROR: Final = 1  # the daemon refused a claim
+EXIT_UNREACHABLE: Final = 2  # the daemon went away
+EXIT_USAGE: Final = 64  # bad command line (sysexits EX_USAGE)
+EXIT_NOT_EXECUTABLE: Final = 126
+EXIT_NOT_FOUND: Final = 127
+
+_PR_SET_PDEATHSIG: Final = 1  # linux/prctl.h
+
+
+class VmError(Exception):
+    """The launcher cannot go on; ``exit_code`` is what ``iommuctl vm`` exits with."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.message = message
+        self.exit_code = exit_code
+
+
+Report = Callable[..., None]
+"""``report(event, **fields)``: one launcher record (``vm.started``, ``vm.revoked`` ...)."""
+
+
+@dataclass(frozen=True, slots=True)
+class VmOptions:
+    devices: tuple[str, ...]
+    argv: tuple[str, ...]
+    held: tuple[str, ...] = ()
+    control: str | None = None
+    qmp: bool = True
+    stop_timeout: float = 10.0
+    qmp_timeout: float = 300.0  # nested TCG under load took 19 s; a hang guard only
+
+
+@dataclass(slots=True)
+class VmDevice:
+    bdf: str
+    qdev_id: str
+    deleted: bool = False
+
+
+@dataclass(slots=True)
+class VmLease:
+    lease_id: int
+    group_id: int
+    devices: list[VmDevice] = field(default_factory=list)
+    held: list[str] = field(default_factory=list)  # claimed, given to no one (--hold)
+    revoked: str | None = None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "lease_id": self.lease_id,
+            "group_id": self.group_id,
+            "devices": [{"bdf": d.bdf, "id": d.qdev_id} for d in self.devices],
+            "held": list(self.held),
+        }
+
+
+def prepare(opts: VmOptions) -> tuple[Template, str]:
+    """Check everything that needs no daemon: (the template, the VMM binary's path)."""
+    template = parse_template(opts.argv, opts.devices, opts.held)
+    if opts.control is not None:
+        if not opts.qmp:
+            raise VmError("--control needs the launcher's QMP monitor (drop --no-qmp)")
+        if os.path.lexists(opts.control):
+            raise VmError(f"--control {opts.control} exists: remove it or pick another path")
+    binary = shutil.which(opts.argv[0])
+    if binary is None:
+        if os.path.sep in opts.argv[0] and os.path.exists(opts.argv[0]):
+            raise VmError(f"{opts.argv[0]}: not executable", EXIT_NOT_EXECUTABLE)
+        raise VmError(f"{opts.argv[0]}: VMM not found", EXIT_NOT_FOUND)
+    return template, binary
+
+
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    """preexec_fn: the child gets SIGKILL when the launcher dies (PR_SET_PDEATHSIG).
+
+    The fork happens on the loop's (main) thread, which lives as long as the launcher;
+    the parent check closes the window of a launcher that died before the prctl.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def preexec() -> None:
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(EXIT_UNREACHABLE)
+
+    return preexec
+
+
+def _qmp_socket() -> tuple[socket.socket, socket.socket]:
+    """(listening socket for the VMM, our connection to it); no path is left behind."""
+    rundir = tempfile.mkdtemp(prefix="iommuctl-vm-")  # mode 0700
+    path = os.path.join(rundir, "qmp.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        listener.bind(path)
+        listener.listen(1)
+        conn.connect(path)  # queued until the VMM accepts: no race with its start
+    except BaseException:
+        listener.close()
+        conn.close()
+        raise
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        with contextlib.suppress(OSError):
+            os.rmdir(rundir)
+    return listener, conn
+
+
+def exit_status(returncode: int) -> int:
+    """A shell's view of a child's status: 128+N for a signal."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+class Launcher:
+    """One VM: its leases, its VMM process and its QMP monitor."""
+
+    def __init__(
+        self,
+        client: AsyncClient,
+        template: Template,
+        binary: str,
+        opts: VmOptions,
+        report: Report,
+    ) -> None:
+        self.client = client
+        self.template = template
+        self.binary = binary
+        self.opts = opts
+        self.report = report
+        self.leases: dict[int, VmLease] = {}
+        self.iommufd_id: int | None = None
+        self.iommufd_object = template.iommufd_object
+        self.qmp: QmpClient | None = None
+        self.proc: asyncio.subprocess.Process | None = None
+        self._hotplug = asyncio.Lock()
+        self._names = itertools.count()
+        self._objects = itertools.count()
+
+    # ------------------------------------------------------------------ claims
+    async def _groups(self, bdfs: Sequence[str]) -> list[list[str]]:
+        """``bdfs`` split by IOMMU group (unknown devices alone: the daemon names them)."""
+        group_of = {d.bdf: d.group_id for d in await self.client.list_devices()}
+        groups: dict[object, list[str]] = {}
+        for bdf in bdfs:
+            key = group_of.get(bdf)
+            groups.setdefault(bdf if key is None else key, []).append(bdf)
+        return list(groups.values())
+
+    async def _claim(self, bdfs: Sequence[str]) -> list[DelegatedClaim]:
+        """One delegated claim per group, all on one iommufd; all or nothing."""
+        claims: list[DelegatedClaim] = []
+        try:
+            for group in await self._groups(bdfs):
+                claim = await self.client.claim_delegated(group, self.iommufd_id)
+                claims.append(claim)
+                self.iommufd_id = claim.iommufd_id
+        except BaseException:
+            for claim in claims:
+                claim.close()
+                with contextlib.suppress(IommudError, ClientClosedError):
+                    await self.client.release(claim.lease_id)
+            if not self.leases:
+                self.iommufd_id = None  # nothing holds it any more
+            raise
+        return claims
+
+    # ------------------------------------------------------------------ start
+    async def run(self, stop: asyncio.Future[None]) -> int:
+        """Claim, start, supervise; the exit status (see the module docstring)."""
+        t0 = time.monotonic()
+        claims = await self._claim(self.template.devices + self.template.held)
+        claim_s = time.monotonic() - t0
+        qmp_conn: socket.socket | None = None
+        try:
+            fds: dict[str, int] = {}
+            for claim in claims:
+                if claim.iommufd is not None:
+                    fds[IOMMUFD] = claim.iommufd.fileno()
+                lease = VmLease(claim.lease_id, claim.group_id)
+                for dev in claim.devices:
+                    if dev.bdf in self.template.held:
+                        lease.held.append(dev.bdf)
+                        continue
+                    fds[dev.bdf] = dev.fd.fileno()
+                    lease.devices.append(VmDevice(dev.bdf, self.template.qdev_ids[dev.bdf]))
+                self.leases[lease.lease_id] = lease
+            extra: list[str] = []
+            passed = list(fds.values())
+            listener: socket.socket | None = None
+            if self.opts.qmp:
+                listener, qmp_conn = _qmp_socket()
+                passed.append(listener.fileno())
+                extra = [
+                    "-chardev",
+                    f"socket,id={QMP_CHARDEV},fd={listener.fileno()},server=on,wait=off",
+                    "-mon",
+                    f"chardev={QMP_CHARDEV},mode=control",
+                ]
+            argv = self.template.render(fds, extra)
+            try:
+                spawned = time.monotonic()
+                self.proc = await asyncio.create_subprocess_exec(
+                    self.binary,
+                    *argv[1:],
+                    pass_fds=passed,
+                    preexec_fn=_die_with_parent(os.getpid()),
+                )
+            except FileNotFoundError:
+                raise VmError(f"{self.binary}: VMM not found", EXIT_NOT_FOUND) from None
+            except PermissionError:
+                raise VmError(f"{self.binary}: not executable", EXIT_NOT_EXECUTABLE) from None
+            finally:
+                if listener is not None:
+                    listener.close()
+        except BaseException:
+            if qmp_conn is not None:
+                qmp_conn.close()
+            await self._release_all()
+            raise
+        finally:
+            for claim in claims:
+                claim.close()  # the VMM has its copies, the daemon its duplicates
+        return await self._supervise(stop, qmp_conn, claim_s, spawned)
+
+    async def _connect_qmp(
+        self, conn: socket.socket, stop: asyncio.Future[None]
+    ) -> QmpClient | None:
+        """QMP once the VMM answers; None if the VMM exits (or a signal comes) first."""
+        assert self.proc is not None
+        greeting = asyncio.ensure_future(QmpClient.start(conn))
+        exited = asyncio.ensure_future(self.proc.wait())
+        waits: set[asyncio.Future[Any]] = {greeting, exited, stop}
+        try:
+            done, _ = await asyncio.wait(
+                waits, timeout=self.opts.qmp_timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+            if not done:
+                raise VmError(f"the VMM did not answer QMP within {self.opts.qmp_timeout} s", 1)
+            if greeting in done and greeting.exception() is None:
+                return greeting.result()
+            return None  # it exited, closed the monitor (exiting), or a signal came
+        finally:
+            exited.cancel()
+            if not greeting.done():
+                greeting.cancel()
+                with contextlib.suppress(asyncio.CancelledError, QmpClosedError, QmpError):
+                    await greeting
+
+    async def _realized(self) -> dict[str, bool]:
+        assert self.qmp is not None
+        out = {}
+        for lease in self.leases.values():
+            for dev in lease.devices:
+                path = f"/machine/peripheral/{dev.qdev_id}"
+                try:
+                    got = await self.qmp.execute("qom-get", {"path": path, "property": "realized"})
+                except QmpError:
+                    got = False
+                out[dev.qdev_id] = bool(got)
+        return out
+
+    # ------------------------------------------------------------------ supervise
+    async def _supervise(
+        self,
+        stop: asyncio.Future[None],
+        qmp_conn: socket.socket | None,
+        claim_s: float,
+        spawned: float,
+    ) -> int:
+        assert self.proc is not None
+        control: ControlServer | None = None
+        tasks: list[asyncio.Task[Any]] = []
+        rc: int | None = None
+        try:
+            if qmp_conn is not None:
+                self.qmp = await self._connect_qmp(qmp_conn, stop)
+                if self.qmp is None and not stop.done():
+                    rc = exit_status(await self.proc.wait())
+                    self.report(
+                        "vm.failed",
+                        pid=self.proc.pid,
+                        exit_status=rc,
+                        hint="the VMM exited before QMP answered; if it reported -12 "
+                        "(ENOMEM) from a DMA map, raise RLIMIT_MEMLOCK (iommuctl vm --help)",
+                    )
+                    return rc
+            self.report(
+                "vm.started",
+                pid=self.proc.pid,
+                iommufd_id=self.iommufd_id,
+                iommufd_object=self.iommufd_object,
+                leases=[lease.describe() for lease in self.leases.values()],
+                realized=await self._realized() if self.qmp is not None else None,
+                claim_s=claim_s,
+                spawn_to_qmp_s=time.monotonic() - spawned,
+                rlimit_memlock=resource.getrlimit(resource.RLIMIT_MEMLOCK)[0],
+                control=self.opts.control,
+            )
+            if self.opts.control is not None and self.qmp is not None:
+                control = ControlServer(self.opts.control, self.attach)
+            exited = asyncio.create_task(self.proc.wait())
+            daemon = asyncio.create_task(self._daemon_events())
+            tasks = [exited, daemon]
+            if self.qmp is not None:
+                tasks.append(asyncio.create_task(self._qmp_events()))
+            waits: list[asyncio.Future[Any]] = [exited, daemon, stop]
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            if exited.done():
+                why = "vmm_exited"
+            elif stop.done():
+                why = "signal"
+            else:
+                why = "daemon_lost"
+            rc = exit_status(await self._stop_vmm())
+            self.report("vm.exited", pid=self.proc.pid, exit_status=rc, why=why)
+            return EXIT_UNREACHABLE if why == "daemon_lost" else rc
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            if control is not None:
+                await control.aclose()
+            if self.qmp is not None:
+                await self.qmp.aclose()
+            elif qmp_conn is not None:
+                qmp_conn.close()
+            if self.proc.returncode is None:
+                await asyncio.shield(self._stop_vmm())
+            await asyncio.shield(self._release_all())
+
+    async def _stop_vmm(self) -> int:
+        """SIGTERM, SIGKILL after ``stop_timeout``; the VMM's returncode."""
+        assert self.proc is not None
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                async with asyncio.timeout(self.opts.stop_timeout):
+                    return await self.proc.wait()
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    self.proc.kill()
+        return await self.proc.wait()
+
+    async def _release_all(self) -> None:
+        for lease_id in list(self.leases):
+            await self._release(lease_id)
+
+    async def _release(self, lease_id: int) -> None:
+        lease = self.leases.pop(lease_id, None)
+        if lease is None:
+            return
+        if not self.leases:
+            # The daemon drops the iommufd with its last lease: a later hotplug gets a
+            # fresh one, which needs an iommufd object of its own in the VM.
+            self.iommufd_id = None
+            self.iommufd_object = None
+        try:
+            await self.client.release(lease_id)
+        except (IommudError, ClientClosedError) as exc:
+            self.report("vm.release_failed", lease_id=lease_id, error=str(exc))
+        else:
+            self.report("vm.released", lease_id=lease_id, group_id=lease.group_id)
+
+    # ------------------------------------------------------------------ events
+    async def _daemon_events(self) -> None:
+        """Until the daemon closes the connection: react to our leases' events."""
+        async for ev in self.client.events():
+            if isinstance(ev, m.LeaseRevoked) and ev.lease_id in self.leases:
+                await self._on_revoked(ev)
+            elif ev.event.value == "lease_enforced":  # v2, when the daemon enforces
+                self.report("vm.enforced", **ev.model_dump(mode="json", exclude={"op"}))
+
+    async def _on_revoked(self, ev: m.LeaseRevoked) -> None:
+        received = time.time()
+        lease = self.leases[ev.lease_id]
+        lease.revoked = ev.reason
+        results = []
+        for dev in lease.devices:
+            if dev.deleted:
+                continue
+            sent = time.time()
+            results.append(
+                {"bdf": dev.bdf, "id": dev.qdev_id, "sent_at": sent, **await self._unplug(dev)}
+            )
+        self.report(
+            "vm.revoked",
+            lease_id=ev.lease_id,
+            group_id=ev.group_id,
+            reason=ev.reason,
+            grace_s=getattr(ev, "grace_s", None),
+            received_at=received,
+            device_del=results,
+        )
+
+    async def _unplug(self, dev: VmDevice) -> dict[str, str]:
+        if self.qmp is None:
+            return {"result": "no QMP monitor (--no-qmp): the VMM was not asked"}
+        try:
+            await self.qmp.execute("device_del", {"id": dev.qdev_id})
+        except QmpError as exc:
+            return {"result": "refused", "error": exc.desc}
+        except QmpClosedError:
+            return {"result": "refused", "error": "QMP connection closed"}
+        return {"result": "accepted"}
+
+    async def _qmp_events(self) -> None:
+        """DEVICE_DELETED: a lease whose devices are all gone from the VM is released."""
+        assert self.qmp is not None
+        while (event := await self.qmp.next_event()) is not None:
+            if event.get("event") != "DEVICE_DELETED":
+                continue
+            qdev_id = event.get("data", {}).get("device")
+            for lease in list(self.leases.values()):
+                for dev in lease.devices:
+                    if dev.qdev_id != qdev_id or dev.deleted:
+                        continue
+                    dev.deleted = True
+                    self.report("vm.device_deleted", bdf=dev.bdf, id=dev.qdev_id)
+                    if all(d.deleted for d in lease.devices):
+                        await self._release(lease.lease_id)
+
+    # ------------------------------------------------------------------ hotplug
+    async def attach(self, req: AttachRequest) -> dict[str, Any]:
+        """Hot-add ``req.devices`` (the control socket's ``attach``); see the docstring."""
+        async with self._hotplug:
+            if self.qmp is None or self.qmp.closed:
+                raise ControlError("no_qmp", "the VMM's QMP monitor is gone")
+            present = {d.bdf for lease in self.leases.values() for d in lease.devices}
+            present |= {bdf for lease in self.leases.values() for bdf in lease.held}
+            taken = [bdf for bdf in (*req.devices, *req.held) if bdf in present]
+            if taken:
+                raise ControlError("busy", f"{taken[0]} is already in this VM", bdf=taken[0])
+            t0 = time.monotonic()
+            try:
+                claims = await self._claim(req.devices + req.held)
+            except IommudError as exc:
+                raise ControlError(exc.code.value, exc.message, **exc.details) from None
+            claim_s = time.monotonic() - t0
+            try:
+                added = [await self._hot_add(claim, req) for claim in claims]
+            finally:
+                for claim in claims:
+                    claim.close()
+            done = time.monotonic()
+            self.report(
+                "vm.attached",
+                leases=added,
+                claim_s=claim_s,
+                hotplug_s=done - t0,
+                qmp_s=done - t0 - claim_s,
+            )
+            return {"leases": added, "claim_s": claim_s, "hotplug_s": done - t0}
+
+    async def _getfd(self, fd: int) -> str:
+        assert self.qmp is not None
+        name = f"iommuctl-fd{next(self._names)}"
+        await self.qmp.execute("getfd", {"fdname": name}, fds=[fd])
+        return name
+
+    async def _hot_add(self, claim: DelegatedClaim, req: AttachRequest) -> dict[str, Any]:
+        """One claim into the VM; on a QMP error the claim is released and nothing kept."""
+        assert self.qmp is not None
+        lease = VmLease(claim.lease_id, claim.group_id)
+        names: list[str] = []
+        try:
+            if self.iommufd_object is None:
+                if claim.iommufd is None:  # pragma: no cover - the daemon broke v2
+                    raise ControlError("qmp_error", "no iommufd for a VM that has none")
+                name = await self._getfd(claim.iommufd.fileno())
+                names.append(name)
+                object_id = f"{HOTPLUG_IOMMUFD}{next(self._objects)}"
+                props = {"qom-type": "iommufd", "id": object_id, "fd": name}
+                await self.qmp.execute("object-add", props)
+                names.remove(name)  # consumed by the object
+                self.iommufd_object = object_id
+            for dev in claim.devices:
+                if dev.bdf in req.held:
+                    lease.held.append(dev.bdf)
+                    continue
+                i = req.devices.index(dev.bdf)
+                qdev_id = req.ids[i] or qdev_id_for(dev.bdf)
+                name = await self._getfd(dev.fd.fileno())
+                names.append(name)
+                args: dict[str, str | None] = {
+                    "driver": "vfio-pci",
+                    "id": qdev_id,
+                    "iommufd": self.iommufd_object,
+                    "fd": name,
+                }
+                if req.buses[i] is not None:
+                    args["bus"] = req.buses[i]
+                await self.qmp.execute("device_add", args)
+                names.remove(name)
+                lease.devices.append(VmDevice(dev.bdf, qdev_id))
+        except (QmpError, QmpClosedError) as exc:
+            for name in names:
+                with contextlib.suppress(QmpError, QmpClosedError):
+                    await self.qmp.execute("closefd", {"fdname": name})
+            if lease.devices:  # part of the group is in the VM: keep what QEMU holds
+                self.leases[lease.lease_id] = lease
+            else:
+                with contextlib.suppress(IommudError, ClientClosedError):
+                    await self.client.release(claim.lease_id)
+            raise ControlError("qmp_error", str(exc), lease_id=claim.lease_id) from None
+        self.leases[lease.lease_id] = lease
+        return lease.describe()
+
+
+__all__ = [
+    "EXIT_NOT_EXECUTABLE",
+    "EXIT_NOT_FOUND",
+    "EXIT_USAGE",
+    "Launcher",
+    "VmError",
+    "VmOptions",
+    "exit_status",
+    "prepare",
+]
