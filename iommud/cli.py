@@ -473,9 +473,10 @@ lease is released when QEMU reports DEVICE_DELETED for all its devices. A guest 
 answer the unplug; the daemon blocks DMA at once either way and enforces after its grace
 period.
 
-Hotplug: with --control PATH, `iommuctl vm-attach --control PATH --device BDF --bus rp1`
-claims the device (joining the VM's iommufd) and adds it over QMP (getfd, object-add if
-the VM has no iommufd yet, device_add vfio-pci).
+Hotplug: with --control PATH (a 0600 socket, up once the VMM answers QMP, only your uid
+may use it), `iommuctl vm-attach --control PATH --device BDF --bus rp1` claims the device
+(joining the VM's iommufd) and adds it over QMP (getfd, object-add if the VM has no
+iommufd yet, device_add vfio-pci). Put hot-pluggable devices behind a pcie-root-port.
 """
 
 VM_EPILOG: Final = """\

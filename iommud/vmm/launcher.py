@@ -39,7 +39,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import itertools
 import os
 import resource
 import shutil
@@ -47,20 +46,19 @@ import signal
 import socket
 import tempfile
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Final
 
 from iommud.client.aio import AsyncClient
-from iommud.client.calls import ClientClosedError, DelegatedClaim
-from iommud.errors import IommudError
 from iommud.protocol import messages as m
-from iommud.vmm.control import AttachRequest, ControlError, ControlServer
+from iommud.vmm.control import ControlServer
+from iommud.vmm.hotplug import Hotplug
 from iommud.vmm.qmp import QmpClient, QmpClosedError, QmpError
-from iommud.vmm.template import IOMMUFD, Template, parse_template, qdev_id_for
+from iommud.vmm.state import Report, VmDevice, VmLease, VmState
+from iommud.vmm.template import IOMMUFD, Template, parse_template
 
 QMP_CHARDEV: Final = "iommuctl-qmp"
-HOTPLUG_IOMMUFD: Final = "iommuctl-iommufd"  # + a number: object-add'ed when the VM has none
 
 EXIT_ERROR: Final = 1  # the daemon refused a claim
 EXIT_UNREACHABLE: Final = 2  # the daemon went away
@@ -80,10 +78,6 @@ class VmError(Exception):
         self.exit_code = exit_code
 
 
-Report = Callable[..., None]
-"""``report(event, **fields)``: one launcher record (``vm.started``, ``vm.revoked`` ...)."""
-
-
 @dataclass(frozen=True, slots=True)
 class VmOptions:
     devices: tuple[str, ...]
@@ -93,30 +87,6 @@ class VmOptions:
     qmp: bool = True
     stop_timeout: float = 10.0
     qmp_timeout: float = 300.0  # nested TCG under load took 19 s; a hang guard only
-
-
-@dataclass(slots=True)
-class VmDevice:
-    bdf: str
-    qdev_id: str
-    deleted: bool = False
-
-
-@dataclass(slots=True)
-class VmLease:
-    lease_id: int
-    group_id: int
-    devices: list[VmDevice] = field(default_factory=list)
-    held: list[str] = field(default_factory=list)  # claimed, given to no one (--hold)
-    revoked: str | None = None
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "lease_id": self.lease_id,
-            "group_id": self.group_id,
-            "devices": [{"bdf": d.bdf, "id": d.qdev_id} for d in self.devices],
-            "held": list(self.held),
-        }
 
 
 def prepare(opts: VmOptions) -> tuple[Template, str]:
@@ -189,53 +159,18 @@ class Launcher:
         opts: VmOptions,
         report: Report,
     ) -> None:
-        self.client = client
         self.template = template
         self.binary = binary
         self.opts = opts
         self.report = report
-        self.leases: dict[int, VmLease] = {}
-        self.iommufd_id: int | None = None
-        self.iommufd_object = template.iommufd_object
-        self.qmp: QmpClient | None = None
+        self.vm = VmState(client, report, iommufd_object=template.iommufd_object)
         self.proc: asyncio.subprocess.Process | None = None
-        self._hotplug = asyncio.Lock()
-        self._names = itertools.count()
-        self._objects = itertools.count()
-
-    # ------------------------------------------------------------------ claims
-    async def _groups(self, bdfs: Sequence[str]) -> list[list[str]]:
-        """``bdfs`` split by IOMMU group (unknown devices alone: the daemon names them)."""
-        group_of = {d.bdf: d.group_id for d in await self.client.list_devices()}
-        groups: dict[object, list[str]] = {}
-        for bdf in bdfs:
-            key = group_of.get(bdf)
-            groups.setdefault(bdf if key is None else key, []).append(bdf)
-        return list(groups.values())
-
-    async def _claim(self, bdfs: Sequence[str]) -> list[DelegatedClaim]:
-        """One delegated claim per group, all on one iommufd; all or nothing."""
-        claims: list[DelegatedClaim] = []
-        try:
-            for group in await self._groups(bdfs):
-                claim = await self.client.claim_delegated(group, self.iommufd_id)
-                claims.append(claim)
-                self.iommufd_id = claim.iommufd_id
-        except BaseException:
-            for claim in claims:
-                claim.close()
-                with contextlib.suppress(IommudError, ClientClosedError):
-                    await self.client.release(claim.lease_id)
-            if not self.leases:
-                self.iommufd_id = None  # nothing holds it any more
-            raise
-        return claims
 
     # ------------------------------------------------------------------ start
     async def run(self, stop: asyncio.Future[None]) -> int:
         """Claim, start, supervise; the exit status (see the module docstring)."""
         t0 = time.monotonic()
-        claims = await self._claim(self.template.devices + self.template.held)
+        claims = await self.vm.claim(self.template.devices + self.template.held)
         claim_s = time.monotonic() - t0
         qmp_conn: socket.socket | None = None
         try:
@@ -250,7 +185,7 @@ class Launcher:
                         continue
                     fds[dev.bdf] = dev.fd.fileno()
                     lease.devices.append(VmDevice(dev.bdf, self.template.qdev_ids[dev.bdf]))
-                self.leases[lease.lease_id] = lease
+                self.vm.leases[lease.lease_id] = lease
             extra: list[str] = []
             passed = list(fds.values())
             listener: socket.socket | None = None
@@ -282,7 +217,7 @@ class Launcher:
         except BaseException:
             if qmp_conn is not None:
                 qmp_conn.close()
-            await self._release_all()
+            await self.vm.release_all()
             raise
         finally:
             for claim in claims:
@@ -314,13 +249,14 @@ class Launcher:
                     await greeting
 
     async def _realized(self) -> dict[str, bool]:
-        assert self.qmp is not None
+        qmp = self.vm.qmp
+        assert qmp is not None
         out = {}
-        for lease in self.leases.values():
+        for lease in self.vm.leases.values():
             for dev in lease.devices:
                 path = f"/machine/peripheral/{dev.qdev_id}"
                 try:
-                    got = await self.qmp.execute("qom-get", {"path": path, "property": "realized"})
+                    got = await qmp.execute("qom-get", {"path": path, "property": "realized"})
                 except QmpError:
                     got = False
                 out[dev.qdev_id] = bool(got)
@@ -340,8 +276,8 @@ class Launcher:
         rc: int | None = None
         try:
             if qmp_conn is not None:
-                self.qmp = await self._connect_qmp(qmp_conn, stop)
-                if self.qmp is None and not stop.done():
+                self.vm.qmp = await self._connect_qmp(qmp_conn, stop)
+                if self.vm.qmp is None and not stop.done():
                     rc = exit_status(await self.proc.wait())
                     self.report(
                         "vm.failed",
@@ -354,21 +290,21 @@ class Launcher:
             self.report(
                 "vm.started",
                 pid=self.proc.pid,
-                iommufd_id=self.iommufd_id,
-                iommufd_object=self.iommufd_object,
-                leases=[lease.describe() for lease in self.leases.values()],
-                realized=await self._realized() if self.qmp is not None else None,
+                iommufd_id=self.vm.iommufd_id,
+                iommufd_object=self.vm.iommufd_object,
+                leases=[lease.describe() for lease in self.vm.leases.values()],
+                realized=await self._realized() if self.vm.qmp is not None else None,
                 claim_s=claim_s,
                 spawn_to_qmp_s=time.monotonic() - spawned,
                 rlimit_memlock=resource.getrlimit(resource.RLIMIT_MEMLOCK)[0],
                 control=self.opts.control,
             )
-            if self.opts.control is not None and self.qmp is not None:
-                control = ControlServer(self.opts.control, self.attach)
+            if self.opts.control is not None and self.vm.qmp is not None:
+                control = ControlServer(self.opts.control, Hotplug(self.vm).attach)
             exited = asyncio.create_task(self.proc.wait())
             daemon = asyncio.create_task(self._daemon_events())
             tasks = [exited, daemon]
-            if self.qmp is not None:
+            if self.vm.qmp is not None:
                 tasks.append(asyncio.create_task(self._qmp_events()))
             waits: list[asyncio.Future[Any]] = [exited, daemon, stop]
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
@@ -389,13 +325,13 @@ class Launcher:
                     await task
             if control is not None:
                 await control.aclose()
-            if self.qmp is not None:
-                await self.qmp.aclose()
+            if self.vm.qmp is not None:
+                await self.vm.qmp.aclose()
             elif qmp_conn is not None:
                 qmp_conn.close()
             if self.proc.returncode is None:
                 await asyncio.shield(self._stop_vmm())
-            await asyncio.shield(self._release_all())
+            await asyncio.shield(self.vm.release_all())
 
     async def _stop_vmm(self) -> int:
         """SIGTERM, SIGKILL after ``stop_timeout``; the VMM's returncode."""
@@ -411,38 +347,18 @@ class Launcher:
                     self.proc.kill()
         return await self.proc.wait()
 
-    async def _release_all(self) -> None:
-        for lease_id in list(self.leases):
-            await self._release(lease_id)
-
-    async def _release(self, lease_id: int) -> None:
-        lease = self.leases.pop(lease_id, None)
-        if lease is None:
-            return
-        if not self.leases:
-            # The daemon drops the iommufd with its last lease: a later hotplug gets a
-            # fresh one, which needs an iommufd object of its own in the VM.
-            self.iommufd_id = None
-            self.iommufd_object = None
-        try:
-            await self.client.release(lease_id)
-        except (IommudError, ClientClosedError) as exc:
-            self.report("vm.release_failed", lease_id=lease_id, error=str(exc))
-        else:
-            self.report("vm.released", lease_id=lease_id, group_id=lease.group_id)
-
     # ------------------------------------------------------------------ events
     async def _daemon_events(self) -> None:
         """Until the daemon closes the connection: react to our leases' events."""
-        async for ev in self.client.events():
-            if isinstance(ev, m.LeaseRevoked) and ev.lease_id in self.leases:
+        async for ev in self.vm.client.events():
+            if isinstance(ev, m.LeaseRevoked) and ev.lease_id in self.vm.leases:
                 await self._on_revoked(ev)
             elif ev.event.value == "lease_enforced":  # v2, when the daemon enforces
                 self.report("vm.enforced", **ev.model_dump(mode="json", exclude={"op"}))
 
     async def _on_revoked(self, ev: m.LeaseRevoked) -> None:
         received = time.time()
-        lease = self.leases[ev.lease_id]
+        lease = self.vm.leases[ev.lease_id]
         lease.revoked = ev.reason
         results = []
         for dev in lease.devices:
@@ -463,10 +379,10 @@ class Launcher:
         )
 
     async def _unplug(self, dev: VmDevice) -> dict[str, str]:
-        if self.qmp is None:
+        if self.vm.qmp is None:
             return {"result": "no QMP monitor (--no-qmp): the VMM was not asked"}
         try:
-            await self.qmp.execute("device_del", {"id": dev.qdev_id})
+            await self.vm.qmp.execute("device_del", {"id": dev.qdev_id})
         except QmpError as exc:
             return {"result": "refused", "error": exc.desc}
         except QmpClosedError:
@@ -475,105 +391,19 @@ class Launcher:
 
     async def _qmp_events(self) -> None:
         """DEVICE_DELETED: a lease whose devices are all gone from the VM is released."""
-        assert self.qmp is not None
-        while (event := await self.qmp.next_event()) is not None:
+        assert self.vm.qmp is not None
+        while (event := await self.vm.qmp.next_event()) is not None:
             if event.get("event") != "DEVICE_DELETED":
                 continue
             qdev_id = event.get("data", {}).get("device")
-            for lease in list(self.leases.values()):
+            for lease in list(self.vm.leases.values()):
                 for dev in lease.devices:
                     if dev.qdev_id != qdev_id or dev.deleted:
                         continue
                     dev.deleted = True
                     self.report("vm.device_deleted", bdf=dev.bdf, id=dev.qdev_id)
                     if all(d.deleted for d in lease.devices):
-                        await self._release(lease.lease_id)
-
-    # ------------------------------------------------------------------ hotplug
-    async def attach(self, req: AttachRequest) -> dict[str, Any]:
-        """Hot-add ``req.devices`` (the control socket's ``attach``); see the docstring."""
-        async with self._hotplug:
-            if self.qmp is None or self.qmp.closed:
-                raise ControlError("no_qmp", "the VMM's QMP monitor is gone")
-            present = {d.bdf for lease in self.leases.values() for d in lease.devices}
-            present |= {bdf for lease in self.leases.values() for bdf in lease.held}
-            taken = [bdf for bdf in (*req.devices, *req.held) if bdf in present]
-            if taken:
-                raise ControlError("busy", f"{taken[0]} is already in this VM", bdf=taken[0])
-            t0 = time.monotonic()
-            try:
-                claims = await self._claim(req.devices + req.held)
-            except IommudError as exc:
-                raise ControlError(exc.code.value, exc.message, **exc.details) from None
-            claim_s = time.monotonic() - t0
-            try:
-                added = [await self._hot_add(claim, req) for claim in claims]
-            finally:
-                for claim in claims:
-                    claim.close()
-            done = time.monotonic()
-            self.report(
-                "vm.attached",
-                leases=added,
-                claim_s=claim_s,
-                hotplug_s=done - t0,
-                qmp_s=done - t0 - claim_s,
-            )
-            return {"leases": added, "claim_s": claim_s, "hotplug_s": done - t0}
-
-    async def _getfd(self, fd: int) -> str:
-        assert self.qmp is not None
-        name = f"iommuctl-fd{next(self._names)}"
-        await self.qmp.execute("getfd", {"fdname": name}, fds=[fd])
-        return name
-
-    async def _hot_add(self, claim: DelegatedClaim, req: AttachRequest) -> dict[str, Any]:
-        """One claim into the VM; on a QMP error the claim is released and nothing kept."""
-        assert self.qmp is not None
-        lease = VmLease(claim.lease_id, claim.group_id)
-        names: list[str] = []
-        try:
-            if self.iommufd_object is None:
-                if claim.iommufd is None:  # pragma: no cover - the daemon broke v2
-                    raise ControlError("qmp_error", "no iommufd for a VM that has none")
-                name = await self._getfd(claim.iommufd.fileno())
-                names.append(name)
-                object_id = f"{HOTPLUG_IOMMUFD}{next(self._objects)}"
-                props = {"qom-type": "iommufd", "id": object_id, "fd": name}
-                await self.qmp.execute("object-add", props)
-                names.remove(name)  # consumed by the object
-                self.iommufd_object = object_id
-            for dev in claim.devices:
-                if dev.bdf in req.held:
-                    lease.held.append(dev.bdf)
-                    continue
-                i = req.devices.index(dev.bdf)
-                qdev_id = req.ids[i] or qdev_id_for(dev.bdf)
-                name = await self._getfd(dev.fd.fileno())
-                names.append(name)
-                args: dict[str, str | None] = {
-                    "driver": "vfio-pci",
-                    "id": qdev_id,
-                    "iommufd": self.iommufd_object,
-                    "fd": name,
-                }
-                if req.buses[i] is not None:
-                    args["bus"] = req.buses[i]
-                await self.qmp.execute("device_add", args)
-                names.remove(name)
-                lease.devices.append(VmDevice(dev.bdf, qdev_id))
-        except (QmpError, QmpClosedError) as exc:
-            for name in names:
-                with contextlib.suppress(QmpError, QmpClosedError):
-                    await self.qmp.execute("closefd", {"fdname": name})
-            if lease.devices:  # part of the group is in the VM: keep what QEMU holds
-                self.leases[lease.lease_id] = lease
-            else:
-                with contextlib.suppress(IommudError, ClientClosedError):
-                    await self.client.release(claim.lease_id)
-            raise ControlError("qmp_error", str(exc), lease_id=claim.lease_id) from None
-        self.leases[lease.lease_id] = lease
-        return lease.describe()
+                        await self.vm.release(lease.lease_id)
 
 
 __all__ = [

@@ -304,3 +304,33 @@ async def test_a_refused_claim_claims_nothing(
     assert refused.value.details == {"reason": "legacy_only", "group_id": 4}
     assert not fake_log(vmm_log)
     assert not _leases(broker)
+
+
+async def test_a_failed_hotplug_into_a_vm_without_iommufd_leaves_nothing(
+    served: tuple[str, Broker],
+    launch: Launch,
+    vmm_log: Path,
+    sockdir: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two groups at once, the first device_add refused: the iommufd object made for it
+    is deleted, both claims are given back, and the next attach starts afresh (a new
+    iommufd from the daemon, a new object in the VM)."""
+    path, broker = served
+    monkeypatch.setenv("FAKE_VMM_DEVICE_ADD", "fail")
+    ctl = os.path.join(sockdir, "ctl")
+    vm = await launch(path, (), fake_argv(), control=ctl)
+    await vm.record("vm.started")  # the control socket is up from here on
+    req = {"op": "attach", "devices": [EDU0, EDU1, EDU2], "hold": [NIC]}
+    answer = await control.request(ctl, req)
+    assert (answer["ok"], answer["code"]) == (False, "qmp_error")
+    assert [r["args"] for r in qmp_commands(vmm_log, "object-del")] == [{"id": "iommuctl-iommufd0"}]
+    await _until(lambda: not _leases(broker))
+    answer = await control.request(ctl, {"op": "attach", "devices": [EDU0]})
+    assert (answer["ok"], answer["code"]) == (False, "qmp_error")
+    assert [r["args"]["id"] for r in qmp_commands(vmm_log, "object-add")] == [
+        "iommuctl-iommufd0",
+        "iommuctl-iommufd1",
+    ]
+    assert len(qmp_commands(vmm_log, "device_add")) == 2
+    await _until(lambda: not _leases(broker))
