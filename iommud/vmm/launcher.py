@@ -351,15 +351,20 @@ class Launcher:
     async def _daemon_events(self) -> None:
         """Until the daemon closes the connection: react to our leases' events."""
         async for ev in self.vm.client.events():
-            if isinstance(ev, m.LeaseRevoked) and ev.lease_id in self.vm.leases:
-                await self._on_revoked(ev)
-            elif ev.event.value == "lease_enforced":  # v2, when the daemon enforces
-                self.report("vm.enforced", **ev.model_dump(mode="json", exclude={"op"}))
+            # By name and field, not class: protocol v2 may give lease_revoked its own
+            # model (grace_s) and adds lease_enforced; a launcher built before either works.
+            fields = ev.model_dump(mode="json", exclude={"op"})
+            if fields.get("lease_id") not in self.vm.leases:
+                continue
+            if ev.event is m.EventName.LEASE_REVOKED:
+                await self._on_revoked(fields)
+            elif ev.event.value == "lease_enforced":
+                self.report("vm.enforced", **fields)
 
-    async def _on_revoked(self, ev: m.LeaseRevoked) -> None:
+    async def _on_revoked(self, ev: dict[str, Any]) -> None:
         received = time.time()
-        lease = self.vm.leases[ev.lease_id]
-        lease.revoked = ev.reason
+        lease = self.vm.leases[ev["lease_id"]]
+        lease.revoked = ev["reason"]
         results = []
         for dev in lease.devices:
             if dev.deleted:
@@ -370,10 +375,10 @@ class Launcher:
             )
         self.report(
             "vm.revoked",
-            lease_id=ev.lease_id,
-            group_id=ev.group_id,
-            reason=ev.reason,
-            grace_s=getattr(ev, "grace_s", None),
+            lease_id=lease.lease_id,
+            group_id=lease.group_id,
+            reason=lease.revoked,
+            grace_s=ev.get("grace_s"),
             received_at=received,
             device_del=results,
         )

@@ -103,7 +103,7 @@ def is_edu(qmp: vmm.Qmp, qdev_id: str) -> bool:
 def alive(pid: int) -> bool:
     try:
         status = vmm.proc_status(pid)
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # gone, or going while read (ESRCH)
         return False
     return not status["State"].startswith("Z")
 

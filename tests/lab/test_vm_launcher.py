@@ -71,6 +71,9 @@ from tests.labharness import running_daemon
 
 pytestmark = pytest.mark.vm
 
+#: uid 1000 may also claim the e1000: a group is delegated whole, so the bridge group's
+#: claim names it (``--hold``: claimed, given to no one).
+CONFIG = DELEGATING.replace('devices = ["1234:11e8"]', 'devices = ["1234:11e8", "8086:100e"]')
 GUARD = 240.0  # hang guard for the launcher's records (nested TCG under load: 19 s seen)
 HOT_ID = "iommuctl-0000-00-10.0"  # the id vm-attach gives EDU0 (none asked for)
 
@@ -115,7 +118,8 @@ class IommuctlVm:
         )
         self.records: list[dict[str, Any]] = []
         self._lines: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=self._pump, daemon=True).start()
+        self._reader = threading.Thread(target=self._pump, daemon=True)
+        self._reader.start()
         self._qmp: vmm.Qmp | None = None
 
     def _pump(self) -> None:
@@ -156,7 +160,8 @@ class IommuctlVm:
         """The fd number QEMU ``pid`` got for ``-device ...,id=qdev_id,...,fd=N``."""
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         (option,) = (a.decode() for a in argv if f"id={qdev_id},".encode() in a)
-        return int(option.split("fd=")[1].split(",")[0])
+        (fd,) = (p.removeprefix("fd=") for p in option.split(",") if p.startswith("fd="))
+        return int(fd)
 
     def attach(self, *args: str) -> dict[str, Any]:
         """``iommuctl vm-attach --json --control ... ARGS`` as uid 1000; its answer."""
@@ -195,14 +200,19 @@ class IommuctlVm:
             self.proc.wait()
         pid = next((r["pid"] for r in self.records if r.get("event") == "vm.started"), 0)
         if pid and alive(pid):
-            os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self._reader.join(GUARD)  # EOF once the launcher and QEMU are gone
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
         self.log.close()
         shutil.rmtree(self.rundir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
 def daemon() -> Iterator[Daemon]:
-    with running_daemon(lambda d: Daemon(d, DELEGATING), "iommud-ivm-") as d:
+    assert CONFIG != DELEGATING
+    with running_daemon(lambda d: Daemon(d, CONFIG), "iommud-ivm-") as d:
         yield d
 
 
