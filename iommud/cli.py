@@ -502,6 +502,27 @@ def _bdf(text: str) -> str:
     return text.strip().lower()
 
 
+def _vm_devices(parser: argparse.ArgumentParser, *, required: bool) -> None:
+    """``--device`` and ``--hold`` (both repeatable) of ``vm`` and ``vm-attach``."""
+    parser.add_argument(
+        "--device",
+        dest="devices",
+        action="append",
+        required=required,
+        type=_bdf,
+        metavar="BDF",
+        help="claim this device and give it to the VM (its fd replaces {BDF})",
+    )
+    parser.add_argument(
+        "--hold",
+        dest="held",
+        action="append",
+        type=_bdf,
+        metavar="BDF",
+        help="claim this device with its group but give it to no one",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="iommuctl", description="Inspect and drive iommud, the IOMMU/VFIO device broker."
@@ -553,22 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     vm.add_argument("--json", action="store_true", help="records as JSON lines on stdout")
     vm.set_defaults(func=cmd_vm)
-    vm.add_argument(
-        "--device",
-        dest="devices",
-        action="append",
-        type=_bdf,
-        metavar="BDF",
-        help="claim this device (repeatable); its fd replaces {BDF} in the command",
-    )
-    vm.add_argument(
-        "--hold",
-        dest="held",
-        action="append",
-        type=_bdf,
-        metavar="BDF",
-        help="claim this device with its group but give it to no one (repeatable)",
-    )
+    _vm_devices(vm, required=False)
     vm.add_argument(
         "--control",
         metavar="PATH",
@@ -592,17 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
         "vm-attach", cmd_vm_attach, "hot-add devices to a VM started with iommuctl vm --control"
     )
     at.add_argument("--control", required=True, metavar="PATH", help="the launcher's socket")
-    at.add_argument(
-        "--device", dest="devices", action="append", required=True, type=_bdf, metavar="BDF"
-    )
-    at.add_argument(
-        "--hold",
-        dest="held",
-        action="append",
-        type=_bdf,
-        metavar="BDF",
-        help="claim with the group, give to no one",
-    )
+    _vm_devices(at, required=True)
     at.add_argument(
         "--bus", dest="buses", action="append", metavar="BUS", help="per --device, in order"
     )
