@@ -17,7 +17,11 @@ guest RAM (HMP ``xp``) proves QEMU bound and mapped through the delegated iommuf
 4. ``iommuctl revoke`` while QEMU runs: DMA faults, VmPin drops to 0, the launcher sent
    ``device_del`` and QEMU accepted it. The OS-less VM cannot finish the unplug (no guest
    answers the attention button, lab/README.md), so the lease stays revoked until QEMU
-   exits; the daemon's kill after a grace period is another part of issue 8.
+   exits; the daemon's kill after a grace period is another part of issue 8;
+5. the same revoke with the edu at function 1 of an empty slot and native hotplug, where
+   QEMU completes ``device_del`` without a guest: DEVICE_DELETED, the launcher releases
+   the revoked lease, the edu is back on its driver while QEMU runs on (no kill needed).
+   What a real guest's cooperation adds on top is not covered (no OS in the nested VM).
 
 Timings go to the output (``vm.*`` lines). Test code; runs inside the lab guest.
 """
@@ -422,4 +426,52 @@ def test_revoke_while_qemu_runs(launched: list[IommuctlVm], daemon: Daemon) -> N
         revoke_to_launcher_heard_s=revoked["received_at"] - sent,
         grace_s=revoked["grace_s"],
         sigterm_to_driver_back_s=stop_s,
+    )
+
+
+#: Native PCIe hotplug (q35's ACPI hotplug off) and the device at function 1 of an empty
+#: slot: QEMU then removes it on device_del without a guest (hw/pci/pcie.c
+#: pcie_cap_slot_unplug_request_cb -> pcie_unplug_device for a function > 0 whose function 0
+#: is empty; seen with QEMU 10.0.2: DEVICE_DELETED at once, paused, no OS).
+FUNCTION_1 = ("-global", "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off")
+
+
+def test_revoke_with_a_vmm_that_lets_go(launched: list[IommuctlVm], daemon: Daemon) -> None:
+    """The cooperative path end to end: revoke -> the launcher's device_del completes
+    (the edu sits at function 1, native hotplug), QEMU closes its cdev, the launcher
+    releases the revoked lease and the edu goes back to its driver while QEMU runs on."""
+    extra = [
+        *FUNCTION_1,
+        "-object", "iommufd,id=i0,fd={iommufd}",
+        "-device", f"vfio-pci,id=dev0,iommufd=i0,bus=rp0,addr=0.1,fd={_slot(EDU0)}",
+    ]  # fmt: skip
+    vm = IommuctlVm(daemon.socket, [EDU0], extra)
+    launched.append(vm)
+    started = vm.record("vm.started")
+    pid = started["pid"]
+    (lease,) = started["leases"]
+    assert vmm.vm_pin_kib(pid) >= RAM_KIB
+    with Client(daemon.socket, "lab-admin", timeout=30.0) as admin:
+        sent = time.time()
+        assert admin.revoke(group_of(EDU0), "lab revoke") == (lease["lease_id"],)
+    revoked = vm.record("vm.revoked")
+    assert [(d["id"], d["result"]) for d in revoked["device_del"]] == [("dev0", "accepted")]
+    assert vm.record("vm.device_deleted")["id"] == "dev0"
+    released = vm.record("vm.released")
+    assert released["lease_id"] == lease["lease_id"]
+    back = wait_until(lambda: driver_of(EDU0) is None, 60.0, 0.05)
+    assert back is not None, daemon.log_tail()
+    back_at = time.time()
+    assert alive(pid)  # QEMU runs on, without the device
+    assert vm.qmp("query-status")["status"] == "prelaunch"  # -S: never started, still fine
+    assert not daemon.status()["leases"]
+    assert vmm.vm_pin_kib(pid) == 0
+    assert vm.terminate() == 0
+    assert vm.record("vm.exited")["why"] == "signal"
+    report(
+        "vm",
+        "revoke_cooperative",
+        revoke_to_device_del_sent_s=revoked["device_del"][0]["sent_at"] - sent,
+        revoke_to_driver_back_s=back_at - sent,
+        grace_s=revoked["grace_s"],
     )
