@@ -486,8 +486,9 @@ memory lock limit (for the admin):
   too small; an unprivileged user cannot raise the hard limit. Size it guest RAM plus
   about 1 MiB (ROMs), e.g. for a 1 GiB guest:
     systemd unit running iommuctl vm:  LimitMEMLOCK=1100M
-    or as root, for a shell:           prlimit --memlock=1153433600:1153433600 --pid PID
-    or at login:                       /etc/security/limits.d/: USER hard memlock 1126400
+    or as root, for a running shell:   prlimit --memlock=1153433600:1153433600 --pid PID
+    or at login (pam_limits, KiB):     /etc/security/limits.d/vm.conf: USER - memlock 1126400
+  iommuctl vm passes its limit on to the VMM (the vm.started record shows it).
   A VMM that fails with "vfio_container_dma_map(...) = -12" hit this limit. Never give a
   VMM CAP_IPC_LOCK (it would pin without any limit).
 
