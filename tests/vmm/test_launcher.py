@@ -334,3 +334,26 @@ async def test_a_failed_hotplug_into_a_vm_without_iommufd_leaves_nothing(
     ]
     assert len(qmp_commands(vmm_log, "device_add")) == 2
     await _until(lambda: not _leases(broker))
+
+
+async def test_without_qmp_a_revocation_is_only_reported(
+    served: tuple[str, Broker], launch: Launch, vmm_log: Path
+) -> None:
+    """--no-qmp: no monitor fd goes to the VMM, and lease_revoked is reported with the
+    fact that the VMM was not asked (the daemon's enforcement has to do the rest)."""
+    path, broker = served
+    vm = await launch(path, (EDU0,), fake_argv(*IOMMUFD_OBJECT, *vfio(EDU0)), qmp=False)
+    started = await vm.record("vm.started")
+    assert started["realized"] is None  # reported at spawn: there is no QMP to wait for
+    await _until(lambda: bool(fake_log(vmm_log)))
+    (spawn, *_) = fake_log(vmm_log)
+    assert "-chardev" not in spawn["argv"]
+    assert len(spawn["fds"]) == 5  # stdio, the iommufd, the cdev
+    ((_, (group, _, _)),) = _leases(broker).items()
+    await broker.revoke_group(group, "maintenance")
+    revoked = await vm.record("vm.revoked")
+    assert [d["result"] for d in revoked["device_del"]] == [
+        "no QMP monitor (--no-qmp): the VMM was not asked"
+    ]
+    assert await vm.terminate() == 128 + signal.SIGTERM
+    assert not _leases(broker)
