@@ -26,11 +26,12 @@ What the launcher does, in order (``Launcher.run``):
    would let the daemon close its duplicates while QEMU still holds the device. A
    ``DEVICE_DELETED`` for every device of a lease (revoked, or unplugged by the guest)
    releases it.
-6. Hotplug (``--control PATH``, ``iommuctl vm-attach``): claim (joining the VM's
-   iommufd), QMP ``getfd`` of the iommufd and ``object-add`` only when the VM has none
-   yet, ``getfd`` of each cdev and ``device_add vfio-pci``.
+6. Hotplug (``--control PATH``, ``iommuctl vm-attach``; ``hotplug.Hotplug`` behind
+   ``control.ControlServer``): claim (joining the VM's iommufd), QMP ``getfd`` of the
+   iommufd and ``object-add`` only when the VM has none yet, ``getfd`` of each cdev and
+   ``device_add vfio-pci``.
 
-It never needs root and never touches /dev or sysfs: every fd comes from the daemon.
+The VM's leases and iommufd are ``state.VmState``'s. It never needs root and never touches /dev or sysfs: every fd comes from the daemon.
 Records (``vm.*``) go to the caller's ``Report``; timings are measured here.
 """
 
