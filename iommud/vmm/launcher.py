@@ -31,8 +31,9 @@ What the launcher does, in order (``Launcher.run``):
    iommufd and ``object-add`` only when the VM has none yet, ``getfd`` of each cdev and
    ``device_add vfio-pci``.
 
-The VM's leases and iommufd are ``state.VmState``'s. It never needs root and never touches /dev or sysfs: every fd comes from the daemon.
-Records (``vm.*``) go to the caller's ``Report``; timings are measured here.
+The VM's leases and iommufd are ``state.VmState``'s. It never needs root and never
+touches /dev or sysfs: every fd comes from the daemon. Records (``vm.*``) go to the
+caller's ``Report``; timings are measured here.
 """
 
 from __future__ import annotations
