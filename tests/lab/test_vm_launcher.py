@@ -232,11 +232,19 @@ def launched(daemon: Daemon, request: pytest.FixtureRequest) -> Iterator[list[Io
     assert wait_until(lambda: drivers_now() == BOOT_DRIVERS, 60.0, 0.05) is not None
 
 
-def _stop_and_restore(vm: IommuctlVm, daemon: Daemon) -> float:
-    """SIGTERM the launcher: QEMU ends, the leases go, the drivers come back (seconds)."""
+def _stop_and_restore(vm: IommuctlVm, daemon: Daemon, *, revoked: bool = False) -> float:
+    """SIGTERM the launcher: QEMU ends, the leases go, the drivers come back (seconds).
+
+    After a revoke QEMU may already be gone: a daemon that enforces kills a holder once
+    its grace period ends (issue 8's enforcement; a loaded host can get there first), and
+    the launcher then exits with QEMU's status."""
     t0 = time.monotonic()
-    assert vm.terminate() == 0  # QEMU exits 0 on SIGTERM, the launcher passes it on
-    assert vm.record("vm.exited")["why"] == "signal"
+    rc = vm.terminate()
+    ending = (rc, vm.record("vm.exited")["why"])
+    allowed = {(0, "signal")}  # QEMU exits 0 on SIGTERM, the launcher passes it on
+    if revoked:
+        allowed.add((128 + signal.SIGKILL, "vmm_exited"))
+    assert ending in allowed, (ending, vm.records)
     assert vm.record("vm.released")
     back = wait_until(lambda: drivers_now() == BOOT_DRIVERS, 60.0, 0.05)
     assert back is not None, (drivers_now(), daemon.log_tail())
@@ -415,7 +423,7 @@ def test_revoke_while_qemu_runs(launched: list[IommuctlVm], daemon: Daemon) -> N
         raise
     finally:
         os.close(dup)
-    stop_s = _stop_and_restore(vm, daemon)
+    stop_s = _stop_and_restore(vm, daemon, revoked=True)
     report(
         "vm",
         "revoke",
