@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
@@ -20,6 +21,12 @@ def sockdir() -> Iterator[str]:
     path = tempfile.mkdtemp(dir="/tmp", prefix="iommud-vm-")
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def ctl(sockdir: str) -> str:
+    """Where a test's launcher puts its control socket (--control)."""
+    return os.path.join(sockdir, "ctl")
 
 
 @pytest.fixture

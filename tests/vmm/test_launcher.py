@@ -210,12 +210,11 @@ async def test_revocation_sends_device_del(
 
 
 async def test_hotplug_into_a_vm_without_devices(
-    served: tuple[str, Broker], launch: Launch, vmm_log: Path, sockdir: str
+    served: tuple[str, Broker], launch: Launch, vmm_log: Path, ctl: str
 ) -> None:
     """vm-attach: the first device brings the iommufd (getfd + object-add), the next
     group joins it (getfd + device_add only); both leases share one iommufd."""
     path, broker = served
-    ctl = os.path.join(sockdir, "ctl")
     vm = await launch(path, (), fake_argv(), control=ctl)
     assert (await vm.record("vm.started"))["leases"] == []
     assert oct(os.stat(ctl).st_mode & 0o777) == "0o600"
@@ -271,13 +270,12 @@ async def test_a_failed_device_add_gives_the_claim_back(
     served: tuple[str, Broker],
     launch: Launch,
     vmm_log: Path,
-    sockdir: str,
+    ctl: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """device_add refused by the VMM: qmp_error to vm-attach, the lease released."""
     path, broker = served
     monkeypatch.setenv("FAKE_VMM_DEVICE_ADD", "fail")
-    ctl = os.path.join(sockdir, "ctl")
     argv = fake_argv(*IOMMUFD_OBJECT, *vfio(EDU0))
     vm = await launch(path, (EDU0,), argv, control=ctl)
     await vm.record("vm.started")
@@ -310,7 +308,7 @@ async def test_a_failed_hotplug_into_a_vm_without_iommufd_leaves_nothing(
     served: tuple[str, Broker],
     launch: Launch,
     vmm_log: Path,
-    sockdir: str,
+    ctl: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Two groups at once, the first device_add refused: the iommufd object made for it
@@ -318,7 +316,6 @@ async def test_a_failed_hotplug_into_a_vm_without_iommufd_leaves_nothing(
     iommufd from the daemon, a new object in the VM)."""
     path, broker = served
     monkeypatch.setenv("FAKE_VMM_DEVICE_ADD", "fail")
-    ctl = os.path.join(sockdir, "ctl")
     vm = await launch(path, (), fake_argv(), control=ctl)
     await vm.record("vm.started")  # the control socket is up from here on
     req = {"op": "attach", "devices": [EDU0, EDU1, EDU2], "hold": [NIC]}
