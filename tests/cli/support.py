@@ -42,7 +42,11 @@ REPO = Path(__file__).resolve().parents[2]
 class Daemon:
     """iommud in a thread: ``call`` runs a coroutine on its loop and waits for it."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(
+        self,
+        root: Path,
+        access: tuple[AccessRule, ...] = (AccessRule(uid=0, devices=("1234:11e8",)),),
+    ) -> None:
         self.root = root
         self.fs: FakeSys = lab_topology(root / "root")
         self.socket = str(root / "s")
@@ -51,7 +55,7 @@ class Daemon:
                 sys_root=self.fs.sys_root, dev_root=self.fs.dev_root, state_dir=root / "state"
             ),
             manage=ManageConfig(rebind=("1234:11e8",)),
-            access=(AccessRule(uid=0, devices=("1234:11e8",)),),
+            access=access,
         )
         self._ready = threading.Event()
         self._failed: BaseException | None = None
