@@ -35,6 +35,10 @@ SO_PEERGROUPS = 59  # Linux 4.13
 SO_PEERPIDFD = 77  # Linux 6.5: a pidfd for the peer, race-free unlike pidfd_open(pid)
 
 _INT_SIZE = array.array("i").itemsize
+SCM_MAX_FD: Final = 253
+"""The most fds one SCM_RIGHTS message can carry (include/net/scm.h); a sender's
+``sendmsg`` with more fails (EINVAL), so a receiver with room for this many learns the
+exact count of any datagram."""
 _MAX_GROUPS = 65536  # NGROUPS_MAX
 
 
@@ -52,7 +56,8 @@ class PeerCredentials:
 class Datagram:
     """One received message. ``fds`` owns every fd that arrived with it.
 
-    ``truncated``: the payload did not fit the buffer (MSG_TRUNC, an oversized message).
+    ``truncated``: the payload did not fit the buffer (MSG_TRUNC, an oversized message);
+    ``data`` then holds its first ``max_datagram`` bytes and ``size`` its real length.
     ``ctrunc``: more fds (or control data) were sent than the buffer holds (MSG_CTRUNC);
     the kernel dropped the excess, the ones that fit are in ``fds``.
     ``foreign_cmsgs``: control messages other than SCM_RIGHTS, e.g. SCM_CREDENTIALS.
@@ -63,6 +68,12 @@ class Datagram:
     truncated: bool = False
     ctrunc: bool = False
     foreign_cmsgs: list[tuple[int, int]] = field(default_factory=list)
+    size: int = -1
+    """The datagram's length as sent (the kernel's, even when ``truncated``); -1: ``len(data)``."""
+
+    def __post_init__(self) -> None:
+        if self.size < 0:
+            self.size = len(self.data)
 
     @property
     def is_clean(self) -> bool:
@@ -86,7 +97,15 @@ def recv_datagram_nowait(sock: socket.socket, max_datagram: int, max_fds: int) -
     indistinguishable to ``recvmsg``, and the protocol never sends empty datagrams.
     """
     ancbuf = socket.CMSG_SPACE(max_fds * _INT_SIZE)
-    data, ancdata, flags, _addr = sock.recvmsg(max_datagram, ancbuf, socket.MSG_CMSG_CLOEXEC)
+    buf = bytearray(max_datagram)
+    # MSG_TRUNC in flags: an AF_UNIX datagram socket then returns the datagram's real
+    # length even when it did not fit (net/unix/af_unix.c __unix_dgram_recvmsg), so an
+    # oversize datagram can be reported with its size. recvmsg_into, not recvmsg: the
+    # latter would resize its bytes object to that larger length.
+    size, ancdata, flags, _addr = sock.recvmsg_into(
+        [buf], ancbuf, socket.MSG_CMSG_CLOEXEC | socket.MSG_TRUNC
+    )
+    data = bytes(memoryview(buf)[: min(size, max_datagram)])
     fds = FdSet()
     foreign: list[tuple[int, int]] = []
     try:
@@ -107,6 +126,7 @@ def recv_datagram_nowait(sock: socket.socket, max_datagram: int, max_fds: int) -
         truncated=bool(flags & socket.MSG_TRUNC),
         ctrunc=bool(flags & socket.MSG_CTRUNC),
         foreign_cmsgs=foreign,
+        size=size,
     )
 
 

@@ -47,6 +47,7 @@ from iommud.protocol.messages import (
 )
 from iommud.protocol.v2 import ReplyV2
 from iommud.transport import (
+    SCM_MAX_FD,
     Datagram,
     PeerCredentials,
     open_peer_pidfd,
@@ -178,8 +179,10 @@ class ConnectionHandler:
         draining = asyncio.ensure_future(self._draining.wait())
         try:
             while not self._draining.is_set():
+                # Room for every fd a datagram can carry (closed at once when over
+                # max_fds): the refusal then names the request's id and the count.
                 recv = asyncio.ensure_future(
-                    recv_datagram(self.sock, limits.max_datagram, limits.max_fds)
+                    recv_datagram(self.sock, limits.max_datagram, SCM_MAX_FD)
                 )
                 done, _ = await asyncio.wait({recv, draining}, return_when=asyncio.FIRST_COMPLETED)
                 if recv not in done:
@@ -309,19 +312,19 @@ def _transport_error(dgram: Datagram, limits: Limits) -> ProtocolError | None:
         return ProtocolError(
             ErrorCode.BAD_REQUEST, "unexpected control message", details={"cmsgs": kinds}
         )
-    if dgram.ctrunc:
-        return ProtocolError(
-            ErrorCode.LIMIT_REACHED,
-            "too many fds attached",
-            details={"max_fds": limits.max_fds},
-        )
     if dgram.truncated:
         return ProtocolError(
             ErrorCode.LIMIT_REACHED,
             "datagram exceeds the size limit",
-            details={"max_datagram": limits.max_datagram},
+            details={"size": dgram.size, "max_datagram": limits.max_datagram},
         )
-    return None
+    if dgram.ctrunc:  # more fds than the daemon could take (SCM_MAX_FD, or its fd limit)
+        return ProtocolError(
+            ErrorCode.LIMIT_REACHED,
+            "too many fds attached",
+            details={"received": len(dgram.fds), "max_fds": limits.max_fds},
+        )
+    return None  # more than max_fds but all received: the codec refuses it with the id
 
 
 def _error_reply(request_id: int, exc: IommudError) -> ErrorReply:
