@@ -19,6 +19,11 @@ Rules (``[[access]]`` in the config) are read in order:
 
 The quota of a peer is the quota of the first rule that applies to it (root and peers
 without a rule get the "default" quota).
+
+Who may see whom (``may_see_holder``): a holder's uid, pid, lease and devices are shown
+(``list_groups`` ``owner``, ``status`` ``leases``, ``busy`` details) only to a peer of
+the same uid or to uid 0, the admin. Everyone else learns that a group is held, not by
+whom: a pid and a device list tell another user which VM runs where.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ __all__ = [
     "Identity",
     "check_claim",
     "may_rebind",
+    "may_see_holder",
     "quota_for",
     "selector_matches",
 ]
@@ -128,6 +134,12 @@ def check_claim(
         applying[0],
         f"{device.bdf} ({device.vendor_device}) is not covered by {rules}",
     )
+
+
+def may_see_holder(viewer: Identity, holder: Identity) -> bool:
+    """May ``viewer`` learn who holds a group (uid, pid, lease, devices)? Its own uid's
+    leases, and uid 0 (the admin, who may revoke them) every lease."""
+    return viewer.is_root or viewer.uid == holder.uid
 
 
 def quota_for(config: Config, identity: Identity) -> Quota:
