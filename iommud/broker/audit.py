@@ -3,7 +3,8 @@
 iommud.broker.guard.BindGuard watches (inotify close-write) the sysfs files through which a
 driver could take a device of an owned group. On each write this re-checks every owned
 group (the enforcement path) and, when a bind was refused, attributes it to the owned
-device the driver had been seen on and publishes bind_refused. The re-check is the
+device the driver had driven (seen by this process, or recorded in the rebind journal as
+the device's original driver) and publishes bind_refused. The re-check is the
 enforcer's (iommud.broker.enforcement); the guard's watch list follows the owned groups
 from iommud.broker.claim, where ownership changes.
 
@@ -17,7 +18,7 @@ import structlog
 from iommud.broker.drivers import VFIO_PCI
 from iommud.broker.enforcement import Enforcer
 from iommud.broker.guard import BindGuard, SysfsWrite, WriteKind
-from iommud.broker.state import BrokerState
+from iommud.broker.state import BrokerState, GroupHold
 from iommud.errors import IommudError, KernelError
 from iommud.protocol import messages as m
 
@@ -54,6 +55,18 @@ class GuardAudit:
     def _on_sysfs_write(self, write: SysfsWrite) -> None:
         self._state.spawn(self._audit(write))
 
+    def _drivers_of(self, hold: GroupHold, bdf: str) -> set[str]:
+        """Every driver known to have driven ``bdf``: seen by this process, or recorded
+        as its original when the daemon pinned it (the claim's, or the journal's, which
+        outlives a daemon restart: a restarted daemon may never have seen the device on
+        its own driver, and then could not attribute a refused bind to it)."""
+        known = set(self._view.seen_drivers.get(bdf, ()))
+        entry = self._state.journal.get(bdf)
+        for original in (hold.rebound.get(bdf), entry.original_driver if entry else None):
+            if original is not None:
+                known.add(original)
+        return known
+
     async def _audit(self, write: SysfsWrite) -> None:
         """A guarded sysfs file was written: re-check the owned groups, report refusals."""
         try:
@@ -71,7 +84,7 @@ class GuardAudit:
             (group_id, bdf)
             for group_id, hold in self._holds.items()
             for bdf in hold.pinned
-            if driver in self._view.seen_drivers.get(bdf, ())
+            if driver in self._drivers_of(hold, bdf)
             and getattr(snap.devices.get(bdf), "driver", None) != driver
         ]
         if not targets:
