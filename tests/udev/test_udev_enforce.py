@@ -203,6 +203,47 @@ async def test_refused_bind_on_an_owned_device_is_reported(host: Host, logs: Log
     await host.broker.close_session(client)
 
 
+async def test_refused_bind_is_reported_for_a_device_never_seen_on_its_driver(
+    tmp_path: Path,
+) -> None:
+    """F2: the NIC was driver-less when the daemon started (as a crash can leave it), so
+    the daemon never saw it on e1000; another NIC of the same model is on e1000. Root
+    clears the owned NIC's override and tries e1000: bind_refused names the NIC."""
+    before = FdSnapshot.take()
+    fs = lab_topology(tmp_path / "root")
+    fs.unbind(NIC)
+    fs.add_device("0000:00:04.0", *E1000, CLASS_ETHERNET, group=7, driver="e1000")
+    config = Config(
+        daemon=DaemonConfig(
+            sys_root=fs.sys_root, dev_root=fs.dev_root, state_dir=tmp_path / "state"
+        ),
+        manage=ManageConfig(rebind=("1234:11e8",)),
+        access=(AccessRule(uid=1000, devices=("1234:11e8",)),),
+    )
+    broker = Broker(config, FakeKernel(fs), restore_retry_delay=0.01)
+    await broker.start()
+    try:
+        monitor = broker.open_session(Identity(uid=0, gid=0, pid=1))
+        client = broker.open_session(Identity(uid=1000, gid=1000, pid=4242))
+        outcome = await broker.handle(client, m.Claim(id=5, devices=EDUS), FdSet())
+        for fd in outcome.fds:
+            fd.close()
+        await settle(broker)
+        assert "e1000" not in broker.view.seen_drivers.get(NIC, set())
+        drain(broker, monitor)
+        (fs.device_dir(NIC) / "driver_override").write_text("\n")
+        bind = fs.sys_root / "bus/pci/drivers/e1000/bind"
+        os.close(os.open(bind, os.O_WRONLY))
+        ev = await next_event(broker, monitor, "bind_refused")
+        assert (ev["bdf"], ev["driver"], ev["group_id"]) == (NIC, "e1000", 4)
+        await settle(broker)
+        assert [e["event"] for e in drain(broker, monitor)] == []  # only the NIC
+        await broker.close_session(client)
+    finally:
+        await broker.aclose()
+    before.assert_unchanged()
+
+
 async def test_accepted_bind_and_unknown_driver_are_not_reported(host: Host) -> None:
     """A bind write that succeeded (IN_MODIFY) is the uevent's business; a refused one
     by a driver never seen on an owned device cannot be attributed: neither is an event."""
