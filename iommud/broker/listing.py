@@ -87,6 +87,15 @@ class Listing:
             ),
         )
 
+    def visible_leases(self, viewer: Identity) -> list[Lease]:
+        """The leases ``viewer`` may see (PROTOCOL.md section 9): its own uid's; uid 0 all."""
+        return [
+            le
+            for s in self._sessions.values()
+            if may_see_holder(viewer, s.identity)
+            for le in s.leases.values()
+        ]
+
     def status(
         self, rid: int, viewer: Identity, *, event_source: str | None, uptime_s: float
     ) -> m.StatusReply:
@@ -96,12 +105,7 @@ class Listing:
             version=__version__,
             event_source=event_source,
             clients=len(self._sessions),
-            leases=tuple(
-                lease_info(le)
-                for s in self._sessions.values()
-                if may_see_holder(viewer, s.identity)
-                for le in s.leases.values()
-            ),
+            leases=tuple(lease_info(le) for le in self.visible_leases(viewer)),
             uptime_s=max(0.0, uptime_s),
         )
 
