@@ -356,6 +356,24 @@ def replies() -> list[dict[str, Any]]:
                 ),
             ),
         ),
+        (
+            "list_groups_reply_holder_hidden",
+            ListGroupsReply(
+                id=22,
+                total=1,
+                next_offset=None,
+                groups=(
+                    GroupEntry(
+                        group_id=4,
+                        devices=(EDU,),
+                        is_viable=True,
+                        offenders=(),
+                        path="iommufd",
+                        owner=Owner(uid=None, pid=None),  # another uid's (PROTOCOL.md 9)
+                    ),
+                ),
+            ),
+        ),
         ("release_reply", ReleaseReply(id=9)),
         ("ioas_create_reply", IoasCreateReply(id=10, ioas_id=3)),
         ("ioas_destroy_reply", IoasDestroyReply(id=11)),
