@@ -35,10 +35,6 @@ SO_PEERGROUPS = 59  # Linux 4.13
 SO_PEERPIDFD = 77  # Linux 6.5: a pidfd for the peer, race-free unlike pidfd_open(pid)
 
 _INT_SIZE = array.array("i").itemsize
-SCM_MAX_FD: Final = 253
-"""The most fds one SCM_RIGHTS message can carry (include/net/scm.h); a sender's
-``sendmsg`` with more fails (EINVAL), so a receiver with room for this many learns the
-exact count of any datagram."""
 _MAX_GROUPS = 65536  # NGROUPS_MAX
 
 
@@ -96,7 +92,9 @@ def recv_datagram_nowait(sock: socket.socket, max_datagram: int, max_fds: int) -
     An empty datagram without fds is read as end of stream: on SEQPACKET the two are
     indistinguishable to ``recvmsg``, and the protocol never sends empty datagrams.
     """
-    ancbuf = socket.CMSG_SPACE(max_fds * _INT_SIZE)
+    # CMSG_LEN, not CMSG_SPACE: room for exactly max_fds (SPACE pads to 8 bytes, which
+    # holds one more fd when max_fds is odd; the kernel fills what fits, net/core/scm.c)
+    ancbuf = socket.CMSG_LEN(max_fds * _INT_SIZE)
     buf = bytearray(max_datagram)
     # MSG_TRUNC in flags: an AF_UNIX datagram socket then returns the datagram's real
     # length even when it did not fit (net/unix/af_unix.c __unix_dgram_recvmsg), so an

@@ -47,7 +47,6 @@ from iommud.protocol.messages import (
 )
 from iommud.protocol.v2 import ReplyV2
 from iommud.transport import (
-    SCM_MAX_FD,
     Datagram,
     PeerCredentials,
     open_peer_pidfd,
@@ -179,10 +178,10 @@ class ConnectionHandler:
         draining = asyncio.ensure_future(self._draining.wait())
         try:
             while not self._draining.is_set():
-                # Room for every fd a datagram can carry (closed at once when over
-                # max_fds): the refusal then names the request's id and the count.
+                # Room for one fd more than allowed: a datagram with too many is
+                # then refused by the codec, with its id (the kernel closes the rest).
                 recv = asyncio.ensure_future(
-                    recv_datagram(self.sock, limits.max_datagram, SCM_MAX_FD)
+                    recv_datagram(self.sock, limits.max_datagram, limits.max_fds + 1)
                 )
                 done, _ = await asyncio.wait({recv, draining}, return_when=asyncio.FIRST_COMPLETED)
                 if recv not in done:
@@ -318,13 +317,14 @@ def _transport_error(dgram: Datagram, limits: Limits) -> ProtocolError | None:
             "datagram exceeds the size limit",
             details={"size": dgram.size, "max_datagram": limits.max_datagram},
         )
-    if dgram.ctrunc:  # more fds than the daemon could take (SCM_MAX_FD, or its fd limit)
+    if dgram.ctrunc and len(dgram.fds) <= limits.max_fds:
+        # not the fds (the buffer holds one more than allowed): other control data
         return ProtocolError(
             ErrorCode.LIMIT_REACHED,
-            "too many fds attached",
+            "control data truncated",
             details={"received": len(dgram.fds), "max_fds": limits.max_fds},
         )
-    return None  # more than max_fds but all received: the codec refuses it with the id
+    return None  # more than max_fds: the codec refuses it, with the request's id
 
 
 def _error_reply(request_id: int, exc: IommudError) -> ErrorReply:

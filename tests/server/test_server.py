@@ -202,7 +202,7 @@ async def test_many_concurrent_requests_respect_inflight_limit(running: Running)
                 "id": 8,
                 "code": "limit_reached",
                 "message": "too many fds attached",
-                "details": {"received": 200, "max_fds": MAX_FDS},
+                "details": {"received": MAX_FDS + 1, "max_fds": MAX_FDS},
             },
         ),
     ],
