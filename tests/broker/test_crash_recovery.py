@@ -47,6 +47,11 @@ def crash(b: Broker) -> None:
     sysfs is restored and the journal stays as it was."""
     b._audit.close()  # its inotify fd; a dead daemon enforces nothing
     st = b.state
+    # A dead daemon's restores stop too: left running, this one's would go on rewriting
+    # the journal from its own stale copy while the next daemon restores (the journal
+    # then kept a device the next one had given back: a flaky test, not the daemon).
+    for task in list(st.drivers._tasks):
+        task.cancel()
     for hold in st.holds.values():
         for lease in hold.leases.values():
             for ld in lease.devices:
