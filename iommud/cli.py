@@ -67,7 +67,11 @@ def _offenders(offenders: Iterable[m.Offender]) -> str:
 
 
 def _owner(owner: m.Owner | None) -> str:
-    return "-" if owner is None else f"uid {owner.uid} pid {owner.pid}"
+    if owner is None:
+        return "-"
+    if owner.uid is None or owner.pid is None:
+        return "held"  # by another uid: only root and that uid see who (PROTOCOL.md 9)
+    return f"uid {owner.uid} pid {owner.pid}"
 
 
 LS_HEADERS: Final = ("BDF", "ID", "DRIVER", "GROUP", "VIABLE", "OFFENDERS", "PATH", "OWNER")

@@ -32,6 +32,11 @@ uid's processes (stricter than the kernel's per-process rlimit), plus a daemon-w
 ``[memory] pinned_bytes``. A delegated claim (protocol v2) is the other way round: the
 VMM pins through its own iommufd in per-process accounting mode, against its own
 RLIMIT_MEMLOCK (iommud.broker.delegation).
+
+Who may see whom (``may_see_holder``): a holder's uid, pid, lease and devices are shown
+(``list_groups`` ``owner``, ``status`` ``leases``, ``busy`` details) only to a peer of
+the same uid or to uid 0, the admin. Everyone else learns that a group is held, not by
+whom: a pid and a device list tell another user which VM runs where.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ __all__ = [
     "check_claim",
     "check_ioas",
     "may_rebind",
+    "may_see_holder",
     "quota_for",
     "selector_matches",
 ]
@@ -159,6 +165,12 @@ def check_ioas(config: Config, identity: Identity) -> Decision:
         "[[access]] rule",
         code="no_access_rule",
     )
+
+
+def may_see_holder(viewer: Identity, holder: Identity) -> bool:
+    """May ``viewer`` learn who holds a group (uid, pid, lease, devices)? Its own uid's
+    leases, and uid 0 (the admin, who may revoke them) every lease."""
+    return viewer.is_root or viewer.uid == holder.uid
 
 
 def quota_for(config: Config, identity: Identity) -> Quota:

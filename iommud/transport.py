@@ -39,7 +39,7 @@ _INT_SIZE = array.array("i").itemsize
 # Plain ints: socket's IntFlag members cost a Python-level __and__ per test.
 _MSG_TRUNC: Final = int(socket.MSG_TRUNC)
 _MSG_CTRUNC: Final = int(socket.MSG_CTRUNC)
-_RECV_FLAGS: Final = int(socket.MSG_CMSG_CLOEXEC)
+_RECV_FLAGS: Final = int(socket.MSG_CMSG_CLOEXEC | socket.MSG_TRUNC)
 _MAX_GROUPS = 65536  # NGROUPS_MAX
 
 
@@ -57,7 +57,8 @@ class PeerCredentials:
 class Datagram:
     """One received message. ``fds`` owns every fd that arrived with it.
 
-    ``truncated``: the payload did not fit the buffer (MSG_TRUNC, an oversized message).
+    ``truncated``: the payload did not fit the buffer (MSG_TRUNC, an oversized message);
+    ``data`` then holds its first ``max_datagram`` bytes and ``size`` its real length.
     ``ctrunc``: more fds (or control data) were sent than the buffer holds (MSG_CTRUNC);
     the kernel dropped the excess, the ones that fit are in ``fds``.
     ``foreign_cmsgs``: control messages other than SCM_RIGHTS, e.g. SCM_CREDENTIALS.
@@ -68,6 +69,12 @@ class Datagram:
     truncated: bool = False
     ctrunc: bool = False
     foreign_cmsgs: list[tuple[int, int]] = field(default_factory=list)
+    size: int = -1
+    """The datagram's length as sent (the kernel's, even when ``truncated``); -1: ``len(data)``."""
+
+    def __post_init__(self) -> None:
+        if self.size < 0:
+            self.size = len(self.data)
 
     @property
     def is_clean(self) -> bool:
@@ -90,10 +97,16 @@ def recv_datagram_nowait(sock: socket.socket, max_datagram: int, max_fds: int) -
     An empty datagram without fds is read as end of stream: on SEQPACKET the two are
     indistinguishable to ``recvmsg``, and the protocol never sends empty datagrams.
     """
-    data, ancdata, flags, _addr = sock.recvmsg(max_datagram, _ancbuf(max_fds), _RECV_FLAGS)
+    # MSG_TRUNC in flags: an AF_UNIX datagram socket then returns the datagram's real
+    # length even when it did not fit (net/unix/af_unix.c __unix_dgram_recvmsg), so an
+    # oversize datagram can be reported with its size. recvmsg_into, not recvmsg: the
+    # latter would resize its bytes object to that larger length.
+    buf = bytearray(max_datagram)
+    size, ancdata, flags, _addr = sock.recvmsg_into([buf], _ancbuf(max_fds), _RECV_FLAGS)
+    data = bytes(memoryview(buf)[: min(size, max_datagram)])
     fds = FdSet()
     if not ancdata and not flags:  # the common case: data only, nothing cut
-        return Datagram(data=data, fds=fds) if data else None
+        return Datagram(data=data, fds=fds, size=size) if data else None
     foreign: list[tuple[int, int]] = []
     try:
         for level, kind, cmsg_data in ancdata:
@@ -113,12 +126,15 @@ def recv_datagram_nowait(sock: socket.socket, max_datagram: int, max_fds: int) -
         truncated=bool(flags & _MSG_TRUNC),
         ctrunc=bool(flags & _MSG_CTRUNC),
         foreign_cmsgs=foreign,
+        size=size,
     )
 
 
 @functools.cache
 def _ancbuf(max_fds: int) -> int:
-    return socket.CMSG_SPACE(max_fds * _INT_SIZE)
+    # CMSG_LEN, not CMSG_SPACE: room for exactly max_fds (SPACE pads to 8 bytes, which
+    # holds one more fd when max_fds is odd; the kernel fills what fits, net/core/scm.c)
+    return socket.CMSG_LEN(max_fds * _INT_SIZE)
 
 
 async def _wait(loop: asyncio.AbstractEventLoop, sock: socket.socket, *, write: bool) -> None:

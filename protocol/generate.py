@@ -9,7 +9,8 @@ Version 2 has its own schema (``schema-v2.json``) and vectors (``vectors/v2/``);
 files stay exactly as they were. Vectors are lists of ``{name, direction, json, fds}``:
 ``json`` is the exact datagram text (canonical: compact, keys in schema order), ``fds``
 the number of fds that travel with it. ``invalid.json`` adds ``error`` (the code a
-server answers with) and ``id`` (the id in that error reply, or null);
+server answers with), ``id`` (the id in that error reply, or null) and ``details`` (the
+reference server's details);
 ``v2/invalid.json`` also names the ``version`` of the connection that refuses it.
 """
 
@@ -24,8 +25,9 @@ from typing import Any, Final
 
 from pydantic import TypeAdapter
 
-from iommud.protocol.codec import encode
+from iommud.protocol.codec import decode_request, encode
 from iommud.protocol.errors import ErrorCode
+from iommud.protocol.exceptions import ProtocolError
 from iommud.protocol.limits import DEFAULT_LIMITS, LATEST_VERSION, MAX_FDS, PROTOCOL_VERSION
 from iommud.protocol.messages import (
     BindRefused,
@@ -354,6 +356,24 @@ def replies() -> list[dict[str, Any]]:
                 ),
             ),
         ),
+        (
+            "list_groups_reply_holder_hidden",
+            ListGroupsReply(
+                id=22,
+                total=1,
+                next_offset=None,
+                groups=(
+                    GroupEntry(
+                        group_id=4,
+                        devices=(EDU,),
+                        is_viable=True,
+                        offenders=(),
+                        path="iommufd",
+                        owner=Owner(uid=None, pid=None),  # another uid's (PROTOCOL.md 9)
+                    ),
+                ),
+            ),
+        ),
         ("release_reply", ReleaseReply(id=9)),
         ("ioas_create_reply", IoasCreateReply(id=10, ioas_id=3)),
         ("ioas_destroy_reply", IoasDestroyReply(id=11)),
@@ -436,8 +456,42 @@ def errors() -> list[dict[str, Any]]:
             ErrorReply(
                 id=6,
                 code=ErrorCode.BUSY,
-                message="group 4 is held by another client",
-                details={"group_id": 4, "uid": 1001, "pid": 777},
+                message="IOMMU group 4 is owned by uid 1001 (pid 777)",
+                details={"reason": "held", "group_id": 4, "uid": 1001, "pid": 777, "lease_id": 2},
+            ),
+        ),
+        (
+            "error_busy_holder_hidden",
+            ErrorReply(
+                id=6,
+                code=ErrorCode.BUSY,
+                message="IOMMU group 4 is held by another client",
+                details={"reason": "held", "group_id": 4},
+            ),
+        ),
+        (
+            "error_busy_restoring",
+            ErrorReply(
+                id=6,
+                code=ErrorCode.BUSY,
+                message="IOMMU group 4 is being given back to its host drivers",
+                details={
+                    "reason": "restoring",
+                    "group_id": 4,
+                    "restoring": {
+                        NIC: "unbind from vfio-pci: waits until every holder of the device "
+                        "fd closes it"
+                    },
+                },
+            ),
+        ),
+        (
+            "error_busy_already_claimed",
+            ErrorReply(
+                id=6,
+                code=ErrorCode.BUSY,
+                message=f"{EDU} is already claimed",
+                details={"reason": "already_claimed", "bdf": EDU, "group_id": 4, "ioas_id": 3},
             ),
         ),
         (
@@ -454,8 +508,16 @@ def errors() -> list[dict[str, Any]]:
             ErrorReply(
                 id=7,
                 code=ErrorCode.GROUP_SPLIT,
-                message="devices of group 5 would land in different IOASes",
-                details={"group_id": 5, "ioas_id": 3, "held_in": 6},
+                message=(
+                    "devices of IOMMU group 5 cannot be in different IOASes: "
+                    f"{EDU2} into IOAS 3 but {EDU} in IOAS 6"
+                ),
+                details={
+                    "group_id": 5,
+                    "reason": "different_ioas",
+                    "requested": {"devices": [EDU2], "ioas_id": 3},
+                    "claimed": [{"bdf": EDU, "ioas_id": 6}],
+                },
             ),
         ),
         (
@@ -476,13 +538,65 @@ def errors() -> list[dict[str, Any]]:
                 details={"max_inflight": 32},
             ),
         ),
+        (
+            "error_too_many_fds",
+            ErrorReply(
+                id=3,
+                code=ErrorCode.LIMIT_REACHED,
+                message="too many fds attached",
+                details={"received": MAX_FDS + 1, "max_fds": MAX_FDS},
+            ),
+        ),
+        (
+            "error_datagram_too_big",
+            ErrorReply(
+                id=None,
+                code=ErrorCode.LIMIT_REACHED,
+                message="datagram exceeds the size limit",
+                details={"size": 70000, "max_datagram": DEFAULT_LIMITS.max_datagram},
+            ),
+        ),
+        (
+            "error_fd_not_sealed",
+            ErrorReply(
+                id=12,
+                code=ErrorCode.BAD_REQUEST,
+                message=(
+                    "range 0: fd 0 is not sealed against shrinking "
+                    "(memfd_create with MFD_ALLOW_SEALING, then F_ADD_SEALS F_SEAL_SHRINK)"
+                ),
+                details={
+                    "range": 0,
+                    "fd_index": 0,
+                    "reason": "not_sealed",
+                    "seals": 0,
+                    "required": "F_SEAL_SHRINK",
+                },
+            ),
+        ),
     ]
     return [_vector(name, TO_CLIENT, msg) for name, msg in msgs]
 
 
 def _bad(
-    name: str, text: str, fds: int, error: ErrorCode, request_id: int | None
+    name: str,
+    text: str,
+    fds: int,
+    error: ErrorCode,
+    request_id: int | None,
+    *,
+    version: int = PROTOCOL_VERSION,
 ) -> dict[str, Any]:
+    """An invalid vector; its ``details`` are the reference decoder's, checked to refuse
+    it with ``error`` and ``request_id`` (a test sends each through the real daemon)."""
+    try:
+        decode_request(text.encode(), fds, version)
+    except ProtocolError as exc:
+        if (exc.code, exc.request_id) != (error, request_id):
+            raise RuntimeError(f"{name}: refused as {exc.code} id {exc.request_id}") from exc
+        details = exc.details
+    else:
+        raise RuntimeError(f"{name}: the reference decoder accepts it")
     return {
         "name": name,
         "direction": TO_SERVER,
@@ -490,6 +604,7 @@ def _bad(
         "fds": fds,
         "error": str(error),
         "id": request_id,
+        "details": details,
     }
 
 
@@ -729,7 +844,7 @@ def invalid_v2() -> list[dict[str, Any]]:
         (2, "brokered_with_iommufd_id", claim % (EDU, '"mode":"brokered","iommufd_id":1')),
         (2, "unknown_mode", claim % (EDU, '"mode":"shared"')),
     ]
-    return [{**_bad(name, text, 0, bad, 5), "version": v} for v, name, text in cases]
+    return [{**_bad(name, text, 0, bad, 5, version=v), "version": v} for v, name, text in cases]
 
 
 def outputs() -> dict[str, str]:

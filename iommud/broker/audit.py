@@ -3,7 +3,8 @@
 iommud.broker.guard.BindGuard watches (inotify close-write) the sysfs files through which a
 driver could take a device of an owned group. On each write this re-checks every owned
 group (the enforcement path) and, when a bind was refused, attributes it to the owned
-device the driver had been seen on and publishes bind_refused. The re-check is the
+device the driver is known to drive (seen by this process on it or on a device of the
+same vendor:device) and publishes bind_refused. The re-check is the
 enforcer's (iommud.broker.enforcement); the guard's watch list follows the owned groups
 from iommud.broker.claim, where ownership changes.
 
@@ -19,6 +20,7 @@ from iommud.broker.enforcement import Enforcer
 from iommud.broker.guard import BindGuard, SysfsWrite, WriteKind
 from iommud.broker.state import BrokerState
 from iommud.errors import IommudError, KernelError
+from iommud.host.snapshot import HostSnapshot
 from iommud.protocol import messages as m
 
 log = structlog.get_logger(__name__)
@@ -54,6 +56,29 @@ class GuardAudit:
     def _on_sysfs_write(self, write: SysfsWrite) -> None:
         self._state.spawn(self._audit(write))
 
+    def _drivers_by_model(self, snap: HostSnapshot) -> dict[tuple[int, int], set[str]]:
+        """vendor:device -> every driver seen on a device of that model."""
+        models: dict[tuple[int, int], set[str]] = {}
+        for bdf, seen in self._view.seen_drivers.items():
+            dev = snap.devices.get(bdf)
+            if dev is not None:
+                models.setdefault((dev.vendor, dev.device), set()).update(seen)
+        return models
+
+    def _drivers_of(
+        self, bdf: str, snap: HostSnapshot, models: dict[tuple[int, int], set[str]]
+    ) -> set[str]:
+        """Every driver known to drive ``bdf``: seen on it, or on any device of the same
+        vendor:device (a driver matches by id table, so it drives the model), while this
+        daemon ran. The device's own history alone was not enough: one that was
+        driver-less when the daemon started (left so by a crash, or by an admin) got
+        no bind_refused for its own driver."""
+        known = set(self._view.seen_drivers.get(bdf, ()))
+        dev = snap.devices.get(bdf)
+        if dev is not None:
+            known |= models.get((dev.vendor, dev.device), set())
+        return known
+
     async def _audit(self, write: SysfsWrite) -> None:
         """A guarded sysfs file was written: re-check the owned groups, report refusals."""
         try:
@@ -67,11 +92,12 @@ class GuardAudit:
             return
         driver = write.name
         snap = self._view.snapshot
+        models = self._drivers_by_model(snap)
         targets = [
             (group_id, bdf)
             for group_id, hold in self._holds.items()
             for bdf in hold.pinned
-            if driver in self._view.seen_drivers.get(bdf, ())
+            if driver in self._drivers_of(bdf, snap, models)
             and getattr(snap.devices.get(bdf), "driver", None) != driver
         ]
         if not targets:

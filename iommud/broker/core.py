@@ -270,6 +270,7 @@ class Broker:
         return Outcome(
             self._listing.status(
                 request.id,
+                session.identity,
                 event_source=self.event_source,
                 uptime_s=self._clock() - self._started,
             )
@@ -279,7 +280,7 @@ class Broker:
         return Outcome(await self._listing.list_devices(request))
 
     async def _list_groups(self, session: Session, request: m.ListGroups, fds: FdSet) -> Outcome:
-        return Outcome(await self._listing.list_groups(request))
+        return Outcome(await self._listing.list_groups(request, session.identity))
 
     async def _claim(self, session: Session, request: m.Claim, fds: FdSet) -> Outcome:
         reply, out = await self._claims.claim(session, request)

@@ -10,6 +10,14 @@ fsnotify_close), while modify is raised only by a write that succeeded
 (fs/read_write.c vfs_write -> fsnotify_modify). Measured in the lab on 6.12 (sysfs is
 kernfs): a refused write to ``drivers/e1000/bind`` gives IN_CLOSE_WRITE alone, an
 accepted one IN_MODIFY then IN_CLOSE_WRITE, about 10 ms after the write under TCG.
+But an open with O_TRUNC, as a shell's ``echo BDF > bind`` does, raises IN_MODIFY too,
+before any write (fs/namei.c handle_truncate -> fs/attr.c notify_change ->
+fsnotify_change; kernfs ignores the size and succeeds), so IN_MODIFY alone cannot tell
+a refused ``echo`` from an accepted bind. For a driver's ``bind`` file the guard asks the
+kernel's result instead: a bind that was accepted has bound a device to the driver
+before the write returned (bind_store probes synchronously), so the device links in
+``drivers/NAME`` grew since the guard last looked; if they did not, the bind was
+refused, whatever IN_MODIFY said.
 
 ``BindGuard`` owns one inotify fd (iommud.kernel.inotify) registered with the
 running loop (``loop.add_reader``; no thread). ``guard(bdfs)`` sets the devices to
@@ -19,7 +27,8 @@ watch: their ``driver_override`` files, and while any device is guarded every
 inotify does not say what was written, so the write names the file, not the target.
 
 This module decides nothing and writes nothing to sysfs: the broker re-checks its
-owned groups and reports. It makes no system call itself (iommud.kernel.inotify does).
+owned groups and reports. It makes no system call itself (iommud.kernel.inotify and
+iommud.kernel.sysfs_bind's ``bound_devices``, a readdir, do).
 """
 
 from __future__ import annotations
@@ -43,6 +52,7 @@ from iommud.kernel.inotify import (
     Inotify,
     parse_events,
 )
+from iommud.kernel.sysfs_bind import bound_devices
 
 log = structlog.get_logger(__name__)
 
@@ -58,8 +68,9 @@ class SysfsWrite:
     """A watched sysfs file was closed after being opened for writing.
 
     ``name`` is the driver (BIND) or the device (DRIVER_OVERRIDE); ``accepted`` is
-    whether a write to it succeeded before the close (IN_MODIFY seen). A refused bind
-    is ``accepted=False``.
+    whether a write to it succeeded before the close: for BIND, whether the driver
+    now drives a device it did not drive at the last look; otherwise IN_MODIFY seen. A
+    refused bind is ``accepted=False``, also when the open truncated (O_TRUNC).
     """
 
     kind: WriteKind
@@ -93,6 +104,7 @@ class BindGuard:
         self._by_wd: dict[int, _Target] = {}
         self._by_path: dict[str, int] = {}
         self._modified: set[int] = set()
+        self._bound: dict[int, frozenset[str]] = {}  # BIND wd -> devices on the driver
         self.devices: frozenset[str] = frozenset()
         self.seen = 0  # close-write events reported
 
@@ -113,6 +125,7 @@ class BindGuard:
         self._by_wd.clear()
         self._by_path.clear()
         self._modified.clear()
+        self._bound.clear()
         self.devices = frozenset()
 
     @property
@@ -148,6 +161,7 @@ class BindGuard:
             wd = self._by_path.pop(path)
             self._by_wd.pop(wd, None)
             self._modified.discard(wd)
+            self._bound.pop(wd, None)
             try:
                 ino.rm_watch(wd)
             except KernelError as exc:
@@ -164,6 +178,8 @@ class BindGuard:
                 continue
             self._by_wd[wd] = target
             self._by_path[path] = wd
+            if target.kind is WriteKind.BIND:
+                self._bound[wd] = bound_devices(os.path.dirname(path))
         log.debug("guard.watching", devices=len(self.devices), watches=len(self._by_wd))
 
     # ------------------------------------------------------------------ events
@@ -194,12 +210,22 @@ class BindGuard:
                 self._by_wd.pop(wd, None)
                 self._by_path.pop(target.path, None)
                 self._modified.discard(wd)
+                self._bound.pop(wd, None)
                 continue
             if mask & IN_MODIFY:
                 self._modified.add(wd)
             if mask & IN_CLOSE_WRITE:
                 accepted = wd in self._modified
                 self._modified.discard(wd)
+                if target.kind is WriteKind.BIND:
+                    # IN_MODIFY may be the open's O_TRUNC: ask the driver what it drives.
+                    # (The set is as of the last write to this file: a device unbound
+                    # since through another file and bound again by this write would
+                    # read as refused. Rare, and only a bind_refused too many.)
+                    before = self._bound.get(wd, frozenset())
+                    now = bound_devices(os.path.dirname(target.path))
+                    self._bound[wd] = now
+                    accepted = accepted and bool(now - before)
                 self.seen += 1
                 out.append(SysfsWrite(target.kind, target.name, target.path, accepted))
         return out

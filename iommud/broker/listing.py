@@ -20,6 +20,7 @@ from iommud.broker.paging import fill_page
 from iommud.broker.state import BrokerState, Lease
 from iommud.host.snapshot import HostSnapshot
 from iommud.host.viability import group_viability, whole_group_path
+from iommud.policy import Identity, may_see_holder
 from iommud.protocol import messages as m
 
 K = TypeVar("K")
@@ -95,7 +96,7 @@ class Listing:
             ),
         )
 
-    async def list_groups(self, request: m.ListGroups) -> m.ListGroupsReply:
+    async def list_groups(self, request: m.ListGroups, viewer: Identity) -> m.ListGroupsReply:
         snap = await self._snapshot(request.offset)
         _, group_ids = self._sorted(snap)
         safe = self._config.dma_safe_drivers
@@ -114,9 +115,7 @@ class Listing:
                     if o.bdf in snap.devices
                 ),
                 path=None if path is None else str(path),
-                owner=None
-                if hold is None
-                else m.Owner(uid=hold.session.identity.uid, pid=hold.session.identity.pid),
+                owner=None if hold is None else owner(hold.session.identity, viewer),
             )
 
         return fill_page(
@@ -128,17 +127,34 @@ class Listing:
             ),
         )
 
-    def status(self, rid: int, *, event_source: str | None, uptime_s: float) -> m.StatusReply:
+    def visible_leases(self, viewer: Identity) -> list[Lease]:
+        """The leases ``viewer`` may see (PROTOCOL.md section 9): its own uid's; uid 0 all."""
+        return [
+            le
+            for s in self._sessions.values()
+            if may_see_holder(viewer, s.identity)
+            for le in s.leases.values()
+        ]
+
+    def status(
+        self, rid: int, viewer: Identity, *, event_source: str | None, uptime_s: float
+    ) -> m.StatusReply:
+        """``leases`` lists only those ``viewer`` may see (its uid's; uid 0: all)."""
         return m.StatusReply(
             id=rid,
             version=__version__,
             event_source=event_source,
             clients=len(self._sessions),
-            leases=tuple(
-                lease_info(le) for s in self._sessions.values() for le in s.leases.values()
-            ),
+            leases=tuple(lease_info(le) for le in self.visible_leases(viewer)),
             uptime_s=max(0.0, uptime_s),
         )
+
+
+def owner(holder: Identity, viewer: Identity) -> m.Owner:
+    """A group's ``owner`` as ``viewer`` may see it: held, and by whom only if allowed."""
+    if may_see_holder(viewer, holder):
+        return m.Owner(uid=holder.uid, pid=holder.pid)
+    return m.Owner(uid=None, pid=None)
 
 
 def lease_info(lease: Lease) -> m.LeaseInfo:

@@ -7,7 +7,11 @@ run in the order a client meets their errors:
 
 1. policy, device by device (a peer that may not claim these devices learns nothing
    about who holds them);
-2. busy: the group is being given back to its host drivers, or another session owns it;
+2. busy: the group is being given back to its host drivers (``reason: restoring``), or
+   another session holds any device of it (``reason: held``; who holds it only for a
+   peer that may see that: ``iommud.policy.may_see_holder``). Another client's hold is
+   always ``busy``, never ``group_split``: a group has one owner, whichever of its
+   devices the claims name;
 3. revoked: this session's own hold on the group has a revoked lease;
 4. the named IOAS exists in the session;
 5. the path, chosen by ``select_path`` on the snapshot as it will be after the rebind
@@ -56,7 +60,7 @@ from iommud.host.viability import (
     PathDecision,
     select_path,
 )
-from iommud.policy import Identity, check_claim, may_rebind
+from iommud.policy import Identity, check_claim, may_rebind, may_see_holder
 from iommud.protocol.messages import Claim
 from iommud.protocol.v2 import ClaimMode, ClaimV2
 
@@ -226,6 +230,7 @@ def _check_owner(
     if restoring is not None:
         raise BusyError(
             f"IOMMU group {group_id} is being given back to its host drivers",
+            reason="restoring",
             group_id=group_id,
             restoring=dict(restoring),
         )
@@ -233,8 +238,15 @@ def _check_owner(
         return
     if owner.session_id != claimant.session_id:
         ident = owner.identity
+        if not may_see_holder(claimant.identity, ident):
+            raise BusyError(
+                f"IOMMU group {group_id} is held by another client",
+                reason="held",
+                group_id=group_id,
+            )
         raise BusyError(
             f"IOMMU group {group_id} is owned by uid {ident.uid} (pid {ident.pid})",
+            reason="held",
             group_id=group_id,
             uid=ident.uid,
             pid=ident.pid,

@@ -200,9 +200,9 @@ def select_path(
         if held is not None:
             raise BusyError(
                 f"{bdf} is already claimed",
+                reason="already_claimed",
                 bdf=bdf,
                 group_id=group_id,
-                holder=held.client,
                 ioas_id=held.ioas_id,
             )
     _require_viable(snapshot, group_id, safe_drivers)

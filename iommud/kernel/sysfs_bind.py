@@ -104,3 +104,16 @@ class SysfsBinder:
                 os.close(fd)
         if written != len(data):
             raise KernelError(op, errno.EIO, f"{op}: short write to {path}", path=str(path))
+
+
+def bound_devices(driver_dir: str | os.PathLike[str]) -> frozenset[str]:
+    """The BDFs bound to a driver: the device links in ``bus/pci/drivers/NAME``.
+
+    One readdir of a small kernfs directory (microseconds). A driver that is gone (or a
+    directory that cannot be read) has none.
+    """
+    try:
+        names = os.listdir(driver_dir)
+    except OSError:
+        return frozenset()
+    return frozenset(n for n in names if BDF_RE.fullmatch(n) is not None)

@@ -79,11 +79,16 @@ class EventName(enum.StrEnum):
 
 def _require_wire_fields(schema: dict[str, Any]) -> None:
     # op, fds (and an event's name) have Python defaults, but a datagram must carry them
-    # (the codec checks it); say so in the JSON Schema too.
+    # (the codec checks it); say so in the JSON Schema too. A required field has no
+    # default on the wire: drop the Python one (``fds`` 0 of ioas_map and claim_reply is
+    # "count them", which contradicted their minimum of 1).
     required = schema.setdefault("required", [])
     for key in ("op", "fds", "event"):
-        if key in schema.get("properties", {}) and key not in required:
-            required.append(key)
+        prop = schema.get("properties", {}).get(key)
+        if prop is not None:
+            prop.pop("default", None)
+            if key not in required:
+                required.append(key)
 
 
 class Struct(BaseModel):
@@ -138,8 +143,11 @@ class Offender(Struct):
 
 
 class Owner(Struct):
-    uid: U32
-    pid: U32
+    """Who holds a group; ``uid`` and ``pid`` are null for a peer that may not see them
+    (another uid's lease, seen by anyone but uid 0: PROTOCOL.md section 9)."""
+
+    uid: U32 | None
+    pid: U32 | None
 
 
 class GroupEntry(Struct):

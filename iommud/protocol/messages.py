@@ -194,7 +194,12 @@ class Claim(RequestBase):
     """Claim devices (whole groups or part of one); the reply carries one fd per device."""
 
     op: Literal["claim"] = "claim"
-    devices: Annotated[tuple[Bdf, ...], MinLen(1), MaxLen(MAX_FDS)]
+    devices: Annotated[
+        tuple[Bdf, ...],
+        MinLen(1),
+        MaxLen(MAX_FDS),
+        Field(json_schema_extra={"uniqueItems": True}),  # _distinct checks it
+    ]
     backend: Backend = Backend.AUTO
     ioas_id: U32 | None = None
 

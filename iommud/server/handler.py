@@ -336,7 +336,9 @@ class ConnectionHandler:
             if self._stopping is not None or self._must_pause():
                 continue
             try:
-                dgram = recv_datagram_nowait(self.sock, limits.max_datagram, limits.max_fds)
+                # Room for one fd more than allowed: a datagram with too many is then
+                # refused by the codec, with its id (the kernel closes the rest).
+                dgram = recv_datagram_nowait(self.sock, limits.max_datagram, limits.max_fds + 1)
             except (BlockingIOError, InterruptedError):
                 continue
             if dgram is None:
@@ -388,9 +390,10 @@ class ConnectionHandler:
             self._poke()
 
     def _receive(self, dgram: Datagram) -> Request:
-        if dgram.ctrunc and not dgram.foreign_cmsgs and len(dgram.fds) < self.info.limits.max_fds:
-            # Room was left in the buffer, so the kernel dropped fds it could not
-            # install (scm_detach_fds: the daemon is out of fds), not the peer's fault.
+        if dgram.ctrunc and not dgram.foreign_cmsgs and len(dgram.fds) <= self.info.limits.max_fds:
+            # Room was left in the buffer (it holds max_fds + 1), so the kernel dropped
+            # fds it could not install (scm_detach_fds: the daemon is out of fds), not
+            # the peer's fault.
             self._log.error("connection.fds_dropped", received=len(dgram.fds))
             raise ProtocolError(
                 ErrorCode.LIMIT_REACHED,
@@ -541,19 +544,20 @@ def _transport_error(dgram: Datagram, limits: Limits) -> ProtocolError | None:
         return ProtocolError(
             ErrorCode.BAD_REQUEST, "unexpected control message", details={"cmsgs": kinds}
         )
-    if dgram.ctrunc:
-        return ProtocolError(
-            ErrorCode.LIMIT_REACHED,
-            "too many fds attached",
-            details={"max_fds": limits.max_fds},
-        )
     if dgram.truncated:
         return ProtocolError(
             ErrorCode.LIMIT_REACHED,
             "datagram exceeds the size limit",
-            details={"max_datagram": limits.max_datagram},
+            details={"size": dgram.size, "max_datagram": limits.max_datagram},
         )
-    return None
+    if dgram.ctrunc and len(dgram.fds) <= limits.max_fds:
+        # not the fds (the buffer holds one more than allowed): other control data
+        return ProtocolError(
+            ErrorCode.LIMIT_REACHED,
+            "control data truncated",
+            details={"received": len(dgram.fds), "max_fds": limits.max_fds},
+        )
+    return None  # more than max_fds: the codec refuses it, with the request's id
 
 
 def _error_reply(request_id: int, exc: IommudError) -> ErrorReply:

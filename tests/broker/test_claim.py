@@ -128,7 +128,13 @@ async def test_second_client_gets_busy_with_owner(broker: Broker) -> None:
     reply = await a.claim(EDU)
     with pytest.raises(BusyError) as ei:
         await b.claim(EDU)
-    assert ei.value.details == {"group_id": 3, "uid": 1000, "pid": 4242, "lease_id": reply.lease_id}
+    assert ei.value.details == {
+        "reason": "held",
+        "group_id": 3,
+        "uid": 1000,
+        "pid": 4242,
+        "lease_id": reply.lease_id,
+    }
     assert len(b.received) == 0
     await a.close()
     await b.close()

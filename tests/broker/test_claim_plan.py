@@ -30,9 +30,10 @@ from iommud.errors import (
 )
 from iommud.host.snapshot import HostSnapshot, IommuGroup, PciDevice
 from iommud.host.viability import ClaimPath, ExistingClaim
+from iommud.policy import Identity
 from iommud.protocol import messages as m
 from iommud.protocol.v2 import ClaimMode, ClaimV2
-from tests.broker.support import ALICE, BOB, BR_EDU1, BR_EDU2, E1000, EDU, MALLORY
+from tests.broker.support import ALICE, BOB, BR_EDU1, BR_EDU2, E1000, EDU, MALLORY, ROOT
 
 QUOTA = Quota(pinned_bytes=1 << 20, max_ioas=4, max_mappings=8)
 
@@ -99,15 +100,72 @@ def test_policy_refuses_before_anything_else() -> None:
 def test_busy_while_the_group_goes_back_to_its_drivers() -> None:
     with pytest.raises(BusyError) as ei:
         plan_claim(lab(), 3, config(), alice(), claim(EDU), restoring={EDU: "unbind"})
-    assert ei.value.details == {"group_id": 3, "restoring": {EDU: "unbind"}}
+    assert ei.value.details == {
+        "reason": "restoring",
+        "group_id": 3,
+        "restoring": {EDU: "unbind"},
+    }
 
 
-def test_busy_names_the_owner_and_its_first_lease() -> None:
+@pytest.mark.parametrize("viewer", [BOB, ROOT], ids=["same-uid", "root"])
+def test_busy_names_the_owner_and_its_first_lease(viewer: Identity) -> None:
+    """The holder's uid (another session of it) and root learn who holds the group."""
     owner = GroupOwner(1, ALICE, lease_ids=(7, 9))
     with pytest.raises(BusyError) as ei:
-        plan_claim(lab(), 3, config(), Claimant(2, BOB, QUOTA), claim(EDU), owner=owner)
+        plan_claim(lab(), 3, config(), Claimant(2, viewer, QUOTA), claim(EDU), owner=owner)
     assert ei.value.message == "IOMMU group 3 is owned by uid 1000 (pid 4242)"
-    assert ei.value.details == {"group_id": 3, "uid": 1000, "pid": 4242, "lease_id": 7}
+    assert ei.value.details == {
+        "reason": "held",
+        "group_id": 3,
+        "uid": 1000,
+        "pid": 4242,
+        "lease_id": 7,
+    }
+
+
+def test_busy_hides_a_holder_of_another_uid() -> None:
+    """F4: a peer learns that another uid holds the group, not who (uid, pid, lease)."""
+    owner = GroupOwner(9, ROOT, lease_ids=(7,))
+    with pytest.raises(BusyError) as ei:
+        plan_claim(lab(), 3, config(), alice(), claim(EDU), owner=owner)
+    assert ei.value.message == "IOMMU group 3 is held by another client"
+    assert ei.value.details == {"reason": "held", "group_id": 3}
+
+
+def test_another_client_in_the_group_is_busy_not_group_split() -> None:
+    """F3: a claim of another device of a group someone else holds is busy (the group
+    has one owner), whatever device that owner claimed."""
+    owner = GroupOwner(
+        1,
+        ALICE,
+        lease_ids=(7,),
+        claims={BR_EDU1: ExistingClaim(1, 3, ClaimPath.LEGACY)},
+    )
+    with pytest.raises(BusyError) as ei:
+        plan_claim(lab(), 4, config(), Claimant(2, BOB, QUOTA), claim(BR_EDU2), owner=owner)
+    assert (ei.value.details["reason"], ei.value.details["group_id"]) == ("held", 4)
+
+
+def test_claiming_an_own_device_again_is_busy_already_claimed() -> None:
+    """The same client claiming a device it holds: busy, reason already_claimed."""
+    owner = GroupOwner(
+        1, ALICE, lease_ids=(7,), claims={EDU: ExistingClaim(1, 3, ClaimPath.IOMMUFD)}
+    )
+    with pytest.raises(BusyError) as ei:
+        plan_claim(
+            lab(),
+            3,
+            config(),
+            alice(ioases={3: ClaimPath.IOMMUFD}),
+            claim(EDU, ioas_id=3),
+            owner=owner,
+        )
+    assert ei.value.details == {
+        "reason": "already_claimed",
+        "bdf": EDU,
+        "group_id": 3,
+        "ioas_id": 3,
+    }
 
 
 def test_own_revoked_group_must_be_released_first() -> None:

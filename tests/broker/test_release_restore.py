@@ -55,7 +55,11 @@ async def test_release_with_fd_open_answers_and_does_not_stall_others(
 
     with pytest.raises(BusyError) as ei:
         await bob.claim(EDU)  # the same group: busy until it is given back
-    assert ei.value.details == {"group_id": lease.group_id, "restoring": {EDU: UNBIND_WAIT}}
+    assert ei.value.details == {
+        "reason": "restoring",
+        "group_id": lease.group_id,
+        "restoring": {EDU: UNBIND_WAIT},
+    }
 
     alice.close_received()
     assert await _until(lambda: driver(fs, EDU) is None, HANG)

@@ -89,6 +89,22 @@ def test_format_ls_groups_rows_and_shows_group_columns_once() -> None:
     ]
 
 
+def test_format_ls_shows_a_hidden_owner_as_held() -> None:
+    """Another uid's hold comes as owner {null, null}: the row says held, not "uid None"."""
+    group = m.GroupEntry.model_validate(
+        {
+            "group_id": 3,
+            "devices": ["0000:00:10.0"],
+            "is_viable": True,
+            "offenders": [],
+            "path": "iommufd",
+            "owner": {"uid": None, "pid": None},
+        }
+    )
+    (_, row) = format_ls([dev("0000:00:10.0", "vfio-pci", 3)], [group]).splitlines()
+    assert row.split()[-2:] == ["iommufd", "held"]
+
+
 def ev(cls: type[m.Event], **kw: object) -> m.Event:
     return cls(ts=TS, seq=1, **kw)
 

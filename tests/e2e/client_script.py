@@ -83,6 +83,9 @@ class Puppet:
     def status(self, _c: dict[str, Any]) -> dict[str, Any]:
         return {"status": self.client.status().model_dump(mode="json")}
 
+    def list_groups(self, _c: dict[str, Any]) -> dict[str, Any]:
+        return {"groups": [g.model_dump(mode="json") for g in self.client.list_groups()]}
+
     def claim(self, c: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
         res = self.client.claim(c["devices"], c.get("backend", "auto"), c.get("ioas_id"))

@@ -156,13 +156,15 @@ def test_legacy_claim_rebinds_e1000_and_gives_it_back(
 
 
 def test_busy_and_permission_denied(daemon: Daemon, spawn: Spawn) -> None:
-    """A second client gets busy naming the holder; uid 1001 (no rule) is denied."""
+    """A second client of the holder's uid gets busy naming the holder; uid 1001 (no
+    rule) is denied, and sees the group held but not by whom, and no lease."""
     holder = spawn()
     claim = holder.ok("claim", devices=[EDU0])
     other = spawn()
     assert other.error("claim", devices=[EDU0]) == (
         "busy",
         {
+            "reason": "held",
             "group_id": _group_of(EDU0),
             "uid": USER,
             "pid": holder.pid,
@@ -183,6 +185,12 @@ def test_busy_and_permission_denied(daemon: Daemon, spawn: Spawn) -> None:
     # Neither refusal changed anything: the NIC kept its driver, the daemon serves.
     assert driver_of(NIC) == "e1000"
     stranger.ok("ping")
+    # Who may see whom (PROTOCOL.md 9): held, but not by whom; no lease of another uid.
+    (seen,) = [g for g in stranger.ok("list_groups")["groups"] if EDU0 in g["devices"]]
+    assert seen["owner"] == {"uid": None, "pid": None}
+    assert stranger.ok("status")["status"]["leases"] == []
+    (mine,) = [g for g in other.ok("list_groups")["groups"] if EDU0 in g["devices"]]
+    assert mine["owner"] == {"uid": USER, "pid": holder.pid}
     holder.ok("close_device", bdf=EDU0)
     holder.ok("release", lease_id=claim["lease_id"])
     again = other.ok("claim", devices=[EDU0])

@@ -227,7 +227,12 @@ def test_already_claimed_device_is_busy(freed: HostSnapshot) -> None:
     held = {E1: ExistingClaim("A", 7, ClaimPath.LEGACY)}
     with pytest.raises(BusyError) as exc:
         select_path(freed, 4, claim(E1, client="B", ioas=7), held)
-    assert exc.value.details == {"bdf": E1, "group_id": 4, "holder": "A", "ioas_id": 7}
+    assert exc.value.details == {
+        "reason": "already_claimed",
+        "bdf": E1,
+        "group_id": 4,
+        "ioas_id": 7,
+    }
 
 
 def test_explicit_iommufd_impossible_for_partial_group(freed: HostSnapshot) -> None:

@@ -13,6 +13,7 @@ import errno
 import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -145,6 +146,55 @@ def test_bind_on_the_owned_bridge_group_is_refused_and_reported(
     time.sleep(0.3)
     assert not [e for e in monitor.events(mark) if e["event"] == "lease_revoked"]
     c.ok("forget_device", bdf=EDU1)
+    c.ok("release", lease_id=claim["lease_id"])
+    assert wait_until(lambda: driver_of(NIC) == "e1000", 10.0) is not None
+
+
+def _echo(path: Path, value: str) -> int | None:
+    """Write like a shell's ``echo value > path``: open(2) with O_TRUNC, then write."""
+    try:
+        with open(path, "w") as f:
+            f.write(value)
+    except OSError as exc:
+        return exc.errno
+    return None
+
+
+@pytest.mark.parametrize("writer", [sysfs_write, _echo], ids=["write", "echo"])
+def test_bind_after_root_clears_the_override_and_unbinds_is_reported(
+    daemon: LiveDaemon,
+    monitor: Monitor,
+    spawn: Spawn,
+    writer: Callable[[Path, str], int | None],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """F2: root clears the owned NIC's driver_override and unbinds vfio-pci, then tries
+    e1000: the kernel refuses, bind_refused names the NIC every time, whether the write
+    came as a plain write or as a shell's O_TRUNC open, and the override is re-pinned."""
+    gid = group_of(NIC)
+    unattributed = len(daemon.log_events("guard.bind_attempt_unattributed"))
+    c = spawn()
+    claim = c.ok("claim", devices=[EDU1])
+    assert (claim["backend"], driver_of(NIC)) == ("legacy", "vfio-pci")
+    t_refused: list[float] = []
+    for attempt in range(3):
+        mark = monitor.mark()
+        assert writer(PCI / "devices" / NIC / "driver_override", "\n") is None
+        if driver_of(NIC) == "vfio-pci":
+            assert writer(PCI / "drivers" / "vfio-pci" / "unbind", NIC) is None
+        t0 = time.perf_counter()
+        refused = writer(PCI / "drivers" / "e1000" / "bind", NIC)
+        assert refused in (errno.ENODEV, errno.EBUSY), (attempt, refused)
+        t1, ev = monitor.wait_for(_is("bind_refused", bdf=NIC), mark)
+        assert (ev["driver"], ev["group_id"]) == ("e1000", gid)
+        t_refused.append(t1 - t0)
+        assert wait_until(lambda: override_of(NIC) == "vfio-pci", 10.0) is not None
+    assert driver_of(NIC) != "e1000"
+    assert len(daemon.log_events("guard.bind_attempt_unattributed")) == unattributed
+    assert not [e for e in monitor.events(0) if e["event"] == "lease_revoked"]
+    _report(capsys, f"cleared override + unbind, refused bind ({writer.__name__}) -> "
+                    f"bind_refused: {_ms(t_refused)}")  # fmt: skip
+    c.ok("forget_device", bdf=EDU1)  # e1000's probe waits until the group is no one's
     c.ok("release", lease_id=claim["lease_id"])
     assert wait_until(lambda: driver_of(NIC) == "e1000", 10.0) is not None
 

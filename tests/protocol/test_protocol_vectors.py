@@ -11,6 +11,7 @@ import pytest
 from iommud.protocol.codec import decode_request, decode_server, encode
 from iommud.protocol.errors import ErrorCode
 from iommud.protocol.exceptions import ProtocolError
+from iommud.protocol.limits import MAX_FDS
 from iommud.protocol.messages import (
     EVENT_TYPES,
     REPLY_TYPES,
@@ -100,6 +101,33 @@ def test_schema_lists_every_message() -> None:
     claim = schema["$defs"]["Claim"]
     assert {"op", "fds", "id", "devices"} <= set(claim["required"])
     assert claim["additionalProperties"] is False
+
+
+def test_schema_states_what_the_codec_checks() -> None:
+    """Claim devices are distinct (uniqueItems); a required ``fds`` has no default (0
+    contradicted ioas_map's minimum of 1); an owner's uid and pid may be hidden (null)."""
+    defs = json.loads((PROTOCOL_DIR / "schema.json").read_text())["$defs"]
+    assert defs["Claim"]["properties"]["devices"]["uniqueItems"] is True
+    for name in ("IoasMap", "ClaimReply", "Ping"):
+        fds = defs[name]["properties"]["fds"]
+        assert "default" not in fds
+        assert "fds" in defs[name]["required"]
+    assert defs["IoasMap"]["properties"]["fds"]["minimum"] == 1
+    for key in ("uid", "pid"):
+        kinds = {s.get("type") for s in defs["Owner"]["properties"][key]["anyOf"]}
+        assert kinds == {"integer", "null"}
+
+
+def test_invalid_vectors_carry_the_reference_details() -> None:
+    """Each invalid vector names the details the reference server sends (F5: too many
+    fds is answered with the request's id and {received, max_fds})."""
+    by_name = {v["name"]: v for v in load("invalid")}
+    assert by_name["too_many_fds"]["id"] == 3
+    assert by_name["too_many_fds"]["details"] == {"received": MAX_FDS + 1, "max_fds": MAX_FDS}
+    for vector in load("invalid"):
+        with pytest.raises(ProtocolError) as info:
+            decode_request(vector["json"].encode(), vector["fds"])
+        assert info.value.details == vector["details"]
 
 
 def doc_examples() -> list[str]:

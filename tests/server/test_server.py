@@ -183,21 +183,31 @@ async def test_many_concurrent_requests_respect_inflight_limit(running: Running)
                 "id": None,
                 "code": "limit_reached",
                 "message": "datagram exceeds the size limit",
-                "details": {"max_datagram": 65536},
+                "details": {"size": 70000, "max_datagram": 65536},
+            },
+        ),
+        (
+            b'{"op":"ping","id":8,"fds":17}',
+            MAX_FDS + 1,
+            {
+                "id": 8,
+                "code": "limit_reached",
+                "message": "too many fds attached",
+                "details": {"received": MAX_FDS + 1, "max_fds": MAX_FDS},
             },
         ),
         (
             b'{"op":"ping","id":8,"fds":0}',
-            MAX_FDS + 1,
+            200,
             {
-                "id": None,
+                "id": 8,
                 "code": "limit_reached",
                 "message": "too many fds attached",
-                "details": {"max_fds": MAX_FDS},
+                "details": {"received": MAX_FDS + 1, "max_fds": MAX_FDS},
             },
         ),
     ],
-    ids=["bad-json", "unknown-op", "wrong-fd-count", "oversized", "ctrunc"],
+    ids=["bad-json", "unknown-op", "wrong-fd-count", "oversized", "too-many-fds", "200-fds"],
 )
 async def test_bad_input_gets_typed_error(
     running: Running, data: bytes, nfds: int, expected: dict[str, Any]

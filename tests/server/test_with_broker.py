@@ -16,7 +16,7 @@ import pytest
 
 from iommud.broker import Broker
 from iommud.client import AsyncClient, MapSpec
-from iommud.errors import BusyError, InvalidRangeError
+from iommud.errors import BadRequestError, BusyError, InvalidRangeError
 from tests.broker.support import EDU, PAGE, memfd
 from tests.serving import served_broker
 
@@ -69,3 +69,29 @@ async def test_second_client_gets_busy_until_first_disconnects(served: tuple[str
                 break
         else:
             pytest.fail("the group was never released after the holder disconnected")
+
+
+async def test_unsealed_fd_is_bad_request_that_never_closes_the_connection(
+    served: tuple[str, Broker],
+) -> None:
+    """An ioas_map fd that is not a sealed memfd is the broker's bad_request (reason
+    not_sealed), not invalid_range; more than 8 of them leave the connection open."""
+    path, _ = served
+    ram = memfd(PAGE, seal=False)
+    try:
+        async with await AsyncClient.connect(path, "vmm") as client:
+            with await client.claim([EDU]) as lease:
+                for _ in range(10):
+                    with pytest.raises(BadRequestError) as info:
+                        await client.ioas_map(lease.ioas_id, [MapSpec(ram, 0, PAGE)])
+                    assert info.value.details == {
+                        "range": 0,
+                        "fd_index": 0,
+                        "reason": "not_sealed",
+                        "seals": 0,
+                        "required": "F_SEAL_SHRINK",
+                    }
+                await client.ping()
+                await client.release(lease.lease_id)
+    finally:
+        os.close(ram)

@@ -180,14 +180,18 @@ async def test_hot_added_device_already_on_an_unsafe_driver_revokes(host: Host) 
     host.fs.remove_device(HOT)
 
 
-async def test_refused_bind_on_an_owned_device_is_reported(host: Host, logs: Logs) -> None:
-    """drivers/e1000/bind opened for writing and closed with nothing accepted (the
-    kernel refused it): bind_refused names the NIC (e1000 drove it), e1000, group 4."""
+@pytest.mark.parametrize("flags", [os.O_WRONLY, os.O_WRONLY | os.O_TRUNC], ids=["write", "echo"])
+async def test_refused_bind_on_an_owned_device_is_reported(
+    host: Host, logs: Logs, flags: int
+) -> None:
+    """drivers/e1000/bind opened for writing and closed with nothing bound (the kernel
+    refused it): bind_refused names the NIC (e1000 drove it), e1000, group 4. Also when
+    opened as a shell's ``echo >`` does, with O_TRUNC, which raises IN_MODIFY by itself."""
     client, _ = await host.claim(*EDUS)
     await settle(host.broker)
     drain(host.broker, host.monitor)
     bind = host.fs.sys_root / "bus/pci/drivers/e1000/bind"
-    os.close(os.open(bind, os.O_WRONLY))
+    os.close(os.open(bind, flags))
     ev = await next_event(host.broker, host.monitor, "bind_refused")
     assert ev == {
         "event": "bind_refused",
@@ -203,12 +207,55 @@ async def test_refused_bind_on_an_owned_device_is_reported(host: Host, logs: Log
     await host.broker.close_session(client)
 
 
+async def test_refused_bind_is_reported_for_a_device_never_seen_on_its_driver(
+    tmp_path: Path,
+) -> None:
+    """F2: the NIC was driver-less when the daemon started (as a crash can leave it), so
+    the daemon never saw it on e1000; another NIC of the same model is on e1000. Root
+    clears the owned NIC's override and tries e1000: bind_refused names the NIC."""
+    before = FdSnapshot.take()
+    fs = lab_topology(tmp_path / "root")
+    fs.unbind(NIC)
+    fs.add_device("0000:00:04.0", *E1000, CLASS_ETHERNET, group=7, driver="e1000")
+    config = Config(
+        daemon=DaemonConfig(
+            sys_root=fs.sys_root, dev_root=fs.dev_root, state_dir=tmp_path / "state"
+        ),
+        manage=ManageConfig(rebind=("1234:11e8",)),
+        access=(AccessRule(uid=1000, devices=("1234:11e8",)),),
+    )
+    broker = Broker(config, FakeKernel(fs), restore_retry_delay=0.01)
+    await broker.start()
+    try:
+        monitor = broker.open_session(Identity(uid=0, gid=0, pid=1))
+        client = broker.open_session(Identity(uid=1000, gid=1000, pid=4242))
+        outcome = await broker.handle(client, m.Claim(id=5, devices=EDUS), FdSet())
+        for fd in outcome.fds:
+            fd.close()
+        await settle(broker)
+        assert "e1000" not in broker.view.seen_drivers.get(NIC, set())
+        drain(broker, monitor)
+        (fs.device_dir(NIC) / "driver_override").write_text("\n")
+        bind = fs.sys_root / "bus/pci/drivers/e1000/bind"
+        os.close(os.open(bind, os.O_WRONLY))
+        ev = await next_event(broker, monitor, "bind_refused")
+        assert (ev["bdf"], ev["driver"], ev["group_id"]) == (NIC, "e1000", 4)
+        await settle(broker)
+        assert [e["event"] for e in drain(broker, monitor)] == []  # only the NIC
+        await broker.close_session(client)
+    finally:
+        await broker.aclose()
+    before.assert_unchanged()
+
+
 async def test_accepted_bind_and_unknown_driver_are_not_reported(host: Host) -> None:
     """A bind write that succeeded (IN_MODIFY) is the uevent's business; a refused one
     by a driver never seen on an owned device cannot be attributed: neither is an event."""
     client, _ = await host.claim(*EDUS)
     await settle(host.broker)
     drain(host.broker, host.monitor)
+    host.fs.unbind("0000:00:1f.0")
+    host.fs.bind("0000:00:1f.0", "e1000")  # what the kernel does inside the write below
     (host.fs.sys_root / "bus/pci/drivers/e1000/bind").write_text("0000:00:1f.0")
     host.fs.driver_dir("nvme")
     await host.broker.on_host_change(4)  # a re-check picks up a driver registered since
@@ -248,31 +295,37 @@ async def test_guard_watches_only_while_a_group_is_owned(host: Host) -> None:
 
 
 def test_parse_folds_modify_into_close_and_drops_ignored(tmp_path: Path) -> None:
-    """Raw inotify records: MODIFY then CLOSE_WRITE is an accepted write, CLOSE_WRITE
-    alone a refused one; IN_IGNORED forgets the watch."""
+    """Raw inotify records: MODIFY then CLOSE_WRITE with a device newly bound to the
+    driver is an accepted write; CLOSE_WRITE alone, or MODIFY (an O_TRUNC open) with no
+    new device, a refused one; IN_IGNORED forgets the watch."""
     import struct
 
     got: list[SysfsWrite] = []
     g = BindGuard(tmp_path, got.append)
-    g._by_wd = {1: g_target("e1000")}  # type: ignore[dict-item]
+    drv = tmp_path / "bus/pci/drivers/e1000"
+    drv.mkdir(parents=True)
+    g._by_wd = {1: g_target("e1000", str(drv / "bind"))}  # type: ignore[dict-item]
     g._by_path = {"p": 1}
 
     def rec(wd: int, mask: int) -> bytes:
         return struct.pack("iIII", wd, mask, 0, 16) + b"\0" * 16
 
+    (drv / NIC).symlink_to(tmp_path)  # the kernel bound the NIC during the write
     out = g.parse(rec(1, IN_MODIFY) + rec(1, IN_CLOSE_WRITE) + rec(1, IN_CLOSE_WRITE))
+    out += g.parse(rec(1, IN_MODIFY) + rec(1, IN_CLOSE_WRITE))  # O_TRUNC, nothing bound
     assert [(w.kind, w.name, w.accepted) for w in out] == [
         (WriteKind.BIND, "e1000", True),
+        (WriteKind.BIND, "e1000", False),
         (WriteKind.BIND, "e1000", False),
     ]
     assert g.parse(rec(1, IN_IGNORED) + rec(1, IN_CLOSE_WRITE)) == []
     assert g._by_wd == {}
 
 
-def g_target(driver: str) -> object:
+def g_target(driver: str, path: str) -> object:
     from iommud.broker.guard import _Target
 
-    return _Target(WriteKind.BIND, driver, "p")
+    return _Target(WriteKind.BIND, driver, path)
 
 
 async def test_kernel_request_revokes_and_gives_the_device_back(host: Host) -> None:
