@@ -42,9 +42,11 @@ from iommud.kernel.interface import (
     GroupStatus,
     IovaRange,
     MapFlag,
+    Processes,
     RegionInfo,
 )
 from iommud.kernel.libc import map_oserror
+from iommud.kernel.procs import ProcessTable
 from tests.fakesys import FakeSys
 
 PAGE = 4096
@@ -722,6 +724,7 @@ class FakeKernel:
         self.iommufds: list[FakeIommuFd] = []  # every /dev/iommu ever opened
         # (bdf, irq index) -> the kernel's reference to a registered eventfd (a dup).
         self.irq_eventfds: dict[tuple[str, int], int] = {}
+        self.process_table: Processes = ProcessTable()
         # drivers_probe without an override binds the driver the device had at start.
         devs = sys_root / "bus" / "pci" / "devices"
         self.native_driver: dict[str, str] = {}
@@ -925,6 +928,13 @@ class FakeKernel:
     @property
     def binder(self) -> FakeBinder:
         return self._binder
+
+    @property
+    def processes(self) -> Processes:
+        """The REAL process table (iommud.kernel.procs): fake kernel files are memfds,
+        so a child process given a dup of one is found exactly as a VMM holding a cdev
+        would be. Tests may swap in a wrapper (``kernel.process_table = ...``)."""
+        return self.process_table
 
     def _bdfs(self) -> Iterator[str]:
         yield from sorted(os.listdir(self.sys_root / "bus" / "pci" / "devices"))

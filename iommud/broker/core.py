@@ -46,6 +46,7 @@ from iommud.broker.hostview import HostChange, HostView
 from iommud.broker.ioas import IoasManager
 from iommud.broker.journal import Journal, JournalEntry
 from iommud.broker.listing import Listing
+from iommud.broker.revocation import Revoker
 from iommud.broker.sessions import SessionManager
 from iommud.broker.state import BrokerState, IoasState, LeaseState, Outcome, Session
 from iommud.config import Config
@@ -115,8 +116,9 @@ class Broker:
             sysfs_timeout=sysfs_timeout,
         )
         self._claims = ClaimManager(state)
-        self._sessions = SessionManager(state, self._claims)
-        self._enforcer = Enforcer(state, self._claims)
+        self._revoker = Revoker(state, self._claims)
+        self._sessions = SessionManager(state, self._claims, self._revoker)
+        self._enforcer = Enforcer(state, self._claims, self._revoker)
         self._audit = GuardAudit(state, self._enforcer)
         self._listing = Listing(state)
         self.routes: Mapping[type[m.RequestBase], Route[Any]] = {
@@ -263,8 +265,8 @@ class Broker:
 
     async def _status(self, session: Session, request: m.Status, fds: FdSet) -> Outcome:
         return Outcome(
-            self._listing.status(
-                request.id,
+            await self._listing.status(
+                request,
                 event_source=self.event_source,
                 uptime_s=self._clock() - self._started,
             )
@@ -286,6 +288,11 @@ class Broker:
         return Outcome(reply, out)
 
     async def _release(self, session: Session, request: m.Release, fds: FdSet) -> Outcome:
+        lease = session.leases.get(request.lease_id)
+        if lease is not None and lease.is_delegated:
+            # refused (revoked, holders_exit) while someone still holds its devices
+            await self._claims.release(session, request.lease_id, via=self._revoker.release_locked)
+            return Outcome(m.ReleaseReply(id=request.id))
         try:
             await self._claims.release(session, request.lease_id)
         finally:

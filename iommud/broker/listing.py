@@ -2,18 +2,21 @@
 
 Builds the wire replies from the host view, the owned groups and the sessions. Changes
 no state but the view's snapshot (a listing re-reads the host so it never starts from a
-stale tree); never touches the kernel layer. Lists come in pages that fit in one
+stale tree); never touches the kernel layer itself (v2's status reads the delegated VMMs'
+pinned bytes through iommud.broker.delegation). Lists come in pages that fit in one
 datagram (``iommud.broker.paging``): devices sorted by bdf, groups by id.
 """
 
 from __future__ import annotations
 
 from iommud import __version__
+from iommud.broker import delegation
 from iommud.broker.paging import fill_page
 from iommud.broker.state import BrokerState, Lease
 from iommud.host.snapshot import HostSnapshot
 from iommud.host.viability import group_viability, whole_group_path
 from iommud.protocol import messages as m
+from iommud.protocol.v2 import ClaimMode, LeaseInfoV2, LeaseStatus, StatusReplyV2, StatusV2
 
 
 class Listing:
@@ -24,6 +27,7 @@ class Listing:
         self._view = state.view
         self._holds = state.holds
         self._sessions = state.sessions
+        self._processes = state.kernel.processes
 
     async def _snapshot(self, offset: int) -> HostSnapshot:
         # The first page re-reads the host; later pages use that reading (as the host
@@ -88,15 +92,28 @@ class Listing:
             ),
         )
 
-    def status(self, rid: int, *, event_source: str | None, uptime_s: float) -> m.StatusReply:
-        return m.StatusReply(
-            id=rid,
+    async def status(
+        self, request: m.Status, *, event_source: str | None, uptime_s: float
+    ) -> m.StatusReply | StatusReplyV2:
+        """v1's reply, byte for byte as before; v2's (``StatusV2``) adds per lease its
+        mode, state, enforcement time and its VMM's pinned bytes."""
+        leases = [le for s in self._sessions.values() for le in s.leases.values()]
+        if not isinstance(request, StatusV2):
+            return m.StatusReply(
+                id=request.id,
+                version=__version__,
+                event_source=event_source,
+                clients=len(self._sessions),
+                leases=tuple(lease_info(le) for le in leases),
+                uptime_s=max(0.0, uptime_s),
+            )
+        pinned = await delegation.pinned_bytes(self._processes, self._sessions.values())
+        return StatusReplyV2(
+            id=request.id,
             version=__version__,
             event_source=event_source,
             clients=len(self._sessions),
-            leases=tuple(
-                lease_info(le) for s in self._sessions.values() for le in s.leases.values()
-            ),
+            leases=tuple(lease_info_v2(le, pinned) for le in leases),
             uptime_s=max(0.0, uptime_s),
         )
 
@@ -111,4 +128,19 @@ def lease_info(lease: Lease) -> m.LeaseInfo:
         backend=str(lease.backend),
         devices=tuple(d.bdf for d in lease.devices),
         ioas_id=0 if lease.ioas is None else lease.ioas.ioas_id,  # 0: delegated, none
+    )
+
+
+def lease_info_v2(lease: Lease, pinned: dict[int, delegation.Pinned]) -> LeaseInfoV2:
+    base = lease_info(lease)
+    d = lease.delegated
+    pins = None if d is None else pinned.get(id(d))
+    return LeaseInfoV2(
+        **base.model_dump(),
+        mode=ClaimMode.BROKERED if d is None else ClaimMode.DELEGATED,
+        state=LeaseStatus(lease.state.value),
+        iommufd_id=None if d is None else d.iommufd_id,
+        enforce_at=lease.enforce_at,
+        pinned_bytes=None if pins is None else pins.bytes,
+        pinned_pids=() if pins is None else pins.pids,
     )

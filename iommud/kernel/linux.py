@@ -44,6 +44,7 @@ from iommud.kernel.interface import (
     VfioGroup,
 )
 from iommud.kernel.libc import check, libc, map_oserror
+from iommud.kernel.procs import ProcessTable
 from iommud.kernel.sysfs_bind import SysfsBinder, check_bdf
 
 _CDEV_RE = re.compile(r"vfio[0-9]{1,9}")
@@ -446,6 +447,7 @@ class LinuxKernel:
     ) -> None:
         self._dev = Path(dev_root)
         self._binder = SysfsBinder(sys_root)
+        self._processes = ProcessTable()
 
     def open_iommufd(self) -> LinuxIommuFd:
         return LinuxIommuFd(_open(self._dev / "iommu", "open_iommufd"))
@@ -468,6 +470,10 @@ class LinuxKernel:
     @property
     def binder(self) -> SysfsBinder:
         return self._binder
+
+    @property
+    def processes(self) -> ProcessTable:
+        return self._processes
 
 
 if TYPE_CHECKING:  # never runs: lets mypy prove these classes implement the interface
