@@ -410,7 +410,9 @@ class Broker:
             for ev in self._state.hub.host_events(change):
                 self._state.hub.publish(ev, sinks)
         await self._enforcer.on_host_change(
-            group_id, None if change is None else self._state.view.snapshot
+            group_id,
+            None if change is None else self._state.view.snapshot,
+            () if change is None else change.events,
         )
 
     async def revoke_group(self, group_id: int, reason: str) -> list[int]:

@@ -38,6 +38,7 @@ from iommud.kernel.eventfd import drain_eventfd, open_eventfd
 from iommud.kernel.uapi import VFIO_PCI_REQ_IRQ_INDEX
 from iommud.protocol import messages as m
 from iommud.protocol.v2 import ClaimMode
+from iommud.watch.source import HostAction, HostEvent
 
 log = structlog.get_logger(__name__)
 
@@ -59,18 +60,25 @@ class Enforcer:
         self._holds = state.holds
 
     # ------------------------------------------------------------------ host changes
-    async def on_host_change(self, group_id: int, snapshot: HostSnapshot | None = None) -> None:
+    async def on_host_change(
+        self,
+        group_id: int,
+        snapshot: HostSnapshot | None = None,
+        events: tuple[HostEvent, ...] = (),
+    ) -> None:
         """A uevent touched one group: take its fresh view, enforce on owned groups.
 
         ``snapshot`` is the udev watcher's view, which already holds this group as just
         re-read (so the group is not read twice per event); without it the group is read
-        here.
+        here. ``events``: what happened; a VFIO cdev's removal (a hot-unplug or unbind
+        of a device vfio-pci holds) revokes a delegated lease of that device.
         """
         await self._view.refresh_group(group_id, snapshot)
         if group_id in self._holds:
-            await asyncio.shield(self._enforce(group_id))
+            unplugged = {e.bdf for e in events if e.action is HostAction.CDEV_REMOVE}
+            await asyncio.shield(self._enforce(group_id, unplugged))
 
-    async def _enforce(self, group_id: int) -> None:
+    async def _enforce(self, group_id: int, unplugged: frozenset[str] | set[str]) -> None:
         revoke: str | None = None
         gone = False
         async with self._claims.held():
@@ -86,6 +94,15 @@ class Enforcer:
             await self._track_members(hold, members)
             if gone:
                 revoke = f"IOMMU group {group_id} disappeared"
+            elif any(
+                ld.bdf in unplugged
+                for le in hold.leases.values()
+                if le.is_delegated
+                for ld in le.devices
+            ):
+                # The kernel is removing a device the VMM holds: vfio_unregister_group_dev
+                # waits for every file of it, and QEMU's REQ eventfd replaced ours.
+                revoke = DEVICE_REQUESTED
             else:
                 v = group_viability(snap, group_id, self._config.dma_safe_drivers)
                 if not v.is_viable:

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import pytest
 
 from iommud.broker import Broker
+from iommud.broker.enforcement import DEVICE_REQUESTED
 from iommud.broker.revocation import RELEASED_WHILE_HELD
 from iommud.broker.state import LeaseState
 from iommud.config import AccessRule, DelegationConfig
@@ -40,6 +41,7 @@ from iommud.protocol.v2 import (
     StatusReplyV2,
     StatusV2,
 )
+from iommud.watch import HostAction, HostEvent, HostWatcher, broker_sink
 from tests.broker.support import ALICE, EDU, ROOT, Client, make_config
 from tests.broker.test_delegated import driver
 from tests.fakekernel import FakeKernel
@@ -328,6 +330,27 @@ async def test_a_bar_mapping_alone_keeps_a_process_a_holder(
     vmm = hold(children, cdev_fd, iommufd_fd, mmap_only=True)
     client.close_received()
     await broker.revoke_group(GROUP, "maintenance")
+    enforced = await next_event(client, LeaseEnforced)
+    assert [h.pid for h in enforced.killed] == [vmm.pid]
+    assert vmm.wait(WAIT) == -signal.SIGKILL
+    await client.close()
+
+
+async def test_host_removal_of_a_delegated_device_revokes_it(
+    make_broker: Any, kernel: FakeKernel, children: list[subprocess.Popen[bytes]]
+) -> None:
+    """The vfio-dev remove uevent (the VMM's REQ eventfd replaced the daemon's) revokes
+    the lease like an admin revoke: detach at once, lease_revoked, kill after grace."""
+    broker = await make_broker(grace_s=0.0)
+    client = Client(broker, ALICE)
+    reply, iommufd_fd, cdev_fd = await claim_and_bind(client, kernel)
+    vmm = hold(children, iommufd_fd, cdev_fd)
+    client.close_received()
+    watcher = HostWatcher(broker.view, broker_sink(broker))
+    await watcher.handle(HostEvent(HostAction.CDEV_REMOVE, EDU))
+    assert kernel.ops("detach_ioas") == [("detach_ioas", EDU)]
+    revoked = await next_event(client, LeaseRevokedV2)
+    assert (revoked.lease_id, revoked.reason) == (reply.lease_id, DEVICE_REQUESTED)
     enforced = await next_event(client, LeaseEnforced)
     assert [h.pid for h in enforced.killed] == [vmm.pid]
     assert vmm.wait(WAIT) == -signal.SIGKILL
