@@ -87,6 +87,7 @@ from iommud.protocol.messages import (
     RevokeReply,
     ServerMessage,
     Status,
+    StatusReply,
     Subscribe,
     SubscribeReply,
     _members,
@@ -239,15 +240,10 @@ class LeaseInfoV2(LeaseInfo):
     pinned_pids: tuple[U32, ...]
 
 
-class StatusReplyV2(ReplyBase):
+class StatusReplyV2(StatusReply):
     """v2 ``status_reply``: v1's fields, each lease a ``LeaseInfoV2``."""
 
-    op: Literal["status_reply"] = "status_reply"
-    version: Name
-    event_source: Name | None
-    clients: U32
     leases: tuple[LeaseInfoV2, ...]
-    uptime_s: Seconds
 
 
 class LeaseRevokedV2(LeaseRevoked):
