@@ -9,6 +9,10 @@ datagram (``iommud.broker.paging``): devices sorted by bdf, groups by id.
 
 from __future__ import annotations
 
+import asyncio
+import time
+from typing import Final
+
 from iommud import __version__
 from iommud.broker import delegation
 from iommud.broker.paging import fill_page
@@ -17,6 +21,9 @@ from iommud.host.snapshot import HostSnapshot
 from iommud.host.viability import group_viability, whole_group_path
 from iommud.protocol import messages as m
 from iommud.protocol.v2 import ClaimMode, LeaseInfoV2, LeaseStatus, StatusReplyV2, StatusV2
+
+PINNED_TTL: Final = 1.0
+"""Seconds a v2 status reuses the last reading of the VMMs' pinned bytes."""
 
 
 class Listing:
@@ -28,6 +35,11 @@ class Listing:
         self._holds = state.holds
         self._sessions = state.sessions
         self._processes = state.kernel.processes
+        # v2 status walks /proc for the VMMs' pinned bytes: at most one walk per
+        # PINNED_TTL, shared by concurrent requests (a status loop cannot load the
+        # work pool that pins run on).
+        self._pinned: tuple[float, dict[int, delegation.Pinned]] | None = None
+        self._pinned_lock = asyncio.Lock()
 
     async def _snapshot(self, offset: int) -> HostSnapshot:
         # The first page re-reads the host; later pages use that reading (as the host
@@ -107,7 +119,7 @@ class Listing:
                 leases=tuple(lease_info(le) for le in leases),
                 uptime_s=max(0.0, uptime_s),
             )
-        pinned = await delegation.pinned_bytes(self._processes, self._sessions.values())
+        pinned = await self._pinned_now()
         return StatusReplyV2(
             id=request.id,
             version=__version__,
@@ -116,6 +128,19 @@ class Listing:
             leases=tuple(lease_info_v2(le, pinned) for le in leases),
             uptime_s=max(0.0, uptime_s),
         )
+
+    async def _pinned_now(self) -> dict[int, delegation.Pinned]:
+        async with self._pinned_lock:
+            now = time.monotonic()
+            live = {id(d) for s in self._sessions.values() for d in s.delegated.values()}
+            if (
+                self._pinned is None
+                or now - self._pinned[0] >= PINNED_TTL
+                or not live <= self._pinned[1].keys()  # a new iommufd since
+            ):
+                found = await delegation.pinned_bytes(self._processes, self._sessions.values())
+                self._pinned = (time.monotonic(), found)
+            return self._pinned[1]
 
 
 def lease_info(lease: Lease) -> m.LeaseInfo:
