@@ -15,12 +15,11 @@ through its own device fd. Then ``revoke`` (an admin, over the socket):
   is reset and given back to its boot driver (none), and ``lease_enforced`` names the
   killed process; a brokered claim of the device then works.
 
-Timings go to the output (``revoke.*`` lines).
+Timings go to the output (``delegated.revoke_hostile`` line).
 """
 
 from __future__ import annotations
 
-import datetime
 import errno
 import json
 import signal
@@ -48,6 +47,7 @@ from tests.e2e.support import (
     drivers_now,
     wait_until,
 )
+from tests.lab.test_delegated_vm import _at, _report
 from tests.labharness import running_daemon
 
 pytestmark = pytest.mark.vm
@@ -58,17 +58,6 @@ CONFIG_GRACE = (
     CONFIG.replace('quota = "e2e"\n', 'quota = "e2e"\ndelegate = true\n')
     + f"\n[delegation]\ngrace_s = {GRACE_S}\n"
 )
-
-
-def _report(name: str, **values: object) -> None:
-    fields = " ".join(
-        f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()
-    )
-    print(f"revoke.{name} {fields}", flush=True)
-
-
-def _at(record: dict[str, Any]) -> float:
-    return datetime.datetime.fromisoformat(record["timestamp"]).timestamp()
 
 
 class HostileProc:
@@ -208,7 +197,7 @@ def test_hostile_holder_is_blocked_at_once_and_killed_after_the_grace_period(
         assert unmapped["bytes"] == pinned * 1024
         (killed_rec,) = daemon.log_events("enforce.killed")
         _report(
-            "hostile",
+            "revoke_hostile",
             vm_pin_kib=pinned,
             grace_s=GRACE_S,
             revoke_reply_s=revoke_reply_s,
