@@ -202,6 +202,7 @@ class Broker:
             await self._state.drivers.aclose(grace)
 
         self._audit.close()  # our own restores are not attempts to report
+        self._state.stopping = True
         await asyncio.shield(_all())
         log.info("broker.closed", pending_restores=self._state.drivers.pending)
 

@@ -28,7 +28,8 @@ and closing them would not unbind anything while a VMM holds its copy. A ``relea
 of a delegated lease whose devices someone still holds is refused (``revoked``,
 ``waiting_for: "holders_exit"``) and turns into a revocation with grace; a release
 once the VMM let go finishes at once. A session's end enforces at once (nobody is left
-to tell), so a dead launcher's QEMU is killed and the devices come back promptly.
+to tell), so a dead launcher's QEMU is killed and the devices come back promptly; a
+daemon stop blocks DMA but kills nobody (a restart must not kill every VM).
 
 Kills run under the claim lock (bounded: ``kill_passes`` x ``kill_wait_s``); the grace
 wait does not. Decides nothing about viability or policy; touches processes only
@@ -175,10 +176,19 @@ class Revoker:
         )
 
     async def end_locked(self, lease: Lease) -> None:
-        """The lease's session ends (claim lock held): block, enforce at once, finish."""
+        """The lease's session ends (claim lock held): block, enforce at once, finish.
+
+        Not when the daemon stops: a restart must not kill every VM. Then DMA stays
+        blocked, the daemon's files are closed and the restore waits (journalled, also
+        across the restart) for the VMM to let go; meanwhile the device stays on
+        vfio-pci, so a re-attach reaches only the VMM's own memory."""
         if lease.state is LeaseState.ACTIVE:
             await self._block(lease)
         lease.hurry.set()
+        if self._state.stopping:
+            log.warning("enforce.skipped_at_stop", lease_id=lease.lease_id)
+            await self._claims.release_lease(lease, why="daemon stop")
+            return
         await self.enforce_locked(lease, why="disconnect")
 
     # ------------------------------------------------------------------ enforce

@@ -217,6 +217,7 @@ class BrokerState:
     sessions: dict[int, Session] = field(default_factory=dict)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     guard: BindGuard | None = None
+    stopping: bool = False  # the daemon is stopping: sessions end, but no VMM is killed
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run ``coro`` as a task the broker owns (awaited at close)."""

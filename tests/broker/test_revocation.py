@@ -319,6 +319,29 @@ async def test_session_end_kills_an_orphaned_vmm_at_once(
     await admin.close()
 
 
+async def test_daemon_stop_blocks_dma_but_kills_no_vmm(
+    no_fd_leak: None,
+    tmp_path: Path,
+    fs: FakeSys,
+    kernel: FakeKernel,
+    children: list[subprocess.Popen[bytes]],
+) -> None:
+    """A daemon restart must not kill every VM: at stop the devices are detached and the
+    memory unpinned, the daemon's files closed, and the VMM lives on."""
+    broker = broker_with(tmp_path, fs, kernel, grace_s=300.0)
+    await broker.start()
+    client = Client(broker, ALICE)
+    _, iommufd_fd, cdev_fd = await claim_and_bind(client, kernel)
+    vmm = hold(children, iommufd_fd, cdev_fd)
+    client.close_received()
+    await broker.aclose(grace=5.0)
+    assert vmm.poll() is None
+    assert ("detach_ioas", EDU) in kernel.ops("detach_ioas")
+    assert kernel.ops("ioas_unmap_all")
+    assert all(d.closed for d in kernel.devices)
+    let_go(vmm)
+
+
 async def test_a_bar_mapping_alone_keeps_a_process_a_holder(
     make_broker: Any, kernel: FakeKernel, children: list[subprocess.Popen[bytes]]
 ) -> None:
