@@ -468,6 +468,13 @@ class FakeDevice(_FdBacked):
         self._kernel.irq_eventfds[(self.bdf, index)] = os.dup(eventfd) if eventfd >= 0 else -1
         self._kernel.record("set_irq_eventfd", self.bdf, index)
 
+    def trigger_irq(self, index: int) -> None:
+        """Signal whatever eventfd is registered for ``index`` (EINVAL: none)."""
+        self._check("trigger_irq")
+        if not self._kernel.signal_irq(self.bdf, index):
+            raise KernelError("trigger_irq", errno.EINVAL)
+        self._kernel.record("trigger_irq", self.bdf, index)
+
     def dup_fd(self) -> int:
         return os.dup(self.fileno())
 

@@ -154,6 +154,15 @@ class VfioDevice(FdObject, Protocol):
         the user to release the device (it is being removed)."""
         ...
 
+    def trigger_irq(self, index: int) -> None:
+        """VFIO_DEVICE_SET_IRQS with DATA_NONE | ACTION_TRIGGER: signal irq ``index``'s
+        current trigger, whoever registered it (vfio_pci_intrs.c
+        vfio_pci_set_ctx_trigger_single, "loopback"). For the REQ index of a delegated
+        device that is QEMU's own eventfd: it then unplugs the device as for a host
+        removal (hw/vfio/pci.c vfio_req_notifier_handler). EINVAL when no trigger is set
+        or the file was never bound."""
+        ...
+
     def dup_fd(self) -> int:
         """A new fd (dup) for handing to a client; the caller owns it."""
         ...

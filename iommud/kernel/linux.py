@@ -368,6 +368,16 @@ class LinuxVfioDevice(_FdOwner):
         )
         self._ioctl("VFIO_DEVICE_SET_IRQS", uapi.VFIO_DEVICE_SET_IRQS, cmd)
 
+    def trigger_irq(self, index: int) -> None:
+        # vfio.h VFIO_DEVICE_SET_IRQS: ACTION_TRIGGER | DATA_NONE, start 0, count 1.
+        cmd = uapi.vfio_irq_set.new(
+            flags=uapi.VFIO_IRQ_SET_DATA_NONE | uapi.VFIO_IRQ_SET_ACTION_TRIGGER,
+            index=index,
+            start=0,
+            count=1,
+        )
+        self._ioctl("VFIO_DEVICE_SET_IRQS", uapi.VFIO_DEVICE_SET_IRQS, cmd)
+
 
 class LinuxVfioContainer(_FdOwner):
     """The legacy /dev/vfio/vfio container (iommud.kernel.interface.VfioContainer)."""
