@@ -11,6 +11,13 @@ checks and mmap, IOMMU_IOAS_MAP, reply). Direct: root binds the same device itse
 calls IOMMU_IOAS_MAP on an mmap of a memfd of the same size. Each map is followed by an
 unmap (not timed here). Reported as medians and the ratio brokered/direct, measured in
 one run on one machine; nothing is asserted (the lab is emulated and the machine shared).
+
+The brokered client maps one memfd throughout, and keeps its last page mapped at a far
+IOVA (an "anchor", as a VMM keeps guest RAM mapped while other ranges of it come and
+go): the daemon maps that file once and reuses its mapping (iommud.broker.filemaps)
+for every timed map; a daemon that mmaps per map (before issue 10) does not. The first
+map of each size ("cold": the range is faulted in) is shown apart from the median of
+the others. Issue 10's goal: the 16 MiB ratio <= 1.5x.
 """
 
 from __future__ import annotations
@@ -37,6 +44,8 @@ from tests.e2e.support import ClientProc, Daemon
 
 SIZES = (4 << 10, 64 << 10, 1 << 20, 16 << 20)
 IOVA = 0x100000
+PAGE = 4096
+ANCHOR = 0x40000000  # far from the timed ranges
 CONFIG = """\
 [daemon]
 socket = "{dir}/iommud.sock"
@@ -61,12 +70,14 @@ def brokered(socket: str, rounds: int) -> dict[int, list[float]]:
     c = ClientProc(socket)
     try:
         claim = c.ok("claim", devices=[EDU0])
-        c.ok("memfd", name="bench", size=max(SIZES))
+        c.ok("memfd", name="bench", size=max(SIZES) + PAGE)
+        anchor = {"buf": "bench", "offset": max(SIZES), "length": PAGE, "iova": ANCHOR}
+        c.ok("map", ioas_id=claim["ioas_id"], ranges=[anchor])
         out: dict[int, list[float]] = {}
         for size in SIZES:
             rng = {"buf": "bench", "offset": 0, "length": size, "iova": IOVA}
             out[size] = []
-            for _ in range(rounds):
+            for _ in range(rounds + 1):  # the first is the cold one
                 out[size].append(c.ok("map", ioas_id=claim["ioas_id"], ranges=[rng])["seconds"])
                 c.ok("unmap", ioas_id=claim["ioas_id"], iova=IOVA, length=size)
         c.ok("close_device", bdf=EDU0)
@@ -129,12 +140,13 @@ def main() -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     d = direct(args.rounds)
     print(f"IOMMU_IOAS_MAP, median of {args.rounds}, edu attached, emulated lab guest")
-    print(f"{'size':>8} {'brokered':>11} {'direct':>11} {'ratio':>8} {'overhead':>11}")
+    print(f"{'size':>8} {'cold':>10} {'brokered':>11} {'direct':>11} {'ratio':>8} {'overhead':>11}")
     for size in SIZES:
-        bm, dm = statistics.median(b[size]), statistics.median(d[size])
+        cold, bm = b[size][0], statistics.median(b[size][1:])
+        dm = statistics.median(d[size])
         print(
-            f"{size >> 10:>6}Ki {bm * 1e3:>9.2f}ms {dm * 1e3:>9.3f}ms {bm / dm:>7.1f}x "
-            f"{(bm - dm) * 1e3:>9.2f}ms"
+            f"{size >> 10:>6}Ki {cold * 1e3:>8.2f}ms {bm * 1e3:>9.2f}ms {dm * 1e3:>9.3f}ms "
+            f"{bm / dm:>7.2f}x {(bm - dm) * 1e3:>9.2f}ms"
         )
     return 0
 

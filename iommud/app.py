@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import resource
 import signal
 import socket
 import stat
@@ -37,6 +38,7 @@ from iommud.errors import ConfigError, KernelError
 from iommud.kernel.linux import LinuxKernel
 from iommud.sdnotify import Notifier
 from iommud.server import BrokerAPI, Server, ServerInfo
+from iommud.server.handler import ConnectionLimits
 from iommud.server.listen import bind_listener, inherited_listeners
 from iommud.watch import BrokerHooks, watch_host
 
@@ -51,6 +53,7 @@ class DaemonBroker(BrokerAPI, BrokerHooks, Protocol):
     (iommud.watch.BrokerHooks) and a lifecycle."""
 
     async def start(self) -> None: ...
+    def begin_stop(self) -> None: ...
     async def aclose(self) -> None: ...
 
 
@@ -233,6 +236,7 @@ def main(argv: Sequence[str] | None = None, *, broker_factory: BrokerFactory | N
         (log.error if finding.fatal else log.warning)(
             "daemon.preflight", key=finding.key, problem=finding.problem
         )
+    _raise_nofile()
     coro = serve(
         config,
         broker_factory or default_broker,
@@ -240,6 +244,16 @@ def main(argv: Sequence[str] | None = None, *, broker_factory: BrokerFactory | N
         socket_mode=args.socket_mode,
     )
     return run(coro)
+
+
+def _raise_nofile() -> None:
+    """Soft RLIMIT_NOFILE up to the hard one (systemd's LimitNOFILE= sets both; a plain
+    shell leaves the soft limit at 1024). The server sizes its connection limit on it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    log.info("daemon.nofile", soft=resource.getrlimit(resource.RLIMIT_NOFILE)[0], hard=hard)
 
 
 def _load(path: Path | None) -> Config:
@@ -292,12 +306,16 @@ async def serve(
     broker = broker_factory(config)
     try:
         await broker.start()
-        info = ServerInfo(capabilities=capabilities(broker))
+        info = ServerInfo(
+            capabilities=capabilities(broker),
+            connections=ConnectionLimits(**config.connections.model_dump()),
+        )
         server = Server(broker, listeners, info=info, grace=grace)
 
         def on_signal(signum: signal.Signals) -> None:
             log.info("daemon.stopping", signal=signum.name)
             notify.notify("STOPPING=1", "STATUS=draining connections")
+            broker.begin_stop()  # sessions now ending are the daemon's doing: kill no VMM
             server.stop()
 
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -316,6 +334,7 @@ async def serve(
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+        broker.begin_stop()
         await asyncio.shield(broker.aclose())
         for lst in listeners:
             lst.close()

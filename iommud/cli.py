@@ -3,8 +3,9 @@
 Subcommands: ``ls`` (devices and groups: viability, offenders, the path a claim would
 take, owner), ``monitor`` (live event stream), ``status``, ``claim``/``release`` (for
 scripts and tests; ``claim --hold`` keeps the lease until signalled, since a lease ends
-with its connection) and ``revoke`` (root only, enforced by the daemon). Every command
-has ``--json``.
+with its connection), ``revoke`` (root only, enforced by the daemon), and ``vm`` /
+``vm-attach``: run an unmodified VMM on delegated devices and hot-add more
+(``iommud.vmm``; the help text below is its manual). Every command has ``--json``.
 
 Exit codes: 0 success, 1 the daemon answered with an error (printed as
 ``iommuctl: <code>: <message>`` plus its details), 2 the daemon cannot be reached or
@@ -34,6 +35,9 @@ from iommud.protocol import messages as m
 from iommud.protocol.limits import LATEST_VERSION, PROTOCOL_VERSION
 from iommud.protocol.v2 import LeaseEnforced, LeaseInfoV2, LeaseRevokedV2, StatusReplyV2
 from iommud.transport import DEFAULT_SOCKET
+from iommud.vmm import control
+from iommud.vmm.launcher import EXIT_USAGE, Launcher, VmError, VmOptions, prepare
+from iommud.vmm.template import TemplateError
 
 CLIENT_NAME: Final = f"iommuctl/{__version__}"
 
@@ -356,11 +360,82 @@ async def cmd_revoke(args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
-def _stop_on_signals() -> asyncio.Future[None]:
-    """A future set by SIGINT or SIGTERM (handlers removed again once it is done)."""
+def _vm_record(out: Output, as_json: bool) -> Callable[..., None]:
+    """The launcher's records: JSON lines on stdout, or ``iommuctl: vm.x k=v`` on stderr."""
+
+    def report(event: str, **fields: Any) -> None:
+        if as_json:
+            out.print(to_json({"event": event, **fields}))
+        else:
+            text = " ".join(f"{k}={json.dumps(v)}" for k, v in fields.items() if v is not None)
+            out.warn(f"iommuctl: {event} {text}")
+
+    return report
+
+
+async def cmd_vm(args: argparse.Namespace, out: Output) -> int:
+    command = list(args.command)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    opts = VmOptions(
+        devices=tuple(args.devices or ()),
+        argv=tuple(command),
+        held=tuple(args.held or ()),
+        control=args.control,
+        qmp=not args.no_qmp,
+        stop_timeout=args.grace,
+    )
+    template, binary = prepare(opts)  # bad input fails before the daemon is asked
+    stop = _stop_on_signals((signal.SIGINT, signal.SIGTERM, signal.SIGHUP))
+    try:
+        async with await _connect(args.socket, version=2) as client:
+            hello = client.hello
+            if hello is None or "delegate" not in hello.capabilities:
+                raise VmError("the daemon does not delegate (it needs iommufd and protocol 2)", 1)
+            launcher = Launcher(client, template, binary, opts, _vm_record(out, args.json))
+            return await launcher.run(stop)
+    finally:
+        if not stop.done():
+            stop.cancel()
+
+
+async def cmd_vm_attach(args: argparse.Namespace, out: Output) -> int:
+    n = len(args.devices)
+    if len(args.buses or ()) > n or len(args.ids or ()) > n:
+        raise VmError("more --bus or --id than --device")
+    req = {
+        "op": "attach",
+        "devices": args.devices,
+        "buses": args.buses,
+        "ids": args.ids,
+        "hold": args.held or [],
+    }
+    try:
+        async with asyncio.timeout(args.timeout):
+            answer = await control.request(args.control, req)
+    except (OSError, TimeoutError) as exc:
+        raise UnreachableError(f"no launcher at {args.control}: {exc}") from None
+    if args.json:
+        out.print(to_json(answer))
+    elif answer.get("ok"):
+        for lease in answer["leases"]:
+            devs = ", ".join(f"{d['bdf']} as {d['id']}" for d in lease["devices"])
+            out.print(f"lease {lease['lease_id']} group {lease['group_id']}: {devs}")
+    if not answer.get("ok"):
+        details = answer.get("details") or {}
+        lines = [f"iommuctl: {answer.get('code')}: {answer.get('message')}"]
+        lines += [f"  {k}: {json.dumps(v)}" for k, v in sorted(details.items())]
+        out.warn("\n".join(lines))
+        return EXIT_ERROR
+    return EXIT_OK
+
+
+def _stop_on_signals(
+    sigs: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM),
+) -> asyncio.Future[None]:
+    """A future set by one of ``sigs`` (handlers removed again once it is done)."""
     loop = asyncio.get_running_loop()
     fut: asyncio.Future[None] = loop.create_future()
-    sigs = (signal.SIGINT, signal.SIGTERM)
 
     def fire() -> None:
         if not fut.done():
@@ -393,9 +468,84 @@ async def _first(work: Coroutine[Any, Any, None], stop: asyncio.Future[None]) ->
 
 # --------------------------------------------------------------------------- entry
 
+VM_HELP: Final = """\
+Run a VMM as your own (unprivileged) user on devices iommud delegates to it.
+
+  iommuctl vm --device 0000:00:10.0 -- qemu-system-x86_64 -machine q35 -m 1G ... \\
+      -device pcie-root-port,id=rp0,chassis=1 \\
+      -object iommufd,id=i0,fd={iommufd} \\
+      -device vfio-pci,id=dev0,iommufd=i0,bus=rp0,fd={0000:00:10.0}
+
+The devices are claimed in delegated mode (protocol 2; your [[access]] rule needs
+delegate = true): one claim per IOMMU group, all on ONE iommufd. A group goes whole:
+name its other DMA-capable devices with --hold (claimed, moved to vfio-pci, given to
+no one; back to their drivers when the VM ends) or with --device. {iommufd} becomes the
+/dev/iommu fd number and {BDF} the device's cdev fd number; the VMM inherits exactly
+those fds and the launcher's QMP monitor socket, nothing else. Use ONE -object iommufd
+for the whole VM (two objects pin guest RAM twice). The VMM binds the devices and pins
+its guest RAM itself, against its own RLIMIT_MEMLOCK.
+
+Supervision: the leases live as long as the VMM. When it exits they are released and
+iommuctl exits with its status. SIGTERM, SIGINT or SIGHUP to iommuctl: SIGTERM to the
+VMM, SIGKILL after --grace seconds, then release. If iommuctl is killed, the VMM gets
+SIGKILL (PR_SET_PDEATHSIG). If the daemon goes away, the VMM is stopped (exit 2).
+
+On lease_revoked (iommuctl revoke, a host unplug, a driver grabbing the group) the
+launcher asks the VMM to let go at once: QMP device_del of every device of that lease
+(its id= from the -device option; iommuctl adds id=iommuctl-<bdf> if there is none). A
+lease is released when QEMU reports DEVICE_DELETED for all its devices. A guest OS must
+answer the unplug; the daemon blocks DMA at once either way and enforces after its grace
+period.
+
+Hotplug: with --control PATH (a 0600 socket, up once the VMM answers QMP, only your uid
+may use it), `iommuctl vm-attach --control PATH --device BDF --bus rp1` claims the device
+(joining the VM's iommufd) and adds it over QMP (getfd, object-add if the VM has no
+iommufd yet, device_add vfio-pci). Put hot-pluggable devices behind a pcie-root-port.
+"""
+
+VM_EPILOG: Final = """\
+memory lock limit (for the admin):
+  The VMM pins all guest RAM through the iommufd, charged to the VMM process's own
+  RLIMIT_MEMLOCK (the daemon sets per-process accounting). The default (8 MiB) is far
+  too small; an unprivileged user cannot raise the hard limit. Size it guest RAM plus
+  about 1 MiB (ROMs), e.g. for a 1 GiB guest:
+    systemd unit running iommuctl vm:  LimitMEMLOCK=1100M
+    or as root, for a running shell:   prlimit --memlock=1153433600:1153433600 --pid PID
+    or at login (pam_limits, KiB):     /etc/security/limits.d/vm.conf: USER - memlock 1126400
+  iommuctl vm passes its limit on to the VMM (the vm.started record shows it).
+  A VMM that fails with "vfio_container_dma_map(...) = -12" hit this limit. Never give a
+  VMM CAP_IPC_LOCK (it would pin without any limit).
+
+exit status:
+  the VMM's (128+N if killed by signal N); 1 the daemon refused (error printed);
+  2 the daemon is unreachable or went away; 64 bad command line (unknown placeholder,
+  device not claimed, ...); 126 VMM not executable; 127 VMM not found.
+"""
+
 
 def _bdf(text: str) -> str:
     return text.strip().lower()
+
+
+def _vm_devices(parser: argparse.ArgumentParser, *, required: bool) -> None:
+    """``--device`` and ``--hold`` (both repeatable) of ``vm`` and ``vm-attach``."""
+    parser.add_argument(
+        "--device",
+        dest="devices",
+        action="append",
+        required=required,
+        type=_bdf,
+        metavar="BDF",
+        help="claim this device and give it to the VM (its fd replaces {BDF})",
+    )
+    parser.add_argument(
+        "--hold",
+        dest="held",
+        action="append",
+        type=_bdf,
+        metavar="BDF",
+        help="claim this device with its group but give it to no one",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -440,6 +590,45 @@ def build_parser() -> argparse.ArgumentParser:
     rev = add("revoke", cmd_revoke, "revoke every lease on a group (root only)")
     rev.add_argument("group", type=int, metavar="GROUP")
     rev.add_argument("--reason", default="revoked by an administrator")
+    vm = sub.add_parser(
+        "vm",
+        help="run a VMM (QEMU >= 9.0) on delegated devices",
+        description=VM_HELP,
+        epilog=VM_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    vm.add_argument("--json", action="store_true", help="records as JSON lines on stdout")
+    vm.set_defaults(func=cmd_vm)
+    _vm_devices(vm, required=False)
+    vm.add_argument(
+        "--control",
+        metavar="PATH",
+        help="listen here (0600) for vm-attach hotplug requests while the VMM runs",
+    )
+    vm.add_argument(
+        "--grace",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="on SIGTERM/SIGINT/SIGHUP: seconds between SIGTERM and SIGKILL to the VMM "
+        "(default %(default)s)",
+    )
+    vm.add_argument(
+        "--no-qmp",
+        action="store_true",
+        help="add no QMP monitor (then no device_del on revocation and no hotplug)",
+    )
+    vm.add_argument("command", nargs=argparse.REMAINDER, metavar="-- VMM [ARG...]")
+    at = add(
+        "vm-attach", cmd_vm_attach, "hot-add devices to a VM started with iommuctl vm --control"
+    )
+    at.add_argument("--control", required=True, metavar="PATH", help="the launcher's socket")
+    _vm_devices(at, required=True)
+    at.add_argument(
+        "--bus", dest="buses", action="append", metavar="BUS", help="per --device, in order"
+    )
+    at.add_argument("--id", dest="ids", action="append", metavar="ID", help="QEMU id per --device")
+    at.add_argument("--timeout", type=float, default=300.0, help=argparse.SUPPRESS)
     return p
 
 
@@ -453,6 +642,12 @@ def run(argv: Sequence[str] | None = None, out: Output | None = None) -> int:
     except UnreachableError as exc:
         out.warn(f"iommuctl: {exc}")
         return EXIT_UNREACHABLE
+    except TemplateError as exc:
+        out.warn(f"iommuctl: vm: {exc}")
+        return EXIT_USAGE
+    except VmError as exc:
+        out.warn(f"iommuctl: vm: {exc.message}")
+        return exc.exit_code
     except IommudError as exc:
         out.warn(format_error(exc))
         return EXIT_ERROR

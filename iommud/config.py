@@ -21,10 +21,19 @@ Example (every table and key is optional; an empty file is a valid config)::
     quota = "vm"
     delegate = true                      # may also claim in delegated mode (default false)
 
-    [quotas.vm]
+    [quotas.vm]                          # per uid, over all its connections
     pinned_bytes = "512MiB"
     max_ioas = 4
     max_mappings = 1024
+    max_memfds = 64                      # files the daemon keeps mmapped for the uid
+    memfd_bytes = "1TiB"                 # their total size
+
+    [memory]                             # daemon-wide, over every uid
+    pinned_bytes = "64GiB"
+    max_ioas = 1024
+    max_mappings = 65536
+    max_memfds = 8192                    # never more than vm.max_map_count / 4
+    memfd_bytes = "16TiB"
 
 User and group names are resolved to ids when the file is loaded (the only I/O besides
 reading the file). Every problem becomes a ConfigError whose details name the key path
@@ -63,9 +72,11 @@ __all__ = [
     "DEFAULT_QUOTA",
     "AccessRule",
     "Config",
+    "ConnectionsConfig",
     "DaemonConfig",
     "DriversConfig",
     "ManageConfig",
+    "MemoryLimits",
     "Quota",
     "format_loc",
     "load_config",
@@ -134,6 +145,8 @@ GroupName = Annotated[str, AfterValidator(_known(grp.getgrnam, "group"))]
 DriverName = Annotated[str, AfterValidator(_driver_name)]
 Size = Annotated[int, BeforeValidator(parse_size)]
 Count = Annotated[int, Field(strict=True, ge=0)]  # strict: TOML true is not 1
+Positive = Annotated[int, Field(strict=True, ge=1)]
+Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 
 class _Model(BaseModel):
@@ -166,11 +179,28 @@ class ManageConfig(_Model):
 
 
 class Quota(_Model):
-    """Per-client limits (the broker enforces them)."""
+    """Per-uid limits: one uid's usage over all its connections (the broker enforces
+    them, iommud.broker.ledger). ``max_memfds``/``memfd_bytes`` bound the daemon's own
+    mappings of the uid's files (the mmap path of kernels without IOMMU_IOAS_MAP_FILE:
+    one daemon mapping, one VMA, per file)."""
 
     pinned_bytes: Size = 1 << 30
     max_ioas: Count = 8
     max_mappings: Count = 4096
+    max_memfds: Count = 64
+    memfd_bytes: Size = 1 << 40
+
+
+class MemoryLimits(_Model):
+    """Daemon-wide limits over every uid together (``[memory]``). ``max_memfds`` is
+    further capped at start-up to a quarter of vm.max_map_count, so client files can
+    never take the VMAs the daemon needs for its own memory and threads."""
+
+    pinned_bytes: Size = 64 << 30
+    max_ioas: Count = 1024
+    max_mappings: Count = 65536
+    max_memfds: Count = 8192
+    memfd_bytes: Size = 16 << 40
 
 
 class AccessRule(_Model):
@@ -232,12 +262,28 @@ class DelegationConfig(_Model):
     unmap_scan_ids: int = Field(default=1024, strict=True, ge=1, le=1 << 20)
 
 
+class ConnectionsConfig(_Model):
+    """What one peer's connections may hold (iommud.server.handler.ConnectionLimits has
+    the meaning of each; PROTOCOL.md section 10 the error a peer gets)."""
+
+    max_total: Positive = 1024
+    max_per_uid: Positive = 64
+    hello_timeout: Seconds = 10.0
+    idle_timeout: Seconds = 600.0
+    send_timeout: Seconds = 10.0
+    max_unsent_bytes: Size = Field(default=256 * 1024, ge=64 * 1024)
+    max_held_fds: Positive = Field(default=64, ge=16)  # at least one datagram's MAX_FDS
+    fd_reserve: Count = 256
+
+
 class Config(_Model):
     daemon: DaemonConfig = DaemonConfig()
+    connections: ConnectionsConfig = ConnectionsConfig()
     drivers: DriversConfig = DriversConfig()
     manage: ManageConfig = ManageConfig()
     delegation: DelegationConfig = DelegationConfig()
     access: tuple[AccessRule, ...] = ()
+    memory: MemoryLimits = MemoryLimits()
     quotas: dict[str, Quota] = Field(default_factory=lambda: {DEFAULT_QUOTA: Quota()})
 
     @field_validator("quotas")

@@ -18,7 +18,20 @@ Rules (``[[access]]`` in the config) are read in order:
   ``delegate_not_allowed``, naming the first of them.
 
 The quota of a peer is the quota of the first rule that applies to it (root and peers
-without a rule get the "default" quota).
+without a rule get the "default" quota). It bounds the peer's uid over all its
+connections (iommud.broker.ledger). IOAS requests (``ioas_create``, ``ioas_map``) need
+an applying rule too (``check_ioas``): a peer no rule names may list and watch, but not
+make the daemon pin memory for it.
+
+Brokered pinning and RLIMIT_MEMLOCK: the daemon pins with CAP_IPC_LOCK, so the kernel
+checks no memlock limit and charges the pages to the daemon, not to the client; the
+client's own RLIMIT_MEMLOCK is neither consulted nor consumed. That is the design: the
+``pinned_bytes`` quota is the administrator's memlock grant for brokered pinning (as
+limits.conf would be for a VMM that pins itself), enforced per uid across all of the
+uid's processes (stricter than the kernel's per-process rlimit), plus a daemon-wide
+``[memory] pinned_bytes``. A delegated claim (protocol v2) is the other way round: the
+VMM pins through its own iommufd in per-process accounting mode, against its own
+RLIMIT_MEMLOCK (iommud.broker.delegation).
 """
 
 from __future__ import annotations
@@ -35,6 +48,7 @@ __all__ = [
     "Decision",
     "Identity",
     "check_claim",
+    "check_ioas",
     "may_rebind",
     "quota_for",
     "selector_matches",
@@ -127,6 +141,23 @@ def check_claim(
         False,
         applying[0],
         f"{device.bdf} ({device.vendor_device}) is not covered by {rules}",
+    )
+
+
+def check_ioas(config: Config, identity: Identity) -> Decision:
+    """May ``identity`` create IOASes and map memory? Root, or a peer an access rule
+    applies to (whatever its devices: the quota of that rule bounds it)."""
+    if identity.is_root:
+        return Decision(True, None, "uid 0 may map memory")
+    for i, rule in enumerate(config.access):
+        if _applies(rule, identity):
+            return Decision(True, i, f"allowed by {rule.describe(i)}")
+    return Decision(
+        False,
+        None,
+        f"no rule matched uid {identity.uid} gid {identity.gid}: IOAS requests need an "
+        "[[access]] rule",
+        code="no_access_rule",
     )
 
 

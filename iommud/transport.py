@@ -19,6 +19,7 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import functools
 import os
 import socket
 import struct
@@ -35,6 +36,10 @@ SO_PEERGROUPS = 59  # Linux 4.13
 SO_PEERPIDFD = 77  # Linux 6.5: a pidfd for the peer, race-free unlike pidfd_open(pid)
 
 _INT_SIZE = array.array("i").itemsize
+# Plain ints: socket's IntFlag members cost a Python-level __and__ per test.
+_MSG_TRUNC: Final = int(socket.MSG_TRUNC)
+_MSG_CTRUNC: Final = int(socket.MSG_CTRUNC)
+_RECV_FLAGS: Final = int(socket.MSG_CMSG_CLOEXEC)
 _MAX_GROUPS = 65536  # NGROUPS_MAX
 
 
@@ -85,9 +90,10 @@ def recv_datagram_nowait(sock: socket.socket, max_datagram: int, max_fds: int) -
     An empty datagram without fds is read as end of stream: on SEQPACKET the two are
     indistinguishable to ``recvmsg``, and the protocol never sends empty datagrams.
     """
-    ancbuf = socket.CMSG_SPACE(max_fds * _INT_SIZE)
-    data, ancdata, flags, _addr = sock.recvmsg(max_datagram, ancbuf, socket.MSG_CMSG_CLOEXEC)
+    data, ancdata, flags, _addr = sock.recvmsg(max_datagram, _ancbuf(max_fds), _RECV_FLAGS)
     fds = FdSet()
+    if not ancdata and not flags:  # the common case: data only, nothing cut
+        return Datagram(data=data, fds=fds) if data else None
     foreign: list[tuple[int, int]] = []
     try:
         for level, kind, cmsg_data in ancdata:
@@ -99,15 +105,20 @@ def recv_datagram_nowait(sock: socket.socket, max_datagram: int, max_fds: int) -
     except BaseException:
         fds.close()
         raise
-    if not data and not ancdata and not flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+    if not data and not ancdata and not flags & (_MSG_TRUNC | _MSG_CTRUNC):
         return None
     return Datagram(
         data=data,
         fds=fds,
-        truncated=bool(flags & socket.MSG_TRUNC),
-        ctrunc=bool(flags & socket.MSG_CTRUNC),
+        truncated=bool(flags & _MSG_TRUNC),
+        ctrunc=bool(flags & _MSG_CTRUNC),
         foreign_cmsgs=foreign,
     )
+
+
+@functools.cache
+def _ancbuf(max_fds: int) -> int:
+    return socket.CMSG_SPACE(max_fds * _INT_SIZE)
 
 
 async def _wait(loop: asyncio.AbstractEventLoop, sock: socket.socket, *, write: bool) -> None:
@@ -141,7 +152,8 @@ async def recv_datagram(sock: socket.socket, max_datagram: int, max_fds: int) ->
             await _wait(loop, sock, write=False)
 
 
-def _rights(fds: list[int]) -> list[tuple[int, int, bytes]]:
+def rights(fds: list[int]) -> list[tuple[int, int, bytes]]:
+    """The ancillary data of ``sendmsg`` that passes ``fds`` (SCM_RIGHTS), if any."""
     if not fds:
         return []
     return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
@@ -153,7 +165,7 @@ async def send_datagram(sock: socket.socket, data: bytes, fds: list[int]) -> Non
     SEQPACKET sends are atomic: on EAGAIN nothing was sent, so retrying is safe.
     """
     loop = asyncio.get_running_loop()
-    anc = _rights(fds)
+    anc = rights(fds)
     while True:
         try:
             sock.sendmsg([data], anc)
@@ -165,7 +177,10 @@ async def send_datagram(sock: socket.socket, data: bytes, fds: list[int]) -> Non
 
 def send_datagram_blocking(sock: socket.socket, data: bytes, fds: list[int]) -> None:
     """The blocking twin of ``send_datagram`` for plain (blocking) sockets."""
-    sock.sendmsg([data], _rights(fds))
+    if fds:
+        sock.sendmsg([data], rights(fds))
+    else:
+        sock.send(data)  # cheaper than an empty sendmsg
 
 
 def _groups_from_proc(pid: int, proc_root: str) -> tuple[int, ...]:

@@ -7,7 +7,7 @@ The pieces a lab test needs to run a real VMM the way a delegated client would:
   no disk, 64 MiB of RAM, paused (-S: the vCPU never runs, so it burns no host CPU; the
   devices are realized and guest RAM is mapped into the iommufd all the same), a QMP unix
   socket and pcie-root-ports, so that vfio-pci devices are hot-pluggable and can be
-  unplugged (QEMU refuses to unplug from the root bus). ``Vmm.run_firmware`` lets
+  unplugged (QEMU refuses to unplug from the root bus). ``run_firmware`` lets
   SeaBIOS number the root ports' buses, without which query-pci cannot list the devices
   behind them;
 - ``Vmm``: runs it as uid 1000 with no capabilities (setpriv) and a raised RLIMIT_MEMLOCK
@@ -329,6 +329,29 @@ class Qmp:
         self.sock.close()
 
 
+def run_firmware(qmp: Qmp, devices: Iterable[str] = (), *, timeout: float = 120.0) -> float:
+    """Let SeaBIOS run until it has numbered every root port's bus and query-pci lists
+    ``devices`` (qdev ids), then pause again.
+
+    Without it (-S) the devices behind root ports are realized but query-pci cannot list
+    them. SeaBIOS finds no boot disk and idles; stopping keeps the vCPU off the host's
+    CPUs all the same. Returns the seconds it took.
+    """
+    wanted = set(devices)
+    t0 = time.monotonic()
+    qmp("cont")
+    try:
+        while qmp.unnumbered_bridges() or not wanted <= {
+            str(d["qdev_id"]) for d in qmp.pci_devices()
+        }:
+            if time.monotonic() - t0 > timeout:
+                raise TimeoutError(f"firmware numbered no buses within {timeout}s")
+            time.sleep(0.1)
+    finally:
+        qmp("stop")
+    return time.monotonic() - t0
+
+
 # --------------------------------------------------------------------------- the VMM
 
 
@@ -418,26 +441,8 @@ class Vmm:
         return self
 
     def run_firmware(self, devices: Iterable[str] = (), *, timeout: float = 120.0) -> float:
-        """Let SeaBIOS run until it has numbered every root port's bus and query-pci lists
-        ``devices`` (qdev ids), then pause again.
-
-        Without it (-S) the devices behind root ports are realized but query-pci cannot list
-        them. SeaBIOS finds no boot disk and idles; stopping keeps the vCPU off the host's
-        CPUs all the same. Returns the seconds it took.
-        """
-        wanted = set(devices)
-        t0 = time.monotonic()
-        self.qmp("cont")
-        try:
-            while self.qmp.unnumbered_bridges() or not wanted <= {
-                str(d["qdev_id"]) for d in self.qmp.pci_devices()
-            }:
-                if time.monotonic() - t0 > timeout:
-                    raise TimeoutError(f"firmware numbered no buses within {timeout}s")
-                time.sleep(0.1)
-        finally:
-            self.qmp("stop")
-        return time.monotonic() - t0
+        """``run_firmware`` on this VM's QMP."""
+        return run_firmware(self.qmp, devices, timeout=timeout)
 
     def stderr_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""

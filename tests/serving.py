@@ -8,13 +8,19 @@ structlog events the test's in-process daemon code logs (structlog.testing.captu
 for asserting on them as data; a daemon in a subprocess keeps its log file.
 ``served_broker`` runs a started Broker on the fake kernel and the lab-shaped fake sysfs
 behind the REAL server on a real AF_UNIX socket, and after shutdown asserts no fd leaked.
-Test code only.
+``DaemonProcess`` runs the real daemon as a child process (tests/fake_daemon.py: the lab
+tree, the fake kernel, everything else real) for attacks that must not hurt pytest
+itself, and reads its VMAs, threads and exit. Test code only.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator, Iterator, MutableMapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -25,6 +31,7 @@ import pytest
 import structlog
 
 from iommud.broker import Broker
+from iommud.client import Client
 from iommud.config import DriversConfig
 from iommud.server import Server, ServerInfo
 from iommud.server.listen import bind_listener
@@ -130,3 +137,68 @@ async def served_broker(
     await asyncio.wait_for(task, 5)
     await broker.aclose(grace=5.0)
     before.assert_unchanged()
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class DaemonProcess:
+    """The real daemon in a child process over the fake kernel and the lab tree.
+
+    ``config`` is the TOML text without ``[daemon]`` (added here: the tree, the state
+    dir, the socket). The socket is 0666 so tests can connect as other uids; its
+    directory must be reachable by them. ``stop()`` sends SIGTERM and returns the exit
+    code (killing the child if it does not exit within ``timeout``).
+    """
+
+    def __init__(self, root: Path, socket_path: str, config: str) -> None:
+        self.root = root
+        self.socket = socket_path
+        tree = root / "host"
+        conf = root / "iommud.toml"
+        conf.write_text(
+            f'[daemon]\nsys_root = "{tree}/sys"\ndev_root = "{tree}/dev"\n'
+            f'state_dir = "{root}/state"\n\n{config}'
+        )
+        self.log = (root / "daemon.log").open("w")
+        args = [sys.executable, "-m", "tests.fake_daemon", str(tree), "--config", str(conf)]
+        args += ["--socket", socket_path, "--socket-mode", "666"]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join((str(REPO), str(REPO / "lab")))}
+        self.proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=self.log, stderr=self.log)
+        self.pid = self.proc.pid
+        deadline = time.monotonic() + 60  # a hang guard on a loaded machine
+        while True:
+            try:
+                with Client(socket_path, "probe", timeout=10) as c:
+                    c.ping()
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"the daemon did not start: {self.output()}") from None
+                time.sleep(0.05)
+
+    def vmas(self) -> int:
+        """The daemon's VMAs now (lines of /proc/PID/maps)."""
+        with open(f"/proc/{self.pid}/maps") as f:
+            return sum(1 for _ in f)
+
+    def threads(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/task"))
+
+    def output(self) -> str:
+        self.log.flush()
+        return (self.root / "daemon.log").read_text()
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM; the exit code, or None if it had to be killed after ``timeout``."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code: int | None = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            code = None
+        self.log.close()
+        return code

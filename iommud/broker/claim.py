@@ -112,6 +112,7 @@ class ClaimManager:
                     {i.ioas_id: i.backend for i in session.ioases.values()},
                     claim_refusal(session, group_id),
                     frozenset(session.delegated),
+                    self._ioas.ledger.refusal(session.identity.uid, session.quota, ioas=1),
                 ),
                 req,
                 owner=_owner(self._holds.get(group_id)),
@@ -134,6 +135,7 @@ class ClaimManager:
         group_id = plan.group_id
         hold = self._holds.get(group_id) or GroupHold(group_id, session, plan.backend)
         created: IoasState | None = None
+        target: IoasState | None = None
         lease_devices: list[LeasedDevice] = []
         fds: list[OwnedFd] = []
         try:
@@ -154,8 +156,12 @@ class ClaimManager:
         except BaseException:
             for fd in fds:
                 fd.close()
+            if target is not None:
+                target.forget_ranges()  # a device may have attached and detached again
             await asyncio.shield(self._unwind(session, hold, plan.new_hold, lease_devices, created))
             raise
+        if created is not None:
+            created.by_claim = True
         return self._grant(session, hold, plan, target, lease_devices), fds
 
     async def _execute_delegated(
@@ -255,6 +261,7 @@ class ClaimManager:
             out.append(ld)
             ld.devid = dev.bind_iommufd(ictx)
             dev.attach_ioas(ioas.kernel_id)
+            ioas.forget_ranges()  # the device's reserved regions narrow them
             ld.attached = True
 
     async def _open_legacy(
@@ -318,6 +325,8 @@ class ClaimManager:
         async with self.held():
             if via is None:
                 await asyncio.shield(self.release_lease(lease, why="release"))
+                if lease.ioas is not None:
+                    await asyncio.shield(self._ioas.drop_if_unused(session, lease.ioas))
             else:
                 await asyncio.shield(via(lease))
         # Outside the lock: a restore stalled by this client's own open device fd must
@@ -346,6 +355,8 @@ class ClaimManager:
         await self._close_devices(
             hold, lease.devices, reset=not lease.is_delegated if reset is None else reset
         )
+        if lease.ioas is not None:
+            lease.ioas.forget_ranges()
         hold.leases.pop(lease.lease_id, None)
         session.leases.pop(lease.lease_id, None)
         delegation.forget(lease)
@@ -385,6 +396,8 @@ class ClaimManager:
                     except KernelError as exc:
                         log.exception("device.detach_failed", bdf=ld.bdf, errno=exc.errno)
                     ld.attached = False
+            if lease.ioas is not None:
+                lease.ioas.forget_ranges()
         elif (
             drop_shared_container
             and lease.ioas is not None

@@ -110,7 +110,7 @@ class Broker:
                 retries=restore_retries,
                 retry_delay=restore_retry_delay,
             ),
-            ioas=IoasManager(kernel),
+            ioas=IoasManager(kernel, config),
             view=HostView(config),
             hub=EventHub(),
             sysfs_timeout=sysfs_timeout,
@@ -185,6 +185,12 @@ class Broker:
             legacy=snap.has_legacy_container,
         )
 
+    def begin_stop(self) -> None:
+        """The daemon is stopping: sessions that end from now on (its connections being
+        drained) are not client exits, so no delegated VMM is killed; DMA is still
+        blocked and the devices given back once the VMMs let go (iommud.broker.revocation)."""
+        self._state.stopping = True
+
     async def aclose(self, *, grace: float | None = None) -> None:
         """Release every session (shielded), then wait (bounded) for driver restores.
 
@@ -202,7 +208,7 @@ class Broker:
             await self._state.drivers.aclose(grace)
 
         self._audit.close()  # our own restores are not attempts to report
-        self._state.stopping = True
+        self.begin_stop()
         await asyncio.shield(_all())
         log.info("broker.closed", pending_restores=self._state.drivers.pending)
 
@@ -218,6 +224,11 @@ class Broker:
     def events(self, session: Session) -> asyncio.Queue[Delivery]:
         """The session's event queue (the connection applies the subscription)."""
         return session.sink.queue
+
+    def holds_resources(self, session: Session) -> bool:
+        """Does the session hold anything (leases, IOASes, delegations, freezes)? A
+        connection that holds nothing may be closed when idle (the server's policy)."""
+        return bool(session.leases or session.ioases or session.delegated or session.freezes)
 
     # ------------------------------------------------------------------ requests
     def _route_table(self) -> list[Route[Any]]:
@@ -321,6 +332,7 @@ class Broker:
         ioases = self._state.ioas
         ioas = ioases.get(session, request.ioas_id)
         n = await ioases.unmap(session, ioas, request.iova, request.length)
+        await asyncio.shield(ioases.drop_if_unused(session, ioas))
         return Outcome(m.IoasUnmapReply(id=request.id, unmapped=n))
 
     async def _iova_ranges(self, session: Session, request: m.IovaRanges, fds: FdSet) -> Outcome:

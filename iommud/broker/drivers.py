@@ -217,6 +217,16 @@ class DriverManager:
                     return  # the journal keeps the entry: the next start retries
                 await asyncio.sleep(self._retry_delay * attempt)
                 continue
+            except Exception as exc:
+                # Not the kernel's answer: a bug or the daemon short of a resource (a
+                # worker, memory). Retried and recorded like a kernel error, never
+                # dropped as a task's unretrieved exception.
+                log.exception("driver.restore_crashed", bdf=entry.bdf, attempt=attempt)
+                if attempt - busy >= self._retries:
+                    self.pending[entry.bdf] = f"gave up after {attempt} attempts: {exc!r}"[:512]
+                    return  # the journal keeps the entry: the next start retries
+                await asyncio.sleep(self._retry_delay * attempt)
+                continue
             break
         try:
             await aio.call("journal_write", self._journal.drop, [entry.bdf])

@@ -22,6 +22,7 @@ about ownership (iommud.broker.enforcement does).
 
 from __future__ import annotations
 
+import asyncio
 import collections
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
@@ -91,6 +92,7 @@ class HostView:
         self.rescans = 0
         # Devices seen vanishing before their remove uevent arrived: bdf -> group id.
         self._vanished: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self._reading: asyncio.Future[HostSnapshot] | None = None  # the shared read_all
 
     @property
     def snapshot(self) -> HostSnapshot:
@@ -119,10 +121,30 @@ class HostView:
 
     # ------------------------------------------------------------------ reads
     async def read_all(self) -> HostSnapshot:
-        """Read the whole host (listings); changes are reported by the next uevent."""
+        """Read the whole host (listings); changes are reported by the next uevent.
+
+        One read at a time, shared: callers that arrive while a read runs get its
+        result, so N listings cost one read, not N queued on the work pool. A caller
+        that is cancelled (its peer left) stops waiting; the read goes on for the rest.
+        """
+        if self._reading is None:
+            self._reading = asyncio.ensure_future(self._read_all())
+            self._reading.add_done_callback(self._read_done)
+        return await asyncio.shield(self._reading)
+
+    async def _read_all(self) -> HostSnapshot:
         d = self._config.daemon
         self._snapshot = await aio.call("read_snapshot", read_snapshot, d.sys_root, d.dev_root)
         return self._snapshot
+
+    def _read_done(self, task: asyncio.Future[HostSnapshot]) -> None:
+        self._reading = None
+        if task.cancelled():
+            return
+        if task.exception() is not None:
+            log.info("host.read_failed", error=str(task.exception()))  # callers got it too
+        else:
+            log.info("host.read_all", devices=len(task.result().devices))
 
     async def start(self) -> HostSnapshot:
         """The start-up read: the view subscribers start from, too."""

@@ -4,19 +4,27 @@ An IOAS is either an iommufd IOAS in the session's own /dev/iommu, or (legacy pa
 VFIO type1v2 container. A map request carries client fds; each must be a memfd sealed
 against shrinking (F_SEAL_SHRINK, so the pages the IOMMU pins cannot vanish under it),
 each range page-aligned and inside its file, each fixed IOVA aligned, inside the allowed
-ranges and clear of existing mappings. Quotas (pinned bytes, mapping count) are checked
-before anything is pinned. Pinning uses IOMMU_IOAS_MAP_FILE when the kernel has it;
-otherwise the daemon mmaps the range itself (MAP_SHARED, kept until unmap) and maps its
-own address (IOMMU_IOAS_MAP, or VFIO_IOMMU_MAP_DMA on a container). A request with several
-ranges is all-or-nothing: a failure unmaps what the request already mapped.
+ranges and clear of existing mappings, read and/or write. IOAS requests need an access
+rule (iommud.policy.check_ioas). Quotas (pinned bytes, mapping count, IOASes, the
+daemon's file mappings) are per uid over all its connections and daemon-wide
+(iommud.broker.ledger); they are reserved before anything is pinned and given back on
+failure and at unmap. Pinning uses IOMMU_IOAS_MAP_FILE when the kernel has it;
+otherwise the daemon maps its own address (IOMMU_IOAS_MAP, or VFIO_IOMMU_MAP_DMA on a
+container) inside its one mapping of the client's file (iommud.broker.filemaps),
+faulting the range in with one madvise first. A request with several ranges is
+all-or-nothing: a failure unmaps what the request already mapped.
 
-Pinning and unpinning run in worker threads (they can take long for large ranges); the
-caller serialises requests per session. No policy beyond the session's quota here.
+Cost per request does not grow with the state held: the overlap and unmap lookups bisect
+the IOAS's sorted IOVAs, the usage counters are kept, the allowed IOVA ranges are read
+once per attach/detach (``IoasState.forget_ranges``). Whether a pin leaves the loop is
+``iommud.kernel.aio``'s decision (small ones run inline). The caller serialises
+requests per session. No policy beyond the access rule and the quotas here.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import fcntl
 import mmap
@@ -26,8 +34,11 @@ from typing import Final
 
 import structlog
 
+from iommud.broker.filemaps import FileMaps, Hold
+from iommud.broker.ledger import Ledger
 from iommud.broker.plan import check_ioas_quota, unknown_ioas
 from iommud.broker.state import IoasMapping, IoasState, Session
+from iommud.config import Config, MemoryLimits
 from iommud.errors import (
     BadRequestError,
     InvalidRangeError,
@@ -35,13 +46,14 @@ from iommud.errors import (
     KernelError,
     NotFoundError,
     OverlapError,
-    QuotaExceededError,
+    PermissionDeniedError,
 )
 from iommud.fds import FdSet
 from iommud.host.viability import ClaimPath
 from iommud.kernel import aio
 from iommud.kernel.interface import IommuFd, IovaRange, Kernel, MapFlag
-from iommud.kernel.memory import DaemonMap, inspect_file
+from iommud.kernel.memory import FileInfo, inspect_file, max_map_count
+from iommud.policy import check_ioas
 from iommud.protocol.messages import MappedRange, MapRange
 
 log = structlog.get_logger(__name__)
@@ -54,8 +66,14 @@ VFIO_TYPE1V2_IOMMU: Final = 3
 LEGACY_IOVA_RANGES: Final = (IovaRange(0, 0xFEDFFFFF), IovaRange(0xFEF00000, (1 << 39) - 1))
 
 
-def _check_fd(index: int, r: MapRange, fd: int) -> None:
+def _check_fd(index: int, r: MapRange, fd: int) -> FileInfo:
     """The fd is a sealed memfd/regular file and the range lies inside it."""
+    if not (r.read or r.write):
+        raise BadRequestError(
+            f"range {index}: read and write are both false (a mapping the device could not use)",
+            range=index,
+            reason="no_access",
+        )
     try:
         st = inspect_file(fd)
     except KernelError as exc:
@@ -102,13 +120,36 @@ def _check_fd(index: int, r: MapRange, fd: int) -> None:
             length=r.length,
             file_size=st.size,
         )
+    return st
+
+
+def memory_limits(limits: MemoryLimits, map_count: int | None) -> MemoryLimits:
+    """``limits`` with ``max_memfds`` capped at a quarter of vm.max_map_count: the
+    daemon's own heap, libraries and thread stacks keep the other three quarters."""
+    if map_count is None or limits.max_memfds <= map_count // 4:
+        return limits
+    return limits.model_copy(update={"max_memfds": map_count // 4})
 
 
 class IoasManager:
-    """IOAS operations on a session's state, through the kernel interface."""
+    """IOAS operations on a session's state, through the kernel interface.
 
-    def __init__(self, kernel: Kernel) -> None:
+    ``ledger`` holds every uid's usage (per uid and daemon-wide limits); ``filemaps``
+    the daemon's mappings of client files.
+    """
+
+    def __init__(self, kernel: Kernel, config: Config) -> None:
         self._kernel = kernel
+        self._config = config
+        limits = memory_limits(config.memory, max_map_count())
+        if limits is not config.memory:
+            log.warning(
+                "memory.max_memfds_capped",
+                configured=config.memory.max_memfds,
+                capped_to=limits.max_memfds,
+            )
+        self.ledger = Ledger(limits)
+        self.filemaps = FileMaps(self.ledger)
 
     # ------------------------------------------------------------------ objects
     def iommufd(self, session: Session) -> IommuFd:
@@ -124,8 +165,25 @@ class IoasManager:
             raise unknown_ioas(ioas_id)
         return ioas
 
+    def check_allowed(self, session: Session) -> None:
+        """IOAS requests need an access rule (iommud.policy.check_ioas)."""
+        if session.may_use_ioas:
+            return
+        ident = session.identity
+        decision = check_ioas(self._config, ident)
+        raise PermissionDeniedError(
+            f"IOAS requests denied: {decision.reason}",
+            uid=ident.uid,
+            gid=ident.gid,
+            rule=None,
+            reason=decision.code or decision.reason,
+        )
+
     def create(self, session: Session, backend: ClaimPath) -> IoasState:
+        self.check_allowed(session)
+        uid = session.identity.uid
         check_ioas_quota(session.quota, len(session.ioases))
+        self.ledger.check(uid, session.quota, ioas=1)
         ioas_id = session.next_ioas_id
         if backend is ClaimPath.IOMMUFD:
             ioas = IoasState(ioas_id, backend, kernel_id=self.iommufd(session).ioas_alloc())
@@ -144,6 +202,7 @@ class IoasManager:
             ioas = IoasState(ioas_id, backend, container=container)
         session.next_ioas_id += 1
         session.ioases[ioas_id] = ioas
+        self.ledger.charge(uid, ioas=1)
         log.info(
             "ioas.created",
             session=session.session_id,
@@ -165,7 +224,8 @@ class IoasManager:
         try:
             await self.unmap_all(session, ioas)
         finally:
-            session.ioases.pop(ioas.ioas_id, None)
+            if session.ioases.pop(ioas.ioas_id, None) is ioas:
+                self.ledger.refund(session.identity.uid, ioas=1)
             if ioas.kernel_id is not None and session.iommufd is not None:
                 try:
                     await aio.call("IOMMU_DESTROY", session.iommufd.destroy, ioas.kernel_id)
@@ -175,30 +235,53 @@ class IoasManager:
                 ioas.container.close()
             log.info("ioas.destroyed", session=session.session_id, ioas_id=ioas.ioas_id)
 
+    async def drop_if_unused(self, session: Session, ioas: IoasState) -> None:
+        """Destroy an IOAS a claim made once no device and no mapping uses it any more
+        (at the release, or at the unmap of its last mapping after it): a VMM that
+        claims and releases in a loop must not collect IOASes until max_ioas refuses it.
+        An IOAS from ioas_create lives until ioas_destroy or the connection's end."""
+        if (
+            ioas.by_claim
+            and not ioas.groups
+            and not ioas.mappings
+            and session.ioases.get(ioas.ioas_id) is ioas
+        ):
+            await self.destroy(session, ioas)
+
     def iova_ranges(self, session: Session, ioas: IoasState) -> tuple[list[IovaRange], int]:
-        if ioas.backend is ClaimPath.IOMMUFD:
+        ranges, align = self._allowed(session, ioas)
+        return list(ranges), align
+
+    def _allowed(self, session: Session, ioas: IoasState) -> tuple[tuple[IovaRange, ...], int]:
+        """The allowed IOVA ranges, read from the kernel once per attach/detach."""
+        if ioas.backend is not ClaimPath.IOMMUFD:
+            return LEGACY_IOVA_RANGES, PAGE
+        if ioas.ranges_cache is None:
             assert ioas.kernel_id is not None
-            return self.iommufd(session).ioas_iova_ranges(ioas.kernel_id)
-        return list(LEGACY_IOVA_RANGES), PAGE
+            ranges, align = self.iommufd(session).ioas_iova_ranges(ioas.kernel_id)
+            ioas.ranges_cache = (tuple(ranges), align)
+        return ioas.ranges_cache
 
     # ------------------------------------------------------------------ map
     async def map(
         self, session: Session, ioas: IoasState, ranges: Sequence[MapRange], fds: FdSet
     ) -> list[MappedRange]:
-        """Validate everything, check quotas, then pin range by range (all-or-nothing)."""
+        """Validate everything, reserve the quota, then pin range by range (all-or-nothing)."""
+        self.check_allowed(session)
         if ioas.backend is ClaimPath.LEGACY and not ioas.container_ready:
             raise InvalidStateError(
                 f"legacy IOAS {ioas.ioas_id} takes maps only once a group is attached",
                 ioas_id=ioas.ioas_id,
             )
-        allowed, align = self.iova_ranges(session, ioas)
+        allowed, align = self._allowed(session, ioas)
         align = max(align, PAGE)
+        infos: list[FileInfo] = []
         for i, r in enumerate(ranges):
             if r.fd_index >= len(fds):
                 raise BadRequestError(
                     f"range {i}: no fd {r.fd_index}", range=i, fd_index=r.fd_index, fds=len(fds)
                 )
-            _check_fd(i, r, fds[r.fd_index].fileno())
+            infos.append(_check_fd(i, r, fds[r.fd_index].fileno()))
             if r.length % align:
                 raise InvalidRangeError(
                     f"range {i}: length must be a multiple of the IOVA alignment {align:#x}",
@@ -207,12 +290,17 @@ class IoasManager:
                     length=r.length,
                     alignment=align,
                 )
-        self._check_quota(session, ranges)
-        taken: list[tuple[int, int]] = [(m.iova, m.last) for m in ioas.mappings.values()]
+        uid = session.identity.uid
+        want = sum(r.length for r in ranges)
+        self.ledger.check(uid, session.quota, pinned_bytes=want, mappings=len(ranges))
+        taken: list[tuple[int, int]] = []  # this request's own fixed ranges
         for i, r in enumerate(ranges):
             if r.iova is not None:
                 self._check_iova(i, r.iova, r.length, allowed, align, ioas, taken)
                 taken.append((r.iova, r.iova + r.length - 1))
+        # Reserved now: another connection of the uid cannot pass the check while this
+        # request pins off the loop. Given back below if anything fails.
+        self.ledger.charge(uid, pinned_bytes=want, mappings=len(ranges))
         # Fixed ranges first so a kernel-chosen IOVA cannot take a spot a later fixed
         # range of the same request asked for.
         order = sorted(range(len(ranges)), key=lambda i: ranges[i].iova is None)
@@ -223,52 +311,29 @@ class IoasManager:
                 r = ranges[i]
                 iova = r.iova
                 if iova is None and ioas.backend is ClaimPath.LEGACY:
-                    iova = _pick_iova(r.length, allowed, align, taken)
+                    iova = _pick_iova(r.length, allowed, align, ioas, taken)
                     taken.append((iova, iova + r.length - 1))
-                m = await self._map_one(session, ioas, r, fds[r.fd_index].fileno(), iova)
+                fd = fds[r.fd_index].fileno()
+                m = await self._map_one(session, ioas, r, fd, infos[i], iova)
                 done.append(m)
                 results[i] = m
         except BaseException:
+            self.ledger.refund(uid, pinned_bytes=want, mappings=len(ranges))
             await asyncio.shield(self._undo(session, ioas, done))
             raise
         for m in done:
-            ioas.mappings[m.iova] = m
-        total = sum(m.length for m in done)
-        log.info(
+            ioas.add_mapping(m)
+        log.debug(
             "ioas.mapped",
             session=session.session_id,
             ioas_id=ioas.ioas_id,
             ranges=len(done),
-            bytes=total,
-            pinned_total=session.pinned_bytes,
+            bytes=want,
             via="map_file" if done and done[0].mm is None else "mmap",
         )
         return [
             MappedRange(iova=results[i].iova, length=results[i].length) for i in range(len(ranges))
         ]
-
-    @staticmethod
-    def _check_quota(session: Session, ranges: Sequence[MapRange]) -> None:
-        q = session.quota
-        want = sum(r.length for r in ranges)
-        used = session.pinned_bytes
-        if used + want > q.pinned_bytes:
-            raise QuotaExceededError(
-                f"pinned-bytes quota exceeded: {used} used + {want} requested > {q.pinned_bytes}",
-                quota="pinned_bytes",
-                limit=q.pinned_bytes,
-                used=used,
-                requested=want,
-            )
-        count = session.mapping_count
-        if count + len(ranges) > q.max_mappings:
-            raise QuotaExceededError(
-                f"mapping-count quota exceeded: {count} + {len(ranges)} > {q.max_mappings}",
-                quota="max_mappings",
-                limit=q.max_mappings,
-                used=count,
-                requested=len(ranges),
-            )
 
     @staticmethod
     def _check_iova(
@@ -298,18 +363,26 @@ class IoasManager:
                 length=length,
                 allowed=[{"start": a.start, "last": a.last} for a in allowed],
             )
-        for start, end in taken:
-            if start <= last and iova <= end:
-                raise OverlapError(
-                    f"range {i}: IOVA [{iova:#x}, {last:#x}] overlaps [{start:#x}, {end:#x}]",
-                    range=i,
-                    iova=iova,
-                    length=length,
-                    conflict={"iova": start, "length": end - start + 1},
-                )
+        hits = [(m.iova, m.last) for m in ioas.overlapping(iova, last)[:1]]
+        hits += [(s, e) for s, e in taken if s <= last and iova <= e]
+        if hits:
+            start, end = min(hits)
+            raise OverlapError(
+                f"range {i}: IOVA [{iova:#x}, {last:#x}] overlaps [{start:#x}, {end:#x}]",
+                range=i,
+                iova=iova,
+                length=length,
+                conflict={"iova": start, "length": end - start + 1},
+            )
 
     async def _map_one(
-        self, session: Session, ioas: IoasState, r: MapRange, fd: int, iova: int | None
+        self,
+        session: Session,
+        ioas: IoasState,
+        r: MapRange,
+        fd: int,
+        info: FileInfo,
+        iova: int | None,
     ) -> IoasMapping:
         flags = (MapFlag.READABLE if r.read else MapFlag(0)) | (
             MapFlag.WRITEABLE if r.write else MapFlag(0)
@@ -319,8 +392,9 @@ class IoasManager:
             kid = ioas.kernel_id
             assert kid is not None
             if await aio.call("IOMMU_IOAS_MAP_FILE probe", ictx.has_map_file):
-                got = await aio.call(
+                got = await aio.pin(
                     "IOMMU_IOAS_MAP_FILE",
+                    r.length,
                     ictx.ioas_map_file,
                     kid,
                     fd,
@@ -330,44 +404,65 @@ class IoasManager:
                     flags,
                 )
                 return IoasMapping(got, r.length)
-        dmap = self._daemon_map(fd, r)
+        hold = self._hold(session, fd, info, r)
         try:
-            if ioas.backend is ClaimPath.IOMMUFD:
-                assert dmap.addr is not None
-                assert ioas.kernel_id is not None
-                got = await aio.call(
-                    "IOMMU_IOAS_MAP",
-                    self.iommufd(session).ioas_map,
-                    ioas.kernel_id,
-                    dmap.addr,
-                    r.length,
-                    iova,
-                    flags,
-                )
-            else:
-                container = ioas.container
-                assert container is not None
-                assert iova is not None
-                assert dmap.addr is not None
-                await aio.call(
-                    "VFIO_IOMMU_MAP_DMA",
-                    container.map_dma,
-                    dmap.addr,
-                    iova,
-                    r.length,
-                    read=r.read,
-                    write=r.write,
-                )
-                got = iova
+            got = await self._pin_daemon_range(session, ioas, hold, r, iova, flags)
         except BaseException:
-            dmap.close()
+            hold.close()
             raise
-        return IoasMapping(got, r.length, mm=dmap)
+        return IoasMapping(got, r.length, mm=hold)
 
-    @staticmethod
-    def _daemon_map(fd: int, r: MapRange) -> DaemonMap:
+    async def _pin_daemon_range(
+        self,
+        session: Session,
+        ioas: IoasState,
+        hold: Hold,
+        r: MapRange,
+        iova: int | None,
+        flags: MapFlag,
+    ) -> int:
+        """Fault the range of the daemon's mapping in with one madvise, then pin it
+        (inline or on a worker: ``aio.pin`` decides)."""
+        dmap = hold.shared.dmap
+        addr = hold.addr + r.offset
+
+        def populate() -> None:
+            # Best effort: without it (EINVAL before 5.14) the pin faults page by page.
+            with contextlib.suppress(KernelError):
+                dmap.populate(r.offset, r.length)
+
+        if ioas.backend is ClaimPath.IOMMUFD:
+            ictx = self.iommufd(session)
+            kid = ioas.kernel_id
+            assert kid is not None
+
+            def map_iommufd() -> int:
+                populate()
+                return ictx.ioas_map(kid, addr, r.length, iova, flags)
+
+            return await aio.pin("IOMMU_IOAS_MAP", r.length, map_iommufd)
+        container = ioas.container
+        assert container is not None
+        assert iova is not None
+        fixed = iova
+
+        def map_container() -> int:
+            populate()
+            container.map_dma(addr, fixed, r.length, read=r.read, write=r.write)
+            return fixed
+
+        return await aio.pin("VFIO_IOMMU_MAP_DMA", r.length, map_container)
+
+    def _hold(self, session: Session, fd: int, info: FileInfo, r: MapRange) -> Hold:
         try:
-            return DaemonMap(fd, r.offset, r.length, write=r.write)
+            return self.filemaps.hold(
+                session.identity.uid,
+                session.quota,
+                fd,
+                info,
+                write=r.write,
+                end=r.offset + r.length,
+            )
         except KernelError as exc:
             raise BadRequestError(
                 f"fd {r.fd_index} cannot be mapped by the daemon ({os.strerror(exc.errno)}); "
@@ -391,17 +486,22 @@ class IoasManager:
     async def _kernel_unmap(self, session: Session, ioas: IoasState, iova: int, length: int) -> int:
         if ioas.backend is ClaimPath.IOMMUFD:
             assert ioas.kernel_id is not None
-            return await aio.call(
-                "IOMMU_IOAS_UNMAP", self.iommufd(session).ioas_unmap, ioas.kernel_id, iova, length
+            return await aio.pin(
+                "IOMMU_IOAS_UNMAP",
+                length,
+                self.iommufd(session).ioas_unmap,
+                ioas.kernel_id,
+                iova,
+                length,
             )
         assert ioas.container is not None
-        return await aio.call("VFIO_IOMMU_UNMAP_DMA", ioas.container.unmap_dma, iova, length)
+        return await aio.pin("VFIO_IOMMU_UNMAP_DMA", length, ioas.container.unmap_dma, iova, length)
 
     # ------------------------------------------------------------------ unmap
     async def unmap(self, session: Session, ioas: IoasState, iova: int, length: int) -> int:
         """Unmap whole mappings inside [iova, iova+length); never splits one."""
         last = iova + length - 1
-        hit = [m for m in ioas.mappings.values() if m.iova <= last and iova <= m.last]
+        hit = ioas.overlapping(iova, last)
         partial = [m for m in hit if m.iova < iova or m.last > last]
         if partial:
             m = partial[0]
@@ -421,9 +521,9 @@ class IoasManager:
                 length=length,
             )
         total = 0
-        for m in sorted(hit, key=lambda m: m.iova):
+        for m in hit:
             total += await asyncio.shield(self._unmap_mapping(session, ioas, m))
-        log.info(
+        log.debug(
             "ioas.unmapped",
             session=session.session_id,
             ioas_id=ioas.ioas_id,
@@ -435,10 +535,22 @@ class IoasManager:
 
     async def _unmap_mapping(self, session: Session, ioas: IoasState, m: IoasMapping) -> int:
         n = await self._kernel_unmap(session, ioas, m.iova, m.length)
-        ioas.mappings.pop(m.iova, None)
-        if m.mm is not None:
-            m.mm.close()
+        self._forget(session, ioas, [m])
         return n
+
+    def _forget(self, session: Session, ioas: IoasState, gone: list[IoasMapping]) -> None:
+        """Mappings the kernel no longer has: drop them, refund them, let go of the
+        daemon's file mappings."""
+        for m in gone:
+            ioas.remove_mapping(m)  # a no-op after clear_mappings
+        self.ledger.refund(
+            session.identity.uid,
+            pinned_bytes=sum(m.length for m in gone),
+            mappings=len(gone),
+        )
+        for m in gone:
+            if m.mm is not None:
+                m.mm.close()
 
     async def unmap_all(self, session: Session, ioas: IoasState) -> int:
         """Block DMA through this IOAS: unmap everything, then drop the daemon's mmaps."""
@@ -448,29 +560,39 @@ class IoasManager:
             if ioas.backend is ClaimPath.IOMMUFD:
                 assert ioas.kernel_id is not None
                 assert session.iommufd is not None
-                n = await aio.call(
-                    "IOMMU_IOAS_UNMAP", session.iommufd.ioas_unmap_all, ioas.kernel_id
+                n = await aio.pin(
+                    "IOMMU_IOAS_UNMAP",
+                    ioas.pinned_bytes,
+                    session.iommufd.ioas_unmap_all,
+                    ioas.kernel_id,
                 )
             else:
                 assert ioas.container is not None
-                n = await aio.call("VFIO_IOMMU_UNMAP_DMA", ioas.container.unmap_all)
+                n = await aio.pin(
+                    "VFIO_IOMMU_UNMAP_DMA", ioas.pinned_bytes, ioas.container.unmap_all
+                )
         except KernelError as exc:
             if exc.errno != errno.ENOENT:
                 raise
             n = 0
-        for m in ioas.mappings.values():
-            if m.mm is not None:
-                m.mm.close()
-        ioas.mappings.clear()
+        gone = ioas.clear_mappings()
+        self._forget(session, ioas, gone)
         log.info("ioas.unmapped_all", session=session.session_id, ioas_id=ioas.ioas_id, bytes=n)
         return n
 
 
 def _pick_iova(
-    length: int, allowed: Sequence[IovaRange], align: int, taken: list[tuple[int, int]]
+    length: int,
+    allowed: Sequence[IovaRange],
+    align: int,
+    ioas: IoasState,
+    taken: list[tuple[int, int]],
 ) -> int:
-    """Lowest aligned IOVA with room for ``length`` (legacy containers choose none)."""
-    busy = sorted(taken)
+    """Lowest aligned IOVA with room for ``length`` (legacy containers choose none).
+
+    A walk of the IOAS's mappings in IOVA order: linear, on the legacy path only, for a
+    range that names no IOVA (iommufd lets the kernel choose)."""
+    busy = sorted([(m.iova, m.last) for m in (ioas.mappings[s] for s in ioas.starts)] + taken)
     for a in allowed:
         cand = -(-a.start // align) * align
         for start, end in busy:

@@ -5,13 +5,18 @@ no state but the view's snapshot (a listing re-reads the host so it never starts
 stale tree); never touches the kernel layer itself (v2's status reads the delegated VMMs'
 pinned bytes through iommud.broker.delegation). Lists come in pages that fit in one
 datagram (``iommud.broker.paging``): devices sorted by bdf, groups by id.
+
+A page costs O(page), not O(list): the sorted keys are computed once per snapshot (a
+walk of N pages reuses page 0's reading) and an entry (a group's viability included) is
+built only when ``fill_page`` measures it (``_Lazy``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import Final
+from collections.abc import Callable, Sequence
+from typing import Final, Generic, TypeVar, overload
 
 from iommud import __version__
 from iommud.broker import delegation
@@ -24,6 +29,29 @@ from iommud.protocol.v2 import ClaimMode, LeaseInfoV2, LeaseStatus, StatusReplyV
 
 PINNED_TTL: Final = 1.0
 """Seconds a v2 status reuses the last reading of the VMMs' pinned bytes."""
+
+K = TypeVar("K")
+E = TypeVar("E")
+
+
+class _Lazy(Sequence[E], Generic[K, E]):
+    """``make(keys[i])`` for index ``i``, built when asked for (paging.fill_page)."""
+
+    def __init__(self, keys: Sequence[K], make: Callable[[K], E]) -> None:
+        self._keys = keys
+        self._make = make
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    @overload
+    def __getitem__(self, i: int) -> E: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[E]: ...
+    def __getitem__(self, i: int | slice) -> E | Sequence[E]:
+        if isinstance(i, slice):
+            return [self._make(k) for k in self._keys[i]]
+        return self._make(self._keys[i])
 
 
 class Listing:
@@ -40,6 +68,13 @@ class Listing:
         # work pool that pins run on).
         self._pinned: tuple[float, dict[int, delegation.Pinned]] | None = None
         self._pinned_lock = asyncio.Lock()
+        # (snapshot, its bdfs sorted, its group ids sorted), for the snapshot last listed
+        self._order: tuple[HostSnapshot, list[str], list[int]] | None = None
+
+    def _sorted(self, snap: HostSnapshot) -> tuple[list[str], list[int]]:
+        if self._order is None or self._order[0] is not snap:
+            self._order = (snap, sorted(snap.devices), sorted(snap.groups))
+        return self._order[1], self._order[2]
 
     async def _snapshot(self, offset: int) -> HostSnapshot:
         # The first page re-reads the host; later pages use that reading (as the host
@@ -49,21 +84,24 @@ class Listing:
 
     async def list_devices(self, request: m.ListDevices) -> m.ListDevicesReply:
         snap = await self._snapshot(request.offset)
+        bdfs, _ = self._sorted(snap)
+
+        def entry(bdf: str) -> m.DeviceEntry:
+            d = snap.devices[bdf]
+            return m.DeviceEntry(
+                bdf=d.bdf,
+                vendor=d.vendor,
+                device=d.device,
+                class_code=d.class_code,
+                driver=d.driver,
+                driver_override=d.driver_override,
+                group_id=d.group_id,
+                is_bridge=d.is_bridge,
+                vfio_cdev=d.vfio_cdev,
+            )
+
         return fill_page(
-            tuple(
-                m.DeviceEntry(
-                    bdf=d.bdf,
-                    vendor=d.vendor,
-                    device=d.device,
-                    class_code=d.class_code,
-                    driver=d.driver,
-                    driver_override=d.driver_override,
-                    group_id=d.group_id,
-                    is_bridge=d.is_bridge,
-                    vfio_cdev=d.vfio_cdev,
-                )
-                for d in sorted(snap.devices.values(), key=lambda d: d.bdf)
-            ),
+            _Lazy(bdfs, entry),
             request.offset,
             request.limit,
             lambda page, total, nxt: m.ListDevicesReply(
@@ -73,30 +111,30 @@ class Listing:
 
     async def list_groups(self, request: m.ListGroups) -> m.ListGroupsReply:
         snap = await self._snapshot(request.offset)
+        _, group_ids = self._sorted(snap)
         safe = self._config.dma_safe_drivers
-        out = []
-        for group_id in sorted(snap.groups):
+
+        def entry(group_id: int) -> m.GroupEntry:
             v = group_viability(snap, group_id, safe)
             hold = self._holds.get(group_id)
             path = hold.backend if hold else whole_group_path(snap, group_id, safe)
-            out.append(
-                m.GroupEntry(
-                    group_id=group_id,
-                    devices=snap.groups[group_id].devices,
-                    is_viable=v.is_viable,
-                    offenders=tuple(
-                        m.Offender(bdf=o.bdf, driver=o.driver)
-                        for o in v.offenders
-                        if o.bdf in snap.devices
-                    ),
-                    path=None if path is None else str(path),
-                    owner=None
-                    if hold is None
-                    else m.Owner(uid=hold.session.identity.uid, pid=hold.session.identity.pid),
-                )
+            return m.GroupEntry(
+                group_id=group_id,
+                devices=snap.groups[group_id].devices,
+                is_viable=v.is_viable,
+                offenders=tuple(
+                    m.Offender(bdf=o.bdf, driver=o.driver)
+                    for o in v.offenders
+                    if o.bdf in snap.devices
+                ),
+                path=None if path is None else str(path),
+                owner=None
+                if hold is None
+                else m.Owner(uid=hold.session.identity.uid, pid=hold.session.identity.pid),
             )
+
         return fill_page(
-            out,
+            _Lazy(group_ids, entry),
             request.offset,
             request.limit,
             lambda page, total, nxt: m.ListGroupsReply(

@@ -1,7 +1,9 @@
 """One page of a list reply (``list_devices``, ``list_groups``) that fits in a datagram.
 
-``fill_page`` takes the whole list in the daemon's stable order, the request's
-``offset`` and ``limit``, and a function that builds the reply from a page of entries;
+``fill_page`` takes the whole list in the daemon's stable order (any sequence: a lazy
+one that builds entry ``i`` only when indexed makes a page cost O(page), not O(list);
+``fill_page`` indexes only the entries it measures), the request's ``offset`` and
+``limit``, and a function that builds the reply from a page of entries;
 it returns the reply with as many entries as fit under ``PAGE_BUDGET`` (PROTOCOL.md,
 "Paging"). Sizes are measured by encoding: the reply's envelope (everything but the
 entries) once, each entry with the same JSON serializer the codec uses; a JSON list adds
@@ -58,13 +60,14 @@ def fill_page(
     # The envelope with next_offset null; a number in its place has at most as many
     # digits as total (next_offset < total), so this is an upper bound.
     used = encoded_size(build((), total, None)) - _NULL + max(_NULL, len(str(total)))
-    count = 0
-    for entry in entries[start:]:
-        if limit is not None and count >= limit:
+    page: list[E] = []
+    for i in range(start, total):
+        if limit is not None and len(page) >= limit:
             break
-        size = encoded_size(entry) + (1 if count else 0)  # the comma before it
+        entry = entries[i]
+        size = encoded_size(entry) + (1 if page else 0)  # the comma before it
         if used + size > budget:
-            if count == 0:
+            if not page:
                 raise LimitReachedError(
                     "one list entry does not fit in a datagram",
                     size=used + size,
@@ -72,6 +75,6 @@ def fill_page(
                 )
             break
         used += size
-        count += 1
-    end = start + count
-    return build(tuple(entries[start:end]), total, end if end < total else None)
+        page.append(entry)
+    end = start + len(page)
+    return build(tuple(page), total, end if end < total else None)

@@ -15,7 +15,8 @@ run in the order a client meets their errors:
 6. frozen: the iommufd path while a revoke's freeze holds (iommud.broker.freeze);
 7. rebind refused: a claimed device off vfio-pci that ``[manage] rebind`` does not let
    the daemon move;
-8. quota: a new IOAS beyond the session's ``max_ioas``.
+8. quota: a new IOAS beyond the ``max_ioas`` of the claimant's uid (over all its
+   connections) or the daemon-wide one.
 
 A delegated claim (protocol v2) needs the ``delegate`` right (step 1), names a delegated
 iommufd of its own session if any (``not_found``), never shares a group with a brokered
@@ -74,6 +75,9 @@ class Claimant:
     ioases: Mapping[int, ClaimPath] = field(default_factory=dict)  # its IOAS ids -> kind
     frozen: RevokedError | None = None
     iommufds: frozenset[int] = frozenset()  # its delegated iommufd ids
+    # What one more IOAS meets in the uid's (all its connections') and the daemon-wide
+    # counts (iommud.broker.ledger); None: it fits.
+    ioas_refusal: QuotaExceededError | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +176,8 @@ def plan_claim(
         raise claimant.frozen
     _check_rebind_allowed(refused, devices)
     if request.ioas_id is None and not delegate:
+        if claimant.ioas_refusal is not None:
+            raise claimant.ioas_refusal
         check_ioas_quota(claimant.quota, len(claimant.ioases))
     pinned = owner.pinned if owner is not None else {}
     pin = tuple(d for d in members if d.bdf not in pinned)

@@ -27,7 +27,7 @@ from iommud.broker.revocation import Revoker
 from iommud.broker.state import BrokerState, Session
 from iommud.errors import KernelError
 from iommud.fds import OwnedFd
-from iommud.policy import Identity, quota_for
+from iommud.policy import Identity, check_ioas, quota_for
 
 log = structlog.get_logger(__name__)
 
@@ -68,6 +68,7 @@ class SessionManager:
             quota=quota_for(self._config, identity),
             sink=EventSink(session_id=sid),
             pidfd=owned,
+            may_use_ioas=check_ioas(self._config, identity).allowed,
         )
         self.sessions[session.session_id] = session
         if owned is not None:

@@ -12,6 +12,7 @@ the object. No I/O and no decisions here.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import enum
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
@@ -25,7 +26,14 @@ from iommud.broker.journal import Journal
 from iommud.config import Config, Quota
 from iommud.fds import OwnedFd
 from iommud.host.viability import ClaimPath
-from iommud.kernel.interface import IommuFd, Kernel, VfioContainer, VfioDevice, VfioGroup
+from iommud.kernel.interface import (
+    IommuFd,
+    IovaRange,
+    Kernel,
+    VfioContainer,
+    VfioDevice,
+    VfioGroup,
+)
 from iommud.policy import Identity
 from iommud.protocol.messages import Event, EventName, Reply
 from iommud.protocol.v2 import ReplyV2
@@ -48,11 +56,15 @@ class Closeable(Protocol):
 
 @dataclass(eq=False)
 class IoasMapping:
-    """One mapped range of an IOAS: what the client gave and what the daemon holds."""
+    """One mapped range of an IOAS: what the client gave and what the daemon holds.
+
+    ``mm`` is the daemon's hold on its mapping of the client's file (mmap path; shared
+    by every range of that file, iommud.broker.filemaps), given back at unmap.
+    """
 
     iova: int
     length: int
-    mm: Closeable | None = None  # the daemon's mmap of the client's file (kept until unmap)
+    mm: Closeable | None = None
 
     @property
     def last(self) -> int:
@@ -72,12 +84,49 @@ class IoasState:
     kernel_id: int | None = None
     container: VfioContainer | None = None
     container_ready: bool = False
-    mappings: dict[int, IoasMapping] = field(default_factory=dict)  # by iova
+    by_claim: bool = False  # made by a claim: destroyed when a release leaves it unused
+    # by iova; change it only through add_mapping / remove_mapping / clear_mappings,
+    # which keep ``starts`` (the IOVAs, sorted) and ``pinned_bytes`` with it
+    mappings: dict[int, IoasMapping] = field(default_factory=dict)
     groups: set[int] = field(default_factory=set)  # groups with devices attached here
+    starts: list[int] = field(default_factory=list)
+    pinned_bytes: int = 0
+    # IOMMU_IOAS_IOVA_RANGES as last read; they change only when a device attaches or
+    # detaches, and whoever does that calls forget_ranges()
+    ranges_cache: tuple[tuple[IovaRange, ...], int] | None = None
 
-    @property
-    def pinned_bytes(self) -> int:
-        return sum(m.length for m in self.mappings.values())
+    def add_mapping(self, m: IoasMapping) -> None:
+        self.mappings[m.iova] = m
+        bisect.insort(self.starts, m.iova)
+        self.pinned_bytes += m.length
+
+    def remove_mapping(self, m: IoasMapping) -> None:
+        if self.mappings.pop(m.iova, None) is m:
+            del self.starts[bisect.bisect_left(self.starts, m.iova)]
+            self.pinned_bytes -= m.length
+
+    def clear_mappings(self) -> list[IoasMapping]:
+        gone = list(self.mappings.values())
+        self.mappings.clear()
+        self.starts.clear()
+        self.pinned_bytes = 0
+        return gone
+
+    def overlapping(self, iova: int, last: int) -> list[IoasMapping]:
+        """The mappings that meet [iova, last], by IOVA: O(log n + hits) (mappings
+        never overlap each other, so only the one starting before ``iova`` can reach in
+        from the left)."""
+        lo = bisect.bisect_left(self.starts, iova)
+        hi = bisect.bisect_right(self.starts, last)
+        hits = [self.mappings[s] for s in self.starts[lo:hi]]
+        if lo:
+            before = self.mappings[self.starts[lo - 1]]
+            if before.last >= iova:
+                hits.insert(0, before)
+        return hits
+
+    def forget_ranges(self) -> None:
+        self.ranges_cache = None
 
 
 @dataclass(eq=False)
@@ -185,14 +234,12 @@ class Session:
     next_ioas_id: int = 1
     closing: bool = False
     closed: asyncio.Event = field(default_factory=asyncio.Event)
+    may_use_ioas: bool = True  # an access rule applies to the peer (iommud.policy)
 
     @property
     def pinned_bytes(self) -> int:
+        """This connection's pinned bytes (the quota counts the uid's: BrokerState.ledger)."""
         return sum(i.pinned_bytes for i in self.ioases.values())
-
-    @property
-    def mapping_count(self) -> int:
-        return sum(len(i.mappings) for i in self.ioases.values())
 
 
 @dataclass(eq=False)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import socket
+import struct
 from collections.abc import Iterator, Sequence
 from typing import TypeVar
 
@@ -54,9 +55,16 @@ class Client:
         self._events: collections.deque[m.Event] = collections.deque()
         self._closed: str | None = None
         self._leases = LeaseTracker()
+        self._timeout = timeout
         try:
             self._sock.settimeout(timeout)
             self._sock.connect(path)
+            # From here on the socket blocks in the kernel with SO_RCVTIMEO/SO_SNDTIMEO
+            # as its deadline: Python's own timeout mode would poll() before every
+            # send and receive, two extra syscalls per call.
+            self._sock.settimeout(None)
+            self._set_timeout(socket.SO_SNDTIMEO, timeout)
+            self._set_timeout(socket.SO_RCVTIMEO, timeout)
             self.hello: m.HelloReply = self._call(calls.hello(self._conn, name, version))
         except BaseException:
             self.close()
@@ -80,9 +88,20 @@ class Client:
 
     # ---------------------------------------------------------------- transport
 
+    def _set_timeout(self, option: int, seconds: float | None) -> None:
+        if seconds is not None and seconds <= 0:
+            seconds = 1e-6  # "do not wait": the kernel's 0 would mean "wait forever"
+        whole, frac = divmod(seconds or 0.0, 1.0)  # None -> 0: no deadline
+        self._sock.setsockopt(
+            socket.SOL_SOCKET, option, struct.pack("ll", int(whole), int(frac * 1e6))
+        )
+
     def _receive(self) -> tuple[AnyServerMessage, FdSet]:
-        """Read and decode one datagram (blocking on the socket's timeout)."""
-        dgram = recv_datagram_nowait(self._sock, MAX_DATAGRAM, MAX_FDS)
+        """Read and decode one datagram (blocking up to SO_RCVTIMEO: TimeoutError)."""
+        try:
+            dgram = recv_datagram_nowait(self._sock, MAX_DATAGRAM, MAX_FDS)
+        except BlockingIOError as exc:  # what SO_RCVTIMEO's expiry looks like
+            raise TimeoutError("no reply from the daemon in time") from exc
         if dgram is None:
             raise self._fail("daemon closed the connection")
         try:
@@ -101,7 +120,10 @@ class Client:
         if self._closed is not None:
             raise ClientClosedError(self._closed)
         try:
-            send_datagram_blocking(self._sock, call.data, call.fds)
+            try:
+                send_datagram_blocking(self._sock, call.data, call.fds)
+            except BlockingIOError as exc:  # SO_SNDTIMEO expired
+                raise TimeoutError("the daemon does not read its socket") from exc
             while True:
                 msg, fds = self._receive()
                 if isinstance(msg, m.Event):
@@ -205,8 +227,7 @@ class Client:
             return self._events.popleft()
         if self._closed is not None:
             raise ClientClosedError(self._closed)
-        old = self._sock.gettimeout()
-        self._sock.settimeout(timeout)
+        self._set_timeout(socket.SO_RCVTIMEO, timeout)
         try:
             while True:
                 msg, fds = self._receive()
@@ -218,7 +239,7 @@ class Client:
             return None
         finally:
             if self._closed is None:
-                self._sock.settimeout(old)
+                self._set_timeout(socket.SO_RCVTIMEO, self._timeout)
 
     def events(self) -> Iterator[m.Event]:
         """Events forever (blocking), until the connection closes."""

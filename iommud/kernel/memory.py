@@ -1,14 +1,24 @@
 """Client memory as the daemon sees it: what a passed fd is, and the daemon's own mmap of it.
 
 ``inspect_file(fd)`` answers fstat and F_GET_SEALS (is it a regular file, how large,
-which seals: include/uapi/linux/fcntl.h, mm/memfd.c memfd_fcntl). A file that cannot
-carry seals (not shmem/hugetlbfs: F_GET_SEALS fails EINVAL) reports no seals.
+which inode, which seals: include/uapi/linux/fcntl.h, mm/memfd.c memfd_fcntl). A file
+that cannot carry seals (not shmem/hugetlbfs: F_GET_SEALS fails EINVAL) reports no seals.
+Two fds of one open file, or of one memfd sent twice, report the same ``inode`` (st_dev,
+st_ino): the broker keys its reuse of a daemon mapping on it.
+
 ``DaemonMap`` is a MAP_SHARED mapping of a file range in the daemon's address space,
 the source address of IOMMU_IOAS_MAP / VFIO_IOMMU_MAP_DMA on kernels without
-IOMMU_IOAS_MAP_FILE (6.12); it lives until ``close()``.
+IOMMU_IOAS_MAP_FILE (6.12); it lives until ``close()``. It is one VMA however many
+IOAS ranges the broker maps from it (mm/mmap.c: one mmap call, one vm_area_struct), and
+it stays valid only while the file cannot shrink under it (the broker requires
+F_SEAL_SHRINK; a shrunk shmem file would SIGBUS the daemon on access). ``populate``
+faults a range of it in with one madvise(MADV_POPULATE_READ/WRITE) call (Linux 5.14,
+mm/madvise.c madvise_populate) instead of one page fault at a time inside the pin.
+
+``max_map_count()`` reads vm.max_map_count (how many VMAs this process may have).
 
 No policy: which seals a map needs, and what to tell the client, is the broker's call.
-Errors leave as KernelError (op ``fstat`` or ``mmap``).
+Errors leave as KernelError (op ``fstat``, ``mmap`` or ``madvise``).
 """
 
 from __future__ import annotations
@@ -20,9 +30,15 @@ import mmap
 import os
 import stat
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
 
 from iommud.errors import KernelError
 from iommud.kernel.libc import MAP_FAILED, libc, map_oserror
+
+# include/uapi/asm-generic/mman-common.h (Linux 5.14)
+MADV_POPULATE_READ: Final = 22
+MADV_POPULATE_WRITE: Final = 23
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +48,7 @@ class FileInfo:
     is_regular: bool
     size: int
     seals: int  # F_SEAL_* bits; 0 for a file that cannot be sealed
+    inode: tuple[int, int] = (0, 0)  # (st_dev, st_ino): the same for every fd of the file
 
     def has_seals(self, seals: int) -> bool:
         return self.seals & seals == seals
@@ -45,13 +62,18 @@ def inspect_file(fd: int) -> FileInfo:
         seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
     except OSError:
         seals = 0  # not a shmem/memfd file: cannot be sealed
-    return FileInfo(is_regular=stat.S_ISREG(st.st_mode), size=st.st_size, seals=seals)
+    return FileInfo(
+        is_regular=stat.S_ISREG(st.st_mode),
+        size=st.st_size,
+        seals=seals,
+        inode=(st.st_dev, st.st_ino),
+    )
 
 
 class DaemonMap:
     """The daemon's own MAP_SHARED mapping of a client file range (mmap fallback path)."""
 
-    __slots__ = ("addr", "length")
+    __slots__ = ("addr", "length", "write")
 
     def __init__(self, fd: int, offset: int, length: int, *, write: bool) -> None:
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if write else 0)
@@ -60,8 +82,30 @@ class DaemonMap:
             raise KernelError("mmap", ctypes.get_errno() or errno.EIO)
         self.addr: int | None = addr
         self.length = length
+        self.write = write
+
+    def populate(self, offset: int, length: int) -> None:
+        """Fault ``[offset, offset+length)`` of the mapping in, in one call (writable
+        pages for a writable mapping, as the pin will want them). KernelError("madvise")
+        if the kernel cannot (ENOMEM, EFAULT past the file's end, EINVAL before 5.14)."""
+        addr = self.addr
+        if addr is None:
+            raise KernelError("madvise", errno.EBADF, "the daemon mapping is closed")
+        if offset < 0 or offset + length > self.length:
+            raise KernelError("madvise", errno.EINVAL, "range outside the daemon mapping")
+        advice = MADV_POPULATE_WRITE if self.write else MADV_POPULATE_READ
+        if libc.madvise(addr + offset, length, advice) < 0:
+            raise KernelError("madvise", ctypes.get_errno() or errno.EIO)
 
     def close(self) -> None:
         addr, self.addr = self.addr, None
         if addr is not None:
             libc.munmap(addr, self.length)
+
+
+def max_map_count(proc_root: Path = Path("/proc")) -> int | None:
+    """vm.max_map_count (mm/mmap.c sysctl_max_map_count), or None if it cannot be read."""
+    try:
+        return int((proc_root / "sys/vm/max_map_count").read_text().strip())
+    except (OSError, ValueError):
+        return None

@@ -22,10 +22,11 @@ from pydantic_core import PydanticSerializationError
 
 from iommud.protocol.errors import ErrorCode
 from iommud.protocol.exceptions import ProtocolError
-from iommud.protocol.limits import MAX_DATAGRAM, MAX_FDS, U32_MAX
+from iommud.protocol.limits import MAX_DATAGRAM, MAX_FDS, MAX_TEXT, U32_MAX
 from iommud.protocol.messages import (
     REPLY_TYPES,
     REQUEST_TYPES,
+    ErrorReply,
     Message,
     Request,
     ServerMessage,
@@ -49,6 +50,9 @@ SERVER_OPS: Final = frozenset(
 
 _MAX_REPORTED_ERRORS: Final = 8
 _MAX_ECHO: Final = 64  # longest piece of peer input echoed back in error details
+_MAX_DETAIL_TEXT: Final = 256  # longest string in the details of a rewritten error reply
+_MAX_DETAIL_ITEMS: Final = 32  # most items of one list or object there
+_MAX_DETAIL_DEPTH: Final = 4
 
 _M = TypeVar("_M")
 
@@ -72,6 +76,49 @@ def encode(msg: Message) -> tuple[bytes, int]:
             details={"size": len(data), "max_datagram": MAX_DATAGRAM},
         )
     return data, msg.fds
+
+
+def encode_error(reply: ErrorReply) -> tuple[bytes, int]:
+    """Serialize an error reply; never fails.
+
+    An error must always reach the peer, even when what it reports cannot be sent as
+    is: text with lone surrogates (``"\\ud800"`` decodes to one; UTF-8 cannot carry it)
+    is escaped, long strings and containers in ``details`` are cut, and details still
+    too big for a datagram are replaced by ``{"truncated": true}``.
+    """
+    try:
+        return encode(reply)
+    except ProtocolError:
+        pass
+    message = printable(reply.message, MAX_TEXT)
+    details = printable(reply.details, _MAX_DETAIL_TEXT)
+    for attempt in (details, {"truncated": True}):
+        assert isinstance(attempt, dict)
+        safe = ErrorReply(id=reply.id, code=reply.code, message=message, details=attempt)
+        try:
+            return encode(safe)
+        except ProtocolError:
+            continue
+    raise AssertionError("unreachable: a short error reply always encodes")  # pragma: no cover
+
+
+def printable(value: JsonValue, max_text: int, depth: int = 0) -> JsonValue:
+    """``value`` with every string UTF-8 encodable (lone surrogates escaped as ``\\udXXX``)
+    and cut to ``max_text`` characters, containers to a few items, nesting to a few levels.
+    For echoing peer input in replies and logs."""
+    if isinstance(value, str):
+        text = value[:max_text]
+        if not text.isascii():
+            text = text.encode("utf-8", "backslashreplace").decode("utf-8")[:max_text]
+        return text
+    if depth >= _MAX_DETAIL_DEPTH and isinstance(value, list | dict):
+        return "..."
+    if isinstance(value, list):
+        return [printable(v, max_text, depth + 1) for v in value[:_MAX_DETAIL_ITEMS]]
+    if isinstance(value, dict):
+        items = list(value.items())[:_MAX_DETAIL_ITEMS]
+        return {printable(k, max_text): printable(v, max_text, depth + 1) for k, v in items}  # type: ignore[misc]
+    return value
 
 
 def decode_request(data: bytes, nfds: int, version: int = 1) -> Request:
@@ -123,7 +170,7 @@ def _decode(adapter: TypeAdapter[_M], ops: frozenset[str], data: bytes, nfds: in
             ErrorCode.UNKNOWN_OP,
             "unknown op",
             request_id=request_id,
-            details={"op": op[:_MAX_ECHO]},
+            details={"op": printable(op, _MAX_ECHO)},
         )
     if "fds" not in obj:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "missing 'fds'", request_id=request_id)
@@ -154,7 +201,7 @@ def _parse(data: bytes) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "datagram is not UTF-8") from exc
     try:
-        obj = json.loads(text, object_pairs_hook=_object, parse_constant=_constant)
+        obj = _DECODER.decode(text)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
         raise ProtocolError(ErrorCode.BAD_REQUEST, "datagram is not valid JSON") from exc
     if not isinstance(obj, dict):
@@ -173,6 +220,10 @@ def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
+
+
+# One decoder for every datagram (json.loads with hooks would build one per call).
+_DECODER: Final = json.JSONDecoder(object_pairs_hook=_object, parse_constant=_constant)
 
 
 def _read_id(obj: Mapping[str, Any]) -> int | None:
@@ -195,7 +246,7 @@ def _describe(exc: ValidationError, op: str) -> list[JsonValue]:
         loc = err["loc"][skip:]
         out.append(
             {
-                "loc": ".".join(str(part) for part in loc),
+                "loc": printable(".".join(str(part) for part in loc), _MAX_DETAIL_TEXT),
                 "type": err["type"],
                 "msg": err["msg"][:256],
             }

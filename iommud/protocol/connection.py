@@ -2,7 +2,9 @@
 
 ``ServerConnection`` turns received datagrams into validated requests and enforces
 the rules that need memory of the connection: hello first, a supported version,
-at most MAX_INFLIGHT unanswered requests, no reuse of an id that is in flight,
+at most MAX_INFLIGHT unanswered requests (a request counts until its reply has left:
+``send_reply(..., until_sent=True)`` keeps its slot taken until ``reply_sent()``, so
+replies waiting for a slow reader stay bounded too), no reuse of an id that is in flight,
 events only after hello and only those the client subscribed to (the subscription is
 this connection's state and lives nowhere else), except a lease holder's own
 lease_revoked, which always passes. It counts the
@@ -24,7 +26,7 @@ from typing import Any, Final, TypeVar
 
 from pydantic import JsonValue
 
-from iommud.protocol.codec import decode_request, decode_server, encode
+from iommud.protocol.codec import decode_request, decode_server, encode, encode_error
 from iommud.protocol.errors import ErrorCode
 from iommud.protocol.exceptions import LocalProtocolError, ProtocolError
 from iommud.protocol.limits import (
@@ -101,6 +103,7 @@ class ServerConnection:
         self._max_inflight = max_inflight
         self._max_errors = max_errors
         self._inflight: dict[int, RequestBase] = {}
+        self._unsent = 0  # replies encoded with until_sent=True and not yet sent
         self._events: frozenset[EventName] | None = None
         self._groups: frozenset[int] | None = None
         self.state = State.AWAIT_HELLO
@@ -112,6 +115,11 @@ class ServerConnection:
     def inflight(self) -> Mapping[int, RequestBase]:
         """Requests received and not yet answered, by id."""
         return dict(self._inflight)
+
+    @property
+    def unanswered(self) -> int:
+        """Slots taken: requests in flight plus replies encoded and not yet sent."""
+        return len(self._inflight) + self._unsent
 
     @property
     def should_close(self) -> bool:
@@ -144,7 +152,7 @@ class ServerConnection:
                 request_id=request.id,
                 details={"id": request.id},
             )
-        if len(self._inflight) >= self._max_inflight:
+        if len(self._inflight) + self._unsent >= self._max_inflight:
             raise ProtocolError(
                 ErrorCode.LIMIT_REACHED,
                 "too many requests in flight",
@@ -177,10 +185,14 @@ class ServerConnection:
 
     # ----------------------------------------------------------------- outbound
 
-    def send_reply(self, reply: Reply | ReplyV2 | ErrorReply) -> tuple[bytes, int]:
+    def send_reply(
+        self, reply: Reply | ReplyV2 | ErrorReply, *, until_sent: bool = False
+    ) -> tuple[bytes, int]:
         """Encode the answer to an in-flight request and retire its id.
 
         ``reply`` is the request's ``<op>_reply`` or an ``ErrorReply`` with its id.
+        ``until_sent``: the request keeps counting against ``max_inflight`` until the
+        caller reports the bytes sent with ``reply_sent()`` (the id itself is free now).
         Sending ``hello_reply`` moves the connection to READY; ``subscribe_reply``
         applies that request's filters.
         """
@@ -198,8 +210,10 @@ class ServerConnection:
             not isinstance(request, Hello) or reply.version != request.version
         ):
             raise LocalProtocolError("hello_reply must carry the version the client asked for")
-        out = encode(reply)
+        out = encode_error(reply) if isinstance(reply, ErrorReply) else encode(reply)
         del self._inflight[reply.id]
+        if until_sent:
+            self._unsent += 1
         if isinstance(reply, HelloReply):
             self.state = State.READY
             self.version = reply.version
@@ -209,13 +223,21 @@ class ServerConnection:
             self.is_subscribed = True
         return out
 
+    def reply_sent(self) -> None:
+        """A reply encoded with ``until_sent=True`` has left: free its slot."""
+        if self.state is State.CLOSED:
+            return  # close() already dropped every slot
+        if self._unsent <= 0:
+            raise LocalProtocolError("reply_sent() without a reply waiting to be sent")
+        self._unsent -= 1
+
     def send_error(self, error: ProtocolError) -> tuple[bytes, int]:
         """Encode the error reply for a request that ``receive`` rejected.
 
         Does not touch the in-flight set: a rejected request was never admitted.
         """
         self._check_open()
-        return encode(error.to_reply())
+        return encode_error(error.to_reply())
 
     def wants_event(self, event: Event) -> bool:
         """Would ``send_event`` deliver this event (READY and matching the subscription)?"""
@@ -253,6 +275,7 @@ class ServerConnection:
         """Mark the connection closed; requests still in flight are dropped."""
         self.state = State.CLOSED
         self._inflight.clear()
+        self._unsent = 0
 
     def _check_open(self) -> None:
         if self.state is State.CLOSED:

@@ -42,11 +42,20 @@ async def _until(predicate: Callable[[], bool], seconds: float = HANG) -> bool:
     return False
 
 
-def crash(b: Broker) -> None:
-    """What SIGKILL does to a daemon: the kernel closes every fd it had; nothing of
-    sysfs is restored and the journal stays as it was."""
-    b._audit.close()  # its inotify fd; a dead daemon enforces nothing
+async def crash(b: Broker) -> None:
+    """What SIGKILL does to a daemon: its work stops where it is, the kernel closes
+    every fd it had; nothing of sysfs is restored and the journal stays as it was.
+
+    Its restore tasks are stopped too: left running, they would go on writing the
+    journal from their own (by then stale) copy of it beside the next daemon's, which
+    no killed process can do.
+    """
     st = b.state
+    tasks = [*st.tasks, *st.drivers._tasks]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    b._audit.close()  # its inotify fd; a dead daemon enforces nothing
     for hold in st.holds.values():
         for lease in hold.leases.values():
             for ld in lease.devices:
@@ -95,7 +104,7 @@ async def _held_across_a_crash(host: Host, fs: FakeSys) -> Client:
     lease = await alice.claim(BR_EDU1)
     assert lease.backend == "legacy"
     assert driver(fs, E1000) == "vfio-pci"
-    crash(first)
+    await crash(first)
     host.started.remove(first)
     return alice  # still holds its copy of 01:01.0's device fd
 
@@ -143,7 +152,7 @@ async def test_two_restarts_while_held_then_close(host: Host, fs: FakeSys) -> No
     alice = await _held_across_a_crash(host, fs)
     second = await host.start()
     assert driver(fs, E1000) != "e1000"
-    crash(second)
+    await crash(second)
     host.started.remove(second)
     third = await host.start()
     assert MOVED <= host.journal() <= MEMBERS

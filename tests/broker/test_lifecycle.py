@@ -222,3 +222,33 @@ async def test_list_groups_shows_owner_and_path(broker: Broker) -> None:
     edu = next(d for d in devs.devices if d.bdf == EDU)
     assert (edu.driver, edu.driver_override) == ("vfio-pci", "vfio-pci")
     await c.close()
+
+
+async def test_a_restore_step_that_crashes_is_retried_and_recorded(
+    tmp_path: Path, fs: FakeSys, logs: Logs, no_fd_leak: None
+) -> None:
+    """L5: a restore step failing with something other than KernelError (a bug, no worker
+    thread left) is logged with its traceback and retried like a kernel error, never left
+    as a task's unretrieved exception; the device is given back."""
+    Journal(tmp_path / "state").record([JournalEntry(BR_EDU1, 4, None, None, rebound=False)])
+    fs.set_driver_override(BR_EDU1, "vfio-pci")
+    kernel = FakeKernel(fs)
+    real = kernel.binder.set_driver_override
+    crashes = [RuntimeError("can't start new thread")]
+
+    def flaky(bdf: str, driver: str | None) -> None:
+        if crashes:
+            raise crashes.pop()
+        real(bdf, driver)
+
+    kernel.binder.set_driver_override = flaky  # type: ignore[method-assign]
+    b = Broker(make_config(tmp_path, fs), kernel, restore_retry_delay=0.01)
+    await b.start()
+    for _ in range(1000):  # hang guard: the retry comes after 0.01 s
+        if not b.pending_restores:
+            break
+        await asyncio.sleep(0.01)
+    assert override(fs, BR_EDU1) == "(null)"
+    assert Journal(tmp_path / "state").load() == []
+    assert [e["attempt"] for e in logged(logs, "driver.restore_crashed", bdf=BR_EDU1)] == [1]
+    await b.aclose()

@@ -42,7 +42,11 @@ REPO = Path(__file__).resolve().parents[2]
 class Daemon:
     """iommud in a thread: ``call`` runs a coroutine on its loop and waits for it."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(
+        self,
+        root: Path,
+        access: tuple[AccessRule, ...] = (AccessRule(uid=0, devices=("1234:11e8",)),),
+    ) -> None:
         self.root = root
         self.fs: FakeSys = lab_topology(root / "root")
         self.socket = str(root / "s")
@@ -51,7 +55,7 @@ class Daemon:
                 sys_root=self.fs.sys_root, dev_root=self.fs.dev_root, state_dir=root / "state"
             ),
             manage=ManageConfig(rebind=("1234:11e8",)),
-            access=(AccessRule(uid=0, devices=("1234:11e8",)),),
+            access=access,
         )
         self._ready = threading.Event()
         self._failed: BaseException | None = None
@@ -109,7 +113,14 @@ class Daemon:
 
     def stop(self) -> None:
         if self.loop is not None and self.server is not None and self._thread.is_alive():
-            self.loop.call_soon_threadsafe(self.server.stop)
+            broker, server = self.broker, self.server
+
+            def stop() -> None:  # as the daemon's SIGTERM handler (iommud.app)
+                if broker is not None:
+                    broker.begin_stop()
+                server.stop()
+
+            self.loop.call_soon_threadsafe(stop)
         self._thread.join(10)
         assert not self._thread.is_alive()
 

@@ -34,3 +34,10 @@ def test_errors_load_only_the_protocol() -> None:
     assert ours - {"iommud", "iommud.errors"} <= {
         name for name in ours if name.startswith("iommud.protocol")
     }
+
+
+def test_the_vm_launcher_loads_no_daemon_module() -> None:
+    """iommuctl vm is a client: the launcher and iommuctl load nothing of the daemon."""
+    for module in ("iommud.vmm.launcher", "iommud.cli"):
+        ours = loaded_by(module)
+        assert not {name for name in ours if name.startswith(DAEMON)}, module

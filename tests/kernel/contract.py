@@ -425,10 +425,19 @@ class KernelContract:
             assert info.has_seals(fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
             m = DaemonMap(buf.fd, 4096, 4096, write=True)
             assert m.addr is not None
+            m.populate(0, 4096)  # MADV_POPULATE_WRITE (5.14+)
             ctypes.memmove(m.addr, b"via the daemon", 14)
+            assert expect(errno.EINVAL, lambda: m.populate(0, 8192)).op == "madvise"
             m.close()
             m.close()  # idempotent
+            assert expect(errno.EBADF, lambda: m.populate(0, 4096)).op == "madvise"
             assert buf.mm[4096 : 4096 + 14] == b"via the daemon"
+            # every fd of one file names the same inode (the daemon's mapping reuse key)
+            dup = os.dup(buf.fd)
+            try:
+                assert inspect_file(dup).inode == info.inode != (0, 0)
+            finally:
+                os.close(dup)
         plain = os.memfd_create("unsealable", os.MFD_CLOEXEC)
         try:
             assert not inspect_file(plain).has_seals(fcntl.F_SEAL_SHRINK)
@@ -437,7 +446,9 @@ class KernelContract:
         with SealedMemfd(4096, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_WRITE) as ro:
             err = expect(errno.EPERM, lambda: DaemonMap(ro.fd, 0, 4096, write=True))
             assert err.op == "mmap"
-            DaemonMap(ro.fd, 0, 4096, write=False).close()
+            ro_map = DaemonMap(ro.fd, 0, 4096, write=False)
+            ro_map.populate(0, 4096)  # MADV_POPULATE_READ of a write-sealed file
+            ro_map.close()
         r, w = os.pipe()
         try:
             assert inspect_file(r).is_regular is False

@@ -22,7 +22,14 @@ def test_no_other_module_leaves_the_loop_on_its_own() -> None:
         if p != Path(aio.__file__).resolve()
         and any(
             word in p.read_text()
-            for word in ("to_thread(", "run_in_executor(", "threading.Thread(")
+            for word in (
+                "to_thread(",
+                "run_in_executor(",
+                "threading.Thread(",
+                "ThreadPoolExecutor(",
+                "_thread.start",
+                "MonitorObserver(",  # pyudev's observer is a thread of its own
+            )
         )
     ]
     assert offenders == []
@@ -49,6 +56,17 @@ async def test_instant_ops_run_inline_and_blocking_ones_on_a_worker() -> None:
     worker = await aio.call("IOMMU_IOAS_MAP", threading.get_ident)
     assert worker != loop_thread
     assert worker in {t.ident for t in aio.pool_threads()}
+
+
+async def test_small_pins_run_inline_and_large_ones_on_a_worker() -> None:
+    """One place decides: up to INLINE_PIN_BYTES a pin is an ioctl of microseconds."""
+    loop_thread = threading.get_ident()
+    small = await aio.pin("IOMMU_IOAS_MAP", aio.INLINE_PIN_BYTES, threading.get_ident)
+    assert small == loop_thread
+    large = await aio.pin("VFIO_IOMMU_MAP_DMA", aio.INLINE_PIN_BYTES + 1, threading.get_ident)
+    assert large in {t.ident for t in aio.pool_threads()}
+    with pytest.raises(KeyError):
+        await aio.pin("read_snapshot", 1, threading.get_ident)  # not a pin
 
 
 async def test_errors_and_context_cross_back() -> None:

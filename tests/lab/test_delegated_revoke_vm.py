@@ -40,24 +40,21 @@ from iommud.protocol.limits import LATEST_VERSION
 from iommud.protocol.v2 import LeaseEnforced, LeaseRevokedV2, StatusReplyV2
 from tests.e2e.support import (
     BOOT_DRIVERS,
-    CONFIG,
     Daemon,
     client_command,
     driver_of,
     drivers_now,
     wait_until,
 )
-from tests.lab.test_delegated_vm import _at, _report
+from tests.lab.nested import DELEGATING, report
+from tests.lab.nested import at as _at
 from tests.labharness import running_daemon
 
 pytestmark = pytest.mark.vm
 
 HOSTILE = Path(__file__).resolve().parent / "hostile_holder.py"
 GRACE_S = 4.0
-CONFIG_GRACE = (
-    CONFIG.replace('quota = "e2e"\n', 'quota = "e2e"\ndelegate = true\n')
-    + f"\n[delegation]\ngrace_s = {GRACE_S}\n"
-)
+CONFIG_GRACE = DELEGATING + f"\n[delegation]\ngrace_s = {GRACE_S}\n"
 
 
 class HostileProc:
@@ -196,7 +193,8 @@ def test_hostile_holder_is_blocked_at_once_and_killed_after_the_grace_period(
         unmapped = daemon.log_events("iommufd.unmapped")[0]
         assert unmapped["bytes"] == pinned * 1024
         (killed_rec,) = daemon.log_events("enforce.killed")
-        _report(
+        report(
+            "delegated",
             "revoke_hostile",
             vm_pin_kib=pinned,
             grace_s=GRACE_S,

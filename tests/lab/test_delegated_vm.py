@@ -19,11 +19,8 @@ period) is tests/lab/test_delegated_revoke_vm.py.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import datetime
 import json
 import os
-import struct
 import subprocess
 import time
 from collections.abc import Iterator
@@ -32,66 +29,38 @@ from typing import Any
 
 import pytest
 import vmm
-from edu import PCI_COMMAND, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY, Edu
 from kmsg import Kmsg
 from qmp_guest import QmpError
 from topology import EDU0
 
-from iommud.kernel import uapi
-from iommud.kernel.linux import get_region_info
 from tests.e2e.support import (
     BOOT_DRIVERS,
-    CONFIG,
     Daemon,
     client_command,
     driver_of,
     drivers_now,
     wait_until,
 )
+from tests.lab.nested import (
+    DELEGATING,
+    EDU_DEVICE,
+    EDU_VENDOR,
+    GPA_BLOCKED,
+    GPA_DST,
+    GPA_SRC,
+    LENGTH,
+    RAM_KIB,
+    alive,
+    at,
+    enable_device,
+    fd_of,
+    report,
+)
 from tests.labharness import running_daemon
 
 pytestmark = pytest.mark.vm
 
 LAUNCHER = Path(__file__).resolve().parent / "delegated_vmm.py"
-# The test holds a copy of QEMU's device fd for a while: far from the grace period's end.
-DELEGATING = CONFIG.replace('quota = "e2e"\n', 'quota = "e2e"\ndelegate = true\n') + (
-    "\n[delegation]\ngrace_s = 60.0\n"
-)
-EDU_VENDOR, EDU_DEVICE = 0x1234, 0x11E8
-LENGTH = 2048
-GPA_SRC, GPA_DST, GPA_BLOCKED = 0x100000, 0x200000, 0x300000
-RAM_KIB = vmm.RAM_MIB * 1024
-SYS_PIDFD_GETFD = 438  # x86_64 (arch/x86/entry/syscalls/syscall_64.tbl)
-
-
-def _report(name: str, **values: object) -> None:
-    fields = " ".join(
-        f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()
-    )
-    print(f"delegated.{name} {fields}", flush=True)
-
-
-def _fd_of(pid: int, target: int) -> int:
-    """A copy of fd ``target`` of process ``pid`` (pidfd_getfd: the same open file)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    pidfd = os.pidfd_open(pid)
-    try:
-        fd = libc.syscall(SYS_PIDFD_GETFD, pidfd, target, 0)
-        if fd < 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
-        return int(fd)
-    finally:
-        os.close(pidfd)
-
-
-def _enable_device(fd: int) -> Edu:
-    """PCI_COMMAND |= MEMORY | MASTER (QEMU's realize reset cleared them), then an Edu."""
-    config = get_region_info(fd, uapi.VFIO_PCI_CONFIG_REGION_INDEX)
-    (cmd,) = struct.unpack("<H", os.pread(fd, 2, config.offset + PCI_COMMAND))
-    cmd |= PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER
-    os.pwrite(fd, struct.pack("<H", cmd), config.offset + PCI_COMMAND)
-    return Edu(fd)
 
 
 class Launcher:
@@ -138,7 +107,7 @@ class Launcher:
             try:
                 self.qmp = vmm.Qmp(Path(path), timeout=max(1.0, deadline - time.monotonic()))
             except (FileNotFoundError, ConnectionRefusedError):
-                if time.monotonic() > deadline or not _alive(self.qemu_pid):
+                if time.monotonic() > deadline or not alive(self.qemu_pid):
                     raise
                 time.sleep(0.05)
         return self.qmp
@@ -148,7 +117,7 @@ class Launcher:
             with contextlib.suppress(OSError, QmpError):
                 self.qmp.execute("quit")
             self.qmp.close()
-        if self.qemu_pid and _alive(self.qemu_pid):
+        if self.qemu_pid and alive(self.qemu_pid):
             os.kill(self.qemu_pid, 9)
         if self.proc.poll() is None:
             try:
@@ -162,36 +131,12 @@ class Launcher:
                 pipe.close()
 
 
-def _at(record: dict[str, Any]) -> float:
-    """A daemon log record's time (ISO 8601, UTC) as a Unix time."""
-    return datetime.datetime.fromisoformat(record["timestamp"]).timestamp()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        status = vmm.proc_status(pid)
-    except FileNotFoundError:
-        return False
-    return not status["State"].startswith("Z")
-
-
-def _run_firmware(qmp: vmm.Qmp, device: str, timeout: float = 120.0) -> None:
-    """As vmm.Vmm.run_firmware: SeaBIOS numbers the root ports so query-pci lists them."""
-    t0 = time.monotonic()
-    qmp("cont")
-    try:
-        while qmp.unnumbered_bridges() or device not in {
-            str(d["qdev_id"]) for d in qmp.pci_devices()
-        }:
-            assert time.monotonic() - t0 < timeout, "firmware numbered no buses"
-            time.sleep(0.1)
-    finally:
-        qmp("stop")
-
-
 @pytest.fixture(scope="module")
 def daemon() -> Iterator[Daemon]:
-    with running_daemon(lambda d: Daemon(d, DELEGATING), "iommud-dlg-") as d:
+    # The test holds a copy of QEMU's device fd after the refused release: far from the
+    # grace period's end, or the daemon would kill this very process with QEMU.
+    config = DELEGATING + "\n[delegation]\ngrace_s = 60.0\n"
+    with running_daemon(lambda d: Daemon(d, config), "iommud-dlg-") as d:
         yield d
 
 
@@ -221,12 +166,12 @@ def test_uid1000_qemu_gets_the_edu_from_the_daemon_and_loses_it_on_release(
         realized_s = time.monotonic() - claimed
         pinned = vmm.vm_pin_kib(launcher.qemu_pid)
         assert pinned >= RAM_KIB  # QEMU's own pins, per-process accounted
-        _run_firmware(qmp, "dev0")
+        vmm.run_firmware(qmp, ["dev0"])
         (dev,) = (d for d in qmp.pci_devices() if d["qdev_id"] == "dev0")
         assert (dev["id"]["vendor"], dev["id"]["device"]) == (EDU_VENDOR, EDU_DEVICE)
 
-        dup = _fd_of(launcher.qemu_pid, info["device_fd"])
-        edu = _enable_device(dup)
+        dup = fd_of(launcher.qemu_pid, info["device_fd"])
+        edu = enable_device(dup)
         pattern = os.urandom(LENGTH)
         vmm.write_process_memory(launcher.qemu_pid, qmp.gpa2hva(GPA_SRC), pattern)
         edu.dma_from_ram(GPA_SRC, LENGTH)
@@ -262,7 +207,8 @@ def test_uid1000_qemu_gets_the_edu_from_the_daemon_and_loses_it_on_release(
         back = wait_until(lambda: drivers_now() == BOOT_DRIVERS, 60.0, 0.05)
         assert back is not None, (drivers_now(), daemon.log_tail())
         assert wait_until(lambda: not daemon.status()["leases"], 10.0, 0.05) is not None
-        _report(
+        report(
+            "delegated",
             "edu0",
             claim_s=info["claim_s"],
             claim_to_realized_s=realized_s,
@@ -270,8 +216,8 @@ def test_uid1000_qemu_gets_the_edu_from_the_daemon_and_loses_it_on_release(
             release_reply_s=release_s,
             release_to_blocked_s=blocked_s,
             release_to_unpinned_s=unpinned,
-            release_to_detached_s=_at(detached) - sent,
-            release_to_unmapped_s=_at(unmapped) - sent,
+            release_to_detached_s=at(detached) - sent,
+            release_to_unmapped_s=at(unmapped) - sent,
             qemu_exit_to_driver_back_s=back,
         )
     finally:

@@ -18,42 +18,33 @@ with pytest -s or for a failing test).
 from __future__ import annotations
 
 import os
-import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import vmm
-from edu import PCI_COMMAND, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY, Edu
 from kmsg import Kmsg
+from topology import EDU0, EDU1, EDU2, NIC
 
-from iommud.kernel import uapi
-from iommud.kernel.linux import LinuxIommuFd, LinuxKernel, LinuxVfioDevice, get_region_info
+from iommud.kernel.linux import LinuxIommuFd, LinuxKernel, LinuxVfioDevice
 from iommud.kernel.sysfs_bind import SysfsBinder
+from tests.lab.nested import (
+    EDU_DEVICE,
+    EDU_VENDOR,
+    GPA_BLOCKED,
+    GPA_SRC,
+    LENGTH,
+    RAM_KIB,
+    dma_into_guest,
+    enable_device,
+    pci_device,
+    report,
+)
 
 pytestmark = pytest.mark.vm
 
-EDU0 = "0000:00:10.0"
-EDU1 = "0000:01:01.0"  # EDU1, EDU2 and NIC (e1000) share a group behind the bridge
-EDU2 = "0000:01:02.0"
-NIC = "0000:01:03.0"
-EDU_VENDOR, EDU_DEVICE = 0x1234, 0x11E8
 PCI = Path("/sys/bus/pci/devices")
-LENGTH = 2048  # edu's largest safe transfer (lab/edu.py)
-GPA_SRC = 0x100000  # plain RAM of the paused nested guest, below edu's 28-bit reach
-GPA_DST = 0x200000
-GPA_BLOCKED = 0x300000
-RAM_KIB = vmm.RAM_MIB * 1024
-
-
-def _report(name: str, **values: object) -> None:
-    """One grep-able line in the batch log."""
-    fields = " ".join(
-        f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()
-    )
-    print(f"qemu10.{name} {fields}", flush=True)
 
 
 class Bindings:
@@ -148,37 +139,6 @@ def delegated(bindings: Bindings) -> Iterator[Delegated]:
         fds.close()
 
 
-def _enable_device(fd: int) -> Edu:
-    """PCI_COMMAND |= MEMORY | MASTER through the config region, then an Edu on ``fd``.
-
-    QEMU resets the device when it realizes it (both bits off afterwards); with MEMORY off
-    VFIO refuses BAR access (EIO, vfio_pci_rdwr.c), so this comes before Edu() reads its id.
-    """
-    config = get_region_info(fd, uapi.VFIO_PCI_CONFIG_REGION_INDEX)
-    (cmd,) = struct.unpack("<H", os.pread(fd, 2, config.offset + PCI_COMMAND))
-    cmd |= PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER
-    os.pwrite(fd, struct.pack("<H", cmd), config.offset + PCI_COMMAND)
-    return Edu(fd)
-
-
-def _dma_into_guest(vm: vmm.Vmm, edu: Edu, src: int = GPA_SRC, dst: int = GPA_DST) -> float:
-    """Pattern at ``src`` -> device -> ``dst``, read back with xp; returns the DMA seconds."""
-    pattern = os.urandom(LENGTH)
-    vmm.write_process_memory(vm.pid, vm.qmp.gpa2hva(src), pattern)
-    assert vm.qmp.xp(dst, LENGTH) == bytes(LENGTH)
-    t0 = time.monotonic()
-    edu.dma_from_ram(src, LENGTH)
-    edu.dma_to_ram(dst, LENGTH)
-    elapsed = time.monotonic() - t0
-    assert vm.qmp.xp(dst, LENGTH) == pattern
-    return elapsed
-
-
-def _vfio_device(vm: vmm.Vmm, qdev_id: str) -> dict[str, Any]:
-    (dev,) = (d for d in vm.qmp.pci_devices() if d["qdev_id"] == qdev_id)
-    return dev
-
-
 def test_unprivileged_qemu10_answers_qmp() -> None:
     """QEMU 10 runs nested as uid 1000 with no capabilities and answers query-version."""
     with vmm.Vmm() as vm:
@@ -191,7 +151,7 @@ def test_unprivileged_qemu10_answers_qmp() -> None:
         for caps in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
             assert int(status[caps], 16) == 0, caps
         assert status["NoNewPrivs"] == "1"
-        _report("start", spawn_to_qmp_s=vm.timings.marks["qmp_ready"])
+        report("qemu10", "start", spawn_to_qmp_s=vm.timings.marks["qmp_ready"])
         assert vm.close() == 0
 
 
@@ -207,11 +167,11 @@ def test_delegated_fds_realize_edu_and_dma_lands_in_guest_ram(delegated: Delegat
         pinned = vmm.vm_pin_kib(vm.pid)
         assert pinned >= RAM_KIB  # all guest RAM, charged to QEMU itself (VmPin)
         firmware_s = vm.run_firmware(["dev0"])
-        dev = _vfio_device(vm, "dev0")
+        dev = pci_device(vm.qmp, "dev0")
         assert (dev["id"]["vendor"], dev["id"]["device"]) == (EDU_VENDOR, EDU_DEVICE)
 
-        edu = _enable_device(delegated.dup.fileno())
-        dma_s = _dma_into_guest(vm, edu)
+        edu = enable_device(delegated.dup.fileno())
+        dma_s = dma_into_guest(vm.qmp, vm.pid, edu)
 
         with Kmsg() as kmsg:
             t0 = time.monotonic()
@@ -225,7 +185,8 @@ def test_delegated_fds_realize_edu_and_dma_lands_in_guest_ram(delegated: Delegat
         assert vm.qmp.xp(GPA_BLOCKED, LENGTH) == bytes(LENGTH)
         # QEMU neither noticed nor died: the detach is invisible to it.
         assert vm.qmp("query-status")["status"] == "paused"
-        _report(
+        report(
+            "qemu10",
             "delegated",
             spawn_to_qmp_s=vm.timings.marks["qmp_ready"],
             spawn_to_device_realized_s=realized,
@@ -251,14 +212,14 @@ def test_hotplug_through_qmp_getfd(delegated: Delegated) -> None:
         vm.qmp("device_add", driver="vfio-pci", id="hot0", iommufd="i0", fd="edu0", bus="rp1")
         hotplug_s = time.monotonic() - t0
         assert vm.qmp.is_realized("hot0")
-        dev = _vfio_device(vm, "hot0")
+        dev = pci_device(vm.qmp, "hot0")
         assert (dev["id"]["vendor"], dev["id"]["device"]) == (EDU_VENDOR, EDU_DEVICE)
         pinned = vmm.vm_pin_kib(vm.pid)
         assert pinned >= RAM_KIB
 
-        edu = _enable_device(delegated.dup.fileno())
-        dma_s = _dma_into_guest(vm, edu)
-        _report("hotplug", hotplug_s=hotplug_s, vm_pin_kib=pinned, dma_round_trip_s=dma_s)
+        edu = enable_device(delegated.dup.fileno())
+        dma_s = dma_into_guest(vm.qmp, vm.pid, edu)
+        report("qemu10", "hotplug", hotplug_s=hotplug_s, vm_pin_kib=pinned, dma_round_trip_s=dma_s)
         assert vm.close() == 0
 
 
@@ -287,11 +248,16 @@ def test_bridge_group_two_edus_share_one_iommufd(bindings: Bindings) -> None:
                 print("qemu10.bridge_group.query_pci", vm.qmp("query-pci"), flush=True)
                 print("qemu10.bridge_group.stderr", repr(vm.stderr_text()), flush=True)
                 raise
-            dma1 = _dma_into_guest(vm, _enable_device(delegated.dups[0].fileno()))
-            dma2 = _dma_into_guest(
-                vm, _enable_device(delegated.dups[1].fileno()), GPA_SRC + 0x1000, GPA_BLOCKED
+            dma1 = dma_into_guest(vm.qmp, vm.pid, enable_device(delegated.dups[0].fileno()))
+            dma2 = dma_into_guest(
+                vm.qmp,
+                vm.pid,
+                enable_device(delegated.dups[1].fileno()),
+                GPA_SRC + 0x1000,
+                GPA_BLOCKED,
             )
-            _report(
+            report(
+                "qemu10",
                 "bridge_group",
                 spawn_to_devices_realized_s=realized,
                 vm_pin_kib=pinned,

@@ -30,6 +30,7 @@ class Session:
     pidfd: OwnedFd | None
     events: asyncio.Queue[Delivery] = field(default_factory=asyncio.Queue)
     closed: bool = False
+    holds: bool = False  # set by ioas_create: an idle connection holding this stays open
 
 
 class StandInBroker:
@@ -57,20 +58,24 @@ class StandInBroker:
     def events(self, session: Session) -> asyncio.Queue[Delivery]:
         return session.events
 
+    def holds_resources(self, session: Session) -> bool:
+        return session.holds
+
     async def handle(self, session: Session, request: m.Request, fds: FdSet) -> Outcome:
         self.started += 1
         try:
-            return await self._handle(request, fds)
+            return await self._handle(session, request, fds)
         finally:
             self.finished += 1
 
-    async def _handle(self, request: m.Request, fds: FdSet) -> Outcome:
+    async def _handle(self, session: Session, request: m.Request, fds: FdSet) -> Outcome:
         match request:
             case m.Ping():
                 return Outcome(m.PingReply(id=request.id))
             case m.Subscribe():
                 return Outcome(m.SubscribeReply(id=request.id))
             case m.IoasCreate():
+                session.holds = True
                 return Outcome(m.IoasCreateReply(id=request.id, ioas_id=7))
             case m.IoasDestroy():
                 await asyncio.sleep(self.delays.get(request.ioas_id, 0.0))
@@ -154,6 +159,9 @@ class StandInDaemonBroker(StandInBroker):
 
     async def start(self) -> None:
         self.started_up = True
+
+    def begin_stop(self) -> None:
+        pass
 
     async def aclose(self) -> None:
         print("broker.aclose", flush=True)  # the process test looks for this line

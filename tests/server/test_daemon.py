@@ -17,6 +17,7 @@ import pytest
 
 from iommud.client import Client
 from iommud.sdnotify import Notifier
+from iommud.server.handler import ConnectionLimits
 from iommud.server.listen import bind_listener, inherited_listeners
 
 REPO = Path(__file__).resolve().parents[2]
@@ -335,6 +336,11 @@ def test_units_key_settings() -> None:
     # CAP_SYS_PTRACE reads /proc; cross-process memory access stays refused
     assert filters == ["@system-service", "~process_vm_readv process_vm_writev"]
     assert "ProtectKernelTunables" not in svc  # it would make the sysfs rebind writes fail
+    # The fd budget (iommud.server.server.fd_budget) must admit the default connection
+    # limit with the reserve kept back: socket + pidfd + max_held_fds per connection.
+    limits = ConnectionLimits()
+    per_connection = 2 + limits.max_held_fds
+    assert (int(svc["LimitNOFILE"]) - limits.fd_reserve) // per_connection >= limits.max_total
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")

@@ -6,6 +6,7 @@ import array
 import asyncio
 import json
 import os
+import resource
 import socket
 from typing import Any
 
@@ -290,3 +291,69 @@ async def test_blocking_client(running: Running) -> None:
                 return client.ioas_create(), os.pread(result.devices[0].fd.fileno(), 32, 0)
 
     assert await asyncio.to_thread(work) == (7, b"0000:00:10.0")
+
+
+async def test_blocking_client_deadlines(sockdir: str) -> None:
+    """The blocking client's deadlines are the kernel's (SO_RCVTIMEO): next_event(0) and
+    next_event(0.2) return None when nothing comes, a daemon that never answers hello
+    fails the connect with ClientClosedError instead of hanging."""
+    path = os.path.join(sockdir, "mute")
+    mute = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    mute.bind(path)
+    mute.listen(1)
+    try:
+        with pytest.raises(ClientClosedError, match="connection failed"):
+            await asyncio.to_thread(Client, path, "t", timeout=0.2)
+    finally:
+        mute.close()
+
+
+async def test_blocking_client_next_event_times_out(running: Running) -> None:
+    def work() -> tuple[object, object]:
+        with Client(running.path, "sync") as client:
+            first = client.next_event(0)
+            second = client.next_event(0.2)
+            client.ping()  # the call deadline is back in force and the connection fine
+            return first, second
+
+    assert await asyncio.to_thread(work) == (None, None)
+
+
+async def test_fds_the_kernel_drops_for_want_of_fds_are_not_blamed_on_the_client(
+    running: Running,
+) -> None:
+    """H3: with the daemon's fd table nearly full, the kernel installs only some of a
+    request's fds and sets MSG_CTRUNC (net/core/scm.c, scm_detach_fds). That is the
+    daemon's shortage, not 'too many fds attached', and no protocol error of the peer."""
+    raw = await _raw(running)
+    fds = [_memfd(b"x") for _ in range(8)]
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        # (listdir's own fd is among these and closed again: 3 or 4 stay free)
+        open_fds = {int(n) for n in os.listdir("/proc/self/fd")}
+        limit, free = 0, 0
+        while free < 3:  # new fds take the lowest free numbers below the limit
+            free += limit not in open_fds
+            limit += 1
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+        reply = await _exchange(raw, b'{"op":"ping","id":9,"fds":8}', fds)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        for fd in fds:
+            os.close(fd)
+    assert reply == {
+        "op": "error",
+        "fds": 0,
+        "id": None,
+        "code": "limit_reached",
+        "message": "the daemon is out of file descriptors; try again later",
+        "details": {"daemon_fds_exhausted": True},
+    }
+    (handler,) = running.server._handlers
+    assert handler.proto.error_count == 0
+    assert await _exchange(raw, b'{"op":"ping","id":10,"fds":0}') == {
+        "op": "ping_reply",
+        "fds": 0,
+        "id": 10,
+    }
+    raw.close()
