@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import os
 import signal
 import subprocess
 import sys
@@ -31,7 +30,6 @@ from iommud.config import AccessRule, DelegationConfig
 from iommud.errors import KernelError, RevokedError
 from iommud.kernel.interface import FileKey, MapFlag, Scan
 from iommud.kernel.procs import ProcessTable
-from iommud.kernel.uapi import VFIO_PCI_REQ_IRQ_INDEX
 from iommud.protocol import messages as m
 from iommud.protocol.v2 import (
     ClaimMode,
@@ -319,27 +317,6 @@ async def test_session_end_kills_an_orphaned_vmm_at_once(
     assert [h.pid for h in enforced.killed] == [vmm.pid]
     await wait_for(lambda: driver(fs, EDU) is None)
     await admin.close()
-
-
-async def test_revoke_rings_the_vmms_own_request_eventfd(
-    make_broker: Any, kernel: FakeKernel
-) -> None:
-    """QEMU registers its own REQ eventfd (the kernel keeps one per device): the revoke
-    rings it through the daemon's fd, so an unmodified QEMU unplugs the device."""
-    broker = await make_broker(grace_s=300.0)
-    client = Client(broker, ALICE)
-    _, _, cdev_fd = await claim_and_bind(client, kernel)
-    efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-    try:
-        kernel.device_of_fd(cdev_fd).set_irq_eventfd(VFIO_PCI_REQ_IRQ_INDEX, efd)  # realize
-        with pytest.raises(BlockingIOError):
-            os.eventfd_read(efd)
-        await broker.revoke_group(GROUP, "maintenance")
-        assert os.eventfd_read(efd) == 1
-        assert ("trigger_irq", EDU, VFIO_PCI_REQ_IRQ_INDEX) in kernel.calls
-    finally:
-        os.close(efd)
-    await client.close()
 
 
 async def test_daemon_stop_blocks_dma_but_kills_no_vmm(
