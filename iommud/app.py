@@ -53,6 +53,7 @@ class DaemonBroker(BrokerAPI, BrokerHooks, Protocol):
     (iommud.watch.BrokerHooks) and a lifecycle."""
 
     async def start(self) -> None: ...
+    def begin_stop(self) -> None: ...
     async def aclose(self) -> None: ...
 
 
@@ -314,6 +315,7 @@ async def serve(
         def on_signal(signum: signal.Signals) -> None:
             log.info("daemon.stopping", signal=signum.name)
             notify.notify("STOPPING=1", "STATUS=draining connections")
+            broker.begin_stop()  # sessions now ending are the daemon's doing: kill no VMM
             server.stop()
 
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -332,6 +334,7 @@ async def serve(
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+        broker.begin_stop()
         await asyncio.shield(broker.aclose())
         for lst in listeners:
             lst.close()

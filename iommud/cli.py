@@ -30,8 +30,10 @@ from typing import Any, Final, TextIO
 
 from iommud import __version__
 from iommud.client.aio import AsyncClient
-from iommud.errors import IommudError
+from iommud.errors import IommudError, UnsupportedVersionError
 from iommud.protocol import messages as m
+from iommud.protocol.limits import LATEST_VERSION, PROTOCOL_VERSION
+from iommud.protocol.v2 import LeaseEnforced, LeaseInfoV2, LeaseRevokedV2, StatusReplyV2
 from iommud.transport import DEFAULT_SOCKET
 from iommud.vmm import control
 from iommud.vmm.launcher import EXIT_USAGE, Launcher, VmError, VmOptions, prepare
@@ -153,8 +155,13 @@ def describe_event(ev: m.Event) -> str:
             if ev.is_viable:
                 return f"{_group(ev.group_id)} viable"
             return f"{_group(ev.group_id)} not viable: {_offenders(ev.offenders)}"
+        case LeaseRevokedV2(grace_s=float() as grace):
+            return f"lease {ev.lease_id} {_group(ev.group_id)}: {ev.reason} (grace {grace:g} s)"
         case m.LeaseRevoked():
             return f"lease {ev.lease_id} {_group(ev.group_id)}: {ev.reason}"
+        case LeaseEnforced():
+            killed = ",".join(f"{h.pid}({h.comm})" for h in ev.killed) or "none"
+            return f"lease {ev.lease_id} {_group(ev.group_id)}: {ev.outcome} killed {killed}"
         case m.BindRefused():
             return f"{ev.bdf} {ev.driver} {_group(ev.group_id)}: {ev.reason}"
     return ""  # pragma: no cover - every EventName has a case above
@@ -165,7 +172,14 @@ def format_event(ev: m.Event) -> str:
     return f"{format_timestamp(ev.ts)} {ev.event.value} {describe_event(ev)}".rstrip()
 
 
-def format_status(st: m.StatusReply) -> str:
+def _pinned(lease: LeaseInfoV2) -> str:
+    if lease.pinned_bytes is None:
+        return "-"
+    pids = ",".join(map(str, lease.pinned_pids)) or "none"
+    return f"{lease.pinned_bytes // 1024} KiB by {pids}"
+
+
+def format_status(st: m.StatusReply | StatusReplyV2) -> str:
     lines = [
         f"daemon        iommud {st.version}",
         f"event source  {st.event_source or 'none'}",
@@ -173,20 +187,25 @@ def format_status(st: m.StatusReply) -> str:
         f"uptime        {st.uptime_s:.1f} s",
         f"leases        {len(st.leases)}",
     ]
-    if st.leases:
-        rows = [
-            [
-                str(lease.lease_id),
-                str(lease.group_id),
-                str(lease.uid),
-                str(lease.pid),
-                lease.backend.value,
-                str(lease.ioas_id),
-                ",".join(lease.devices),
-            ]
-            for lease in sorted(st.leases, key=lambda x: x.lease_id)
+    headers: tuple[str, ...] = ("LEASE", "GROUP", "UID", "PID", "BACKEND", "IOAS", "DEVICES")
+    rows = []
+    for lease in sorted(st.leases, key=lambda x: x.lease_id):
+        row = [
+            str(lease.lease_id),
+            str(lease.group_id),
+            str(lease.uid),
+            str(lease.pid),
+            lease.backend.value,
+            str(lease.ioas_id),
+            ",".join(lease.devices),
         ]
-        lines += ["", table(("LEASE", "GROUP", "UID", "PID", "BACKEND", "IOAS", "DEVICES"), rows)]
+        if isinstance(lease, LeaseInfoV2):
+            row += [lease.mode.value, lease.state.value, _pinned(lease)]
+        rows.append(row)
+    if isinstance(st, StatusReplyV2):
+        headers += ("MODE", "STATE", "PINNED (VmPin)")
+    if rows:
+        lines += ["", table(headers, rows)]
     return "\n".join(lines)
 
 
@@ -220,7 +239,7 @@ class Output:
         self.err.flush()
 
 
-async def _connect(path: str, version: int = 1) -> AsyncClient:
+async def _connect(path: str, version: int = PROTOCOL_VERSION) -> AsyncClient:
     try:
         return await AsyncClient.connect(path, CLIENT_NAME, version=version)
     except FileNotFoundError:
@@ -252,7 +271,12 @@ async def cmd_ls(args: argparse.Namespace, out: Output) -> int:
 
 
 async def cmd_status(args: argparse.Namespace, out: Output) -> int:
-    async with await _connect(args.socket) as client:
+    # v2: each lease also shows its mode, state and its VMM's pinned bytes
+    try:
+        client = await _connect(args.socket, LATEST_VERSION)
+    except UnsupportedVersionError:
+        client = await _connect(args.socket)
+    async with client:
         st = await client.status()
     if args.json:
         out.print(to_json(st.model_dump(mode="json", exclude={"op", "id", "fds"})))

@@ -242,6 +242,26 @@ class AccessRule(_Model):
         return f"access[{index}] ({' and '.join(who)}: {', '.join(self.devices)})"
 
 
+class DelegationConfig(_Model):
+    """Revocation of delegated leases (protocol v2; iommud.broker.revocation).
+
+    ``grace_s``: seconds between ``lease_revoked`` (DMA already blocked) and the kill of
+    every process still holding one of the lease's device files; the VMM must unplug
+    the device (QEMU: ``device_del``) and close its fd within it. ``kill_passes``:
+    scan-and-kill rounds before the daemon gives up and leaves the group ``stuck``
+    (owned, on vfio-pci, DMA detached) for an admin; ``kill_wait_s``: how long one pass
+    waits for its killed processes to exit. ``unmap_scan_ids``: iommufd object ids probed
+    for the VMM's IOASes to empty (ids are first-fit from 1). The claim lock is held
+    while killing: other clients' claims and releases wait at most
+    ``kill_passes`` x ``kill_wait_s``.
+    """
+
+    grace_s: float = Field(default=10.0, ge=0.0, le=3600.0, allow_inf_nan=False)
+    kill_passes: int = Field(default=5, strict=True, ge=1, le=50)
+    kill_wait_s: float = Field(default=5.0, gt=0.0, le=60.0, allow_inf_nan=False)
+    unmap_scan_ids: int = Field(default=1024, strict=True, ge=1, le=1 << 20)
+
+
 class ConnectionsConfig(_Model):
     """What one peer's connections may hold (iommud.server.handler.ConnectionLimits has
     the meaning of each; PROTOCOL.md section 10 the error a peer gets)."""
@@ -261,6 +281,7 @@ class Config(_Model):
     connections: ConnectionsConfig = ConnectionsConfig()
     drivers: DriversConfig = DriversConfig()
     manage: ManageConfig = ManageConfig()
+    delegation: DelegationConfig = DelegationConfig()
     access: tuple[AccessRule, ...] = ()
     memory: MemoryLimits = MemoryLimits()
     quotas: dict[str, Quota] = Field(default_factory=lambda: {DEFAULT_QUOTA: Quota()})

@@ -82,7 +82,22 @@ from iommud.protocol.messages import (
     SubscribeReply,
     ViabilityChanged,
 )
-from iommud.protocol.v2 import ClaimMode, ClaimReplyV2, ClaimV2, RequestV2, ServerMessageV2
+from iommud.protocol.v2 import (
+    V2_ONLY_EVENTS,
+    ClaimMode,
+    ClaimReplyV2,
+    ClaimV2,
+    EnforceOutcome,
+    Holder,
+    LeaseEnforced,
+    LeaseInfoV2,
+    LeaseRevokedV2,
+    LeaseStatus,
+    RequestV2,
+    ServerMessageV2,
+    StatusReplyV2,
+    StatusV2,
+)
 
 ROOT: Final = Path(__file__).resolve().parent
 V2_ONLY_CODES: Final = frozenset({ErrorCode.NOT_DELEGABLE})
@@ -114,6 +129,8 @@ def schema(version: int = PROTOCOL_VERSION) -> dict[str, Any]:
         # v2's codes never reach a v1 connection; v1's schema lists v1's codes only
         codes = defs["ErrorCode"]["enum"]
         defs["ErrorCode"]["enum"] = [c for c in codes if c not in V2_ONLY_CODES]
+        names = defs["EventName"]["enum"]  # ...and v1's events (subscribe's filter)
+        defs["EventName"]["enum"] = [n for n in names if n not in V2_ONLY_EVENTS]
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": f"iommud-protocol-v{version}.schema.json",
@@ -724,6 +741,13 @@ def requests_v2() -> list[dict[str, Any]]:
             ClaimV2(id=3, devices=(EDU, EDU2), mode=delegated, iommufd_id=1),
         ),
         ("claim_brokered_v2", ClaimV2(id=4, devices=(EDU,), ioas_id=3)),
+        ("status_v2", StatusV2(id=5)),
+        (
+            "subscribe_enforcement",
+            Subscribe(
+                id=6, events=(EventName.LEASE_REVOKED, EventName.LEASE_ENFORCED), groups=None
+            ),
+        ),
     ]
     return [_vector(name, TO_SERVER, msg) for name, msg in msgs]
 
@@ -770,6 +794,48 @@ def replies_v2() -> list[dict[str, Any]]:
                     ClaimedDevice(bdf=EDU, fd_index=0, devid=None),
                     ClaimedDevice(bdf=EDU2, fd_index=1, devid=None),
                 ),
+            ),
+        ),
+        (
+            "status_reply_v2",
+            StatusReplyV2(
+                id=5,
+                version="0.1.0",
+                event_source="udev",
+                clients=2,
+                leases=(
+                    LeaseInfoV2(
+                        lease_id=1,
+                        group_id=4,
+                        uid=1000,
+                        pid=4242,
+                        backend="iommufd",
+                        devices=(EDU,),
+                        ioas_id=0,
+                        mode=ClaimMode.DELEGATED,
+                        state=LeaseStatus.REVOKED,
+                        iommufd_id=1,
+                        enforce_at=TS + 10.0,
+                        pinned_bytes=67371008,
+                        pinned_pids=(4243,),
+                    ),
+                    LeaseInfoV2(
+                        lease_id=3,
+                        group_id=5,
+                        uid=1000,
+                        pid=4300,
+                        backend="iommufd",
+                        devices=(EDU2,),
+                        ioas_id=3,
+                        mode=ClaimMode.BROKERED,
+                        state=LeaseStatus.ACTIVE,
+                        iommufd_id=None,
+                        enforce_at=None,
+                        pinned_bytes=None,
+                        pinned_pids=(),
+                    ),
+                ),
+                uptime_s=3600.5,
             ),
         ),
         (
@@ -832,6 +898,59 @@ def errors_v2() -> list[dict[str, Any]]:
     return [_vector(name, TO_CLIENT, msg) for name, msg in msgs]
 
 
+def events_v2() -> list[dict[str, Any]]:
+    """v2's lease_revoked (with grace_s) and lease_enforced; the other events are v1's."""
+    msgs: list[tuple[str, Message]] = [
+        (
+            "lease_revoked_delegated",
+            LeaseRevokedV2(
+                ts=TS,
+                seq=7,
+                lease_id=1,
+                group_id=4,
+                reason="maintenance",
+                mode=ClaimMode.DELEGATED,
+                grace_s=10.0,
+            ),
+        ),
+        (
+            "lease_revoked_brokered",
+            LeaseRevokedV2(
+                ts=TS,
+                seq=8,
+                lease_id=3,
+                group_id=5,
+                reason="viability lost",
+                mode=ClaimMode.BROKERED,
+                grace_s=None,
+            ),
+        ),
+        (
+            "lease_enforced_returned",
+            LeaseEnforced(
+                ts=TS + 10.5,
+                seq=9,
+                lease_id=1,
+                group_id=4,
+                outcome=EnforceOutcome.RETURNED,
+                killed=(Holder(pid=4243, uid=1000, comm="qemu-system-x86"),),
+            ),
+        ),
+        (
+            "lease_enforced_stuck",
+            LeaseEnforced(
+                ts=TS + 40.0,
+                seq=10,
+                lease_id=1,
+                group_id=4,
+                outcome=EnforceOutcome.STUCK,
+                killed=(),
+            ),
+        ),
+    ]
+    return [_vector(name, TO_CLIENT, msg) for name, msg in msgs]
+
+
 def invalid_v2() -> list[dict[str, Any]]:
     """Claims a v2 server refuses (and v2 keys a v1 connection refuses as unknown)."""
     bad = ErrorCode.BAD_REQUEST
@@ -844,7 +963,12 @@ def invalid_v2() -> list[dict[str, Any]]:
         (2, "brokered_with_iommufd_id", claim % (EDU, '"mode":"brokered","iommufd_id":1')),
         (2, "unknown_mode", claim % (EDU, '"mode":"shared"')),
     ]
-    return [{**_bad(name, text, 0, bad, 5, version=v), "version": v} for v, name, text in cases]
+    out = [{**_bad(name, text, 0, bad, 5, version=v), "version": v} for v, name, text in cases]
+    v1_subscribe = '{"op":"subscribe","fds":0,"id":6,"events":["lease_enforced"],"groups":null}'
+    out.append(
+        {**_bad("v1_subscribe_lease_enforced", v1_subscribe, 0, bad, 6, version=1), "version": 1}
+    )
+    return out
 
 
 def outputs() -> dict[str, str]:
@@ -864,6 +988,7 @@ def outputs() -> dict[str, str]:
         "vectors/v2/requests.json": dump(requests_v2()),
         "vectors/v2/replies.json": dump(replies_v2()),
         "vectors/v2/errors.json": dump(errors_v2()),
+        "vectors/v2/events.json": dump(events_v2()),
         "vectors/v2/invalid.json": dump(invalid_v2()),
     }
 

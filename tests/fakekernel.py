@@ -43,9 +43,11 @@ from iommud.kernel.interface import (
     GroupStatus,
     IovaRange,
     MapFlag,
+    Processes,
     RegionInfo,
 )
 from iommud.kernel.libc import map_oserror
+from iommud.kernel.procs import ProcessTable
 from tests.fakesys import FakeSys
 
 PAGE = 4096
@@ -482,6 +484,13 @@ class FakeDevice(_FdBacked):
         self._kernel.irq_eventfds[(self.bdf, index)] = os.dup(eventfd) if eventfd >= 0 else -1
         self._kernel.record("set_irq_eventfd", self.bdf, index)
 
+    def trigger_irq(self, index: int) -> None:
+        """Signal whatever eventfd is registered for ``index`` (EINVAL: none)."""
+        self._check("trigger_irq")
+        if not self._kernel.signal_irq(self.bdf, index):
+            raise KernelError("trigger_irq", errno.EINVAL)
+        self._kernel.record("trigger_irq", self.bdf, index)
+
     def dup_fd(self) -> int:
         return os.dup(self.fileno())
 
@@ -738,6 +747,7 @@ class FakeKernel:
         self.iommufds: list[FakeIommuFd] = []  # every /dev/iommu ever opened
         # (bdf, irq index) -> the kernel's reference to a registered eventfd (a dup).
         self.irq_eventfds: dict[tuple[str, int], int] = {}
+        self.process_table: Processes = ProcessTable()
         # drivers_probe without an override binds the driver the device had at start.
         devs = sys_root / "bus" / "pci" / "devices"
         self.native_driver: dict[str, str] = {}
@@ -941,6 +951,13 @@ class FakeKernel:
     @property
     def binder(self) -> FakeBinder:
         return self._binder
+
+    @property
+    def processes(self) -> Processes:
+        """The REAL process table (iommud.kernel.procs): fake kernel files are memfds,
+        so a child process given a dup of one is found exactly as a VMM holding a cdev
+        would be. Tests may swap in a wrapper (``kernel.process_table = ...``)."""
+        return self.process_table
 
     def _bdfs(self) -> Iterator[str]:
         yield from sorted(os.listdir(self.sys_root / "bus" / "pci" / "devices"))

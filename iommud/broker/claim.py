@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import structlog
 
@@ -310,14 +310,25 @@ class ClaimManager:
             await self._restore(hold)
 
     # ------------------------------------------------------------------ release
-    async def release(self, session: Session, lease_id: int) -> None:
+    async def release(
+        self,
+        session: Session,
+        lease_id: int,
+        *,
+        via: Callable[[Lease], Awaitable[object]] | None = None,
+    ) -> None:
+        """Release a lease of ``session``: :meth:`release_lease`, or ``via`` (a
+        delegated lease's, iommud.broker.revocation), under the claim lock."""
         lease = session.leases.get(lease_id)
         if lease is None:
             raise NotFoundError(f"no lease {lease_id} in this session", lease_id=lease_id)
         async with self.held():
-            await asyncio.shield(self.release_lease(lease, why="release"))
-            if lease.ioas is not None:
-                await asyncio.shield(self._ioas.drop_if_unused(session, lease.ioas))
+            if via is None:
+                await asyncio.shield(self.release_lease(lease, why="release"))
+                if lease.ioas is not None:
+                    await asyncio.shield(self._ioas.drop_if_unused(session, lease.ioas))
+            else:
+                await asyncio.shield(via(lease))
         # Outside the lock: a restore stalled by this client's own open device fd must
         # not hold up anyone else. Wait briefly so a well-behaved client (fds closed
         # first) gets its answer after the drivers are back; never longer.
@@ -329,16 +340,21 @@ class ClaimManager:
         if tasks:
             await asyncio.wait(tasks, timeout=bound)
 
-    async def release_lease(self, lease: Lease, *, why: str) -> list[str]:
+    async def release_lease(
+        self, lease: Lease, *, why: str, reset: bool | None = None
+    ) -> list[str]:
         """Block DMA, reset, close, then start the driver restore in the background.
 
+        ``reset`` defaults to brokered leases only: a delegated device is the VMM's to
+        reset while it may use it; the enforcement resets it once nobody else holds it.
         Returns the BDFs whose restore had not finished when this returned."""
         hold = self._holds[lease.group_id]
         session = lease.session
         last = len(hold.leases) == 1
         await self.block_dma(lease, drop_shared_container=last)
-        # A delegated device is the VMM's to reset (it may still be using it).
-        await self._close_devices(hold, lease.devices, reset=not lease.is_delegated)
+        await self._close_devices(
+            hold, lease.devices, reset=not lease.is_delegated if reset is None else reset
+        )
         if lease.ioas is not None:
             lease.ioas.forget_ranges()
         hold.leases.pop(lease.lease_id, None)
@@ -370,7 +386,8 @@ class ClaimManager:
         shares its iommufd (iommud.broker.delegation)."""
         if lease.delegated is not None:
             healthy = delegation.shares_healthy_lease(lease)
-            await delegation.block_delegated(lease, unmap=not healthy)
+            ids = self._config.delegation.unmap_scan_ids
+            await delegation.block_delegated(lease, unmap=not healthy, ids=ids)
         elif lease.backend is ClaimPath.IOMMUFD:
             for ld in lease.devices:
                 if ld.attached:
@@ -452,7 +469,7 @@ def _owner(hold: GroupHold | None) -> GroupOwner | None:
         session.session_id,
         session.identity,
         lease_ids=tuple(hold.leases),
-        is_revoked=any(le.state is LeaseState.REVOKED for le in hold.leases.values()),
+        is_revoked=any(le.state is not LeaseState.ACTIVE for le in hold.leases.values()),
         pinned=dict(hold.pinned),
         claims={
             # a delegated lease has no daemon IOAS: 0 is never a daemon IOAS id

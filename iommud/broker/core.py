@@ -46,6 +46,7 @@ from iommud.broker.hostview import HostChange, HostView
 from iommud.broker.ioas import IoasManager
 from iommud.broker.journal import Journal, JournalEntry
 from iommud.broker.listing import Listing
+from iommud.broker.revocation import Revoker
 from iommud.broker.sessions import SessionManager
 from iommud.broker.state import BrokerState, IoasState, LeaseState, Outcome, Session
 from iommud.config import Config
@@ -115,8 +116,9 @@ class Broker:
             sysfs_timeout=sysfs_timeout,
         )
         self._claims = ClaimManager(state)
-        self._sessions = SessionManager(state, self._claims)
-        self._enforcer = Enforcer(state, self._claims)
+        self._revoker = Revoker(state, self._claims)
+        self._sessions = SessionManager(state, self._claims, self._revoker)
+        self._enforcer = Enforcer(state, self._claims, self._revoker)
         self._audit = GuardAudit(state, self._enforcer)
         self._listing = Listing(state)
         self.routes: Mapping[type[m.RequestBase], Route[Any]] = {
@@ -183,6 +185,12 @@ class Broker:
             legacy=snap.has_legacy_container,
         )
 
+    def begin_stop(self) -> None:
+        """The daemon is stopping: sessions that end from now on (its connections being
+        drained) are not client exits, so no delegated VMM is killed; DMA is still
+        blocked and the devices given back once the VMMs let go (iommud.broker.revocation)."""
+        self._state.stopping = True
+
     async def aclose(self, *, grace: float | None = None) -> None:
         """Release every session (shielded), then wait (bounded) for driver restores.
 
@@ -200,6 +208,7 @@ class Broker:
             await self._state.drivers.aclose(grace)
 
         self._audit.close()  # our own restores are not attempts to report
+        self.begin_stop()
         await asyncio.shield(_all())
         log.info("broker.closed", pending_restores=self._state.drivers.pending)
 
@@ -268,8 +277,8 @@ class Broker:
 
     async def _status(self, session: Session, request: m.Status, fds: FdSet) -> Outcome:
         return Outcome(
-            self._listing.status(
-                request.id,
+            await self._listing.status(
+                request,
                 session.identity,
                 event_source=self.event_source,
                 uptime_s=self._clock() - self._started,
@@ -292,6 +301,11 @@ class Broker:
         return Outcome(reply, out)
 
     async def _release(self, session: Session, request: m.Release, fds: FdSet) -> Outcome:
+        lease = session.leases.get(request.lease_id)
+        if lease is not None and lease.is_delegated:
+            # refused (revoked, holders_exit) while someone still holds its devices
+            await self._claims.release(session, request.lease_id, via=self._revoker.release_locked)
+            return Outcome(m.ReleaseReply(id=request.id))
         try:
             await self._claims.release(session, request.lease_id)
         finally:
@@ -410,7 +424,9 @@ class Broker:
             for ev in self._state.hub.host_events(change):
                 self._state.hub.publish(ev, sinks)
         await self._enforcer.on_host_change(
-            group_id, None if change is None else self._state.view.snapshot
+            group_id,
+            None if change is None else self._state.view.snapshot,
+            () if change is None else change.events,
         )
 
     async def revoke_group(self, group_id: int, reason: str) -> list[int]:

@@ -29,6 +29,8 @@ No policy and no planning here (iommud.broker.plan decides); no sysfs.
 from __future__ import annotations
 
 import errno
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 import structlog
 
@@ -36,7 +38,7 @@ from iommud.broker.state import DelegatedIommufd, Lease, LeasedDevice, LeaseStat
 from iommud.errors import KernelError, NotDelegableError, NotFoundError
 from iommud.host.snapshot import HostSnapshot
 from iommud.kernel import aio
-from iommud.kernel.interface import IommuFd, Kernel
+from iommud.kernel.interface import FileKey, IommuFd, Kernel, Processes, ProcessHolder, Scan
 
 log = structlog.get_logger(__name__)
 
@@ -111,13 +113,12 @@ def shares_healthy_lease(lease: Lease) -> bool:
     )
 
 
-async def block_delegated(lease: Lease, *, unmap: bool) -> None:
-    """Detach every device of the lease through the daemon's fds; with ``unmap``, also
-    empty every IOAS of its iommufd (the VMM's pages are unpinned).
+def detach_delegated(lease: Lease) -> None:
+    """Detach every device of the lease through the daemon's fds: DMA blocked at once.
 
-    Idempotent and worth repeating: the VMM holds the bound file and may re-attach or
-    re-map in between (session end blocks every lease, then releases each)."""
-    assert lease.delegated is not None
+    Idempotent and worth repeating: the VMM holds the bound file and may re-attach in
+    between. EINVAL: the VMM never bound the device (vfio_main.c: no access granted
+    before a bind), so there is nothing to block yet."""
     for ld in lease.devices:
         if ld.device.closed:
             continue
@@ -125,19 +126,29 @@ async def block_delegated(lease: Lease, *, unmap: bool) -> None:
             ld.device.detach_ioas()
             log.info("device.detached", bdf=ld.bdf, lease_id=lease.lease_id)
         except KernelError as exc:
-            # EINVAL: the VMM never bound this device (vfio_main.c: no access granted)
             log.info("device.detach_skipped", bdf=ld.bdf, errno=exc.errno)
         ld.attached = False
+
+
+async def unmap_delegated(lease: Lease, ids: int = UNMAP_SCAN_IDS) -> None:
+    """Empty every IOAS of the lease's iommufd (the VMM's pages are unpinned)."""
+    assert lease.delegated is not None
+    unmapped = await aio.call("IOMMU_IOAS_UNMAP", unmap_every_ioas, lease.delegated.ictx, ids)
+    log.info(
+        "iommufd.unmapped",
+        iommufd_id=lease.delegated.iommufd_id,
+        lease_id=lease.lease_id,
+        ioas=sorted(unmapped),
+        bytes=sum(unmapped.values()),
+    )
+
+
+async def block_delegated(lease: Lease, *, unmap: bool, ids: int = UNMAP_SCAN_IDS) -> None:
+    """:func:`detach_delegated`; with ``unmap``, also :func:`unmap_delegated`."""
+    assert lease.delegated is not None
+    detach_delegated(lease)
     if unmap:
-        ictx = lease.delegated.ictx
-        unmapped = await aio.call("IOMMU_IOAS_UNMAP", unmap_every_ioas, ictx)
-        log.info(
-            "iommufd.unmapped",
-            iommufd_id=lease.delegated.iommufd_id,
-            lease_id=lease.lease_id,
-            ioas=sorted(unmapped),
-            bytes=sum(unmapped.values()),
-        )
+        await unmap_delegated(lease, ids)
 
 
 def unmap_every_ioas(ictx: IommuFd, ids: int = UNMAP_SCAN_IDS) -> dict[int, int]:
@@ -156,6 +167,91 @@ def unmap_every_ioas(ictx: IommuFd, ids: int = UNMAP_SCAN_IDS) -> dict[int, int]
             if exc.errno != errno.ENOENT:
                 log.warning("iommufd.unmap_failed", object_id=object_id, errno=exc.errno)
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class Pinned:
+    """What the processes holding one delegated iommufd have pinned (VmPin)."""
+
+    bytes: int | None  # None: unknown (the scan failed)
+    pids: tuple[int, ...] = ()
+
+
+def mappers_of(
+    delegated: DelegatedIommufd,
+    scan: Scan,
+    ictx_key: FileKey,
+    device_keys: frozenset[FileKey],
+    peer_tree: frozenset[int],
+) -> list[ProcessHolder]:
+    """The processes that can have pinned memory through ``delegated`` (pure).
+
+    IOMMU_IOAS_MAP pins the CALLER's pages (iommufd/pages.c: source_mm = current->mm),
+    so that is whoever holds the iommufd file: the VMM, not necessarily the daemon's
+    peer (a launcher). Matched by node (iommud.kernel.procs), every /dev/iommu file looks
+    alike, so a holder counts only if it also holds one of this iommufd's device files
+    or is the peer or one of its descendants (``peer_tree``).
+    """
+    return [
+        h
+        for h in scan.holders
+        if ictx_key in h.keys and (h.keys & device_keys or h.pid in peer_tree)
+    ]
+
+
+async def pinned_bytes(processes: Processes, sessions: Iterable[Session]) -> dict[int, Pinned]:
+    """``id(DelegatedIommufd)`` -> its mappers' pinned bytes, for every delegated
+    iommufd of ``sessions``: one scan of /proc on the work pool."""
+    wanted: list[tuple[DelegatedIommufd, FileKey, frozenset[FileKey], int]] = []
+    for session in sessions:
+        for d in session.delegated.values():
+            if d.ictx.closed:
+                continue
+            devs = frozenset(
+                processes.file_key(ld.device.fileno())
+                for lid in d.leases
+                if (lease := session.leases.get(lid)) is not None
+                for ld in lease.devices
+                if not ld.device.closed
+            )
+            wanted.append((d, processes.file_key(d.ictx.fileno()), devs, session.identity.pid))
+    if not wanted:
+        return {}
+    keys = frozenset(k for _, ik, dk, _ in wanted for k in (ik, *dk))
+
+    def work() -> tuple[Scan, dict[int, int]]:
+        return processes.scan(keys, vm_pin=True), processes.parents()
+
+    try:
+        scan, parents = await aio.call("holder_scan", work)
+    except KernelError as exc:
+        log.warning("status.pinned_unreadable", op=exc.op, errno=exc.errno)
+        return {id(d): Pinned(None) for d, *_ in wanted}
+    try:
+        out: dict[int, Pinned] = {}
+        for d, ictx_key, devs, peer in wanted:
+            found = mappers_of(d, scan, ictx_key, devs, descendants(parents, peer))
+            pins = [h.vm_pin for h in found]
+            total = None if any(p is None for p in pins) else sum(p or 0 for p in pins)
+            out[id(d)] = Pinned(total, tuple(sorted(h.pid for h in found)))
+        return out
+    finally:
+        scan.close()
+
+
+def descendants(parents: dict[int, int], root: int) -> frozenset[int]:
+    """``root`` and every process below it in the ``parents`` (pid -> ppid) tree."""
+    children: dict[int, list[int]] = {}
+    for pid, ppid in parents.items():
+        children.setdefault(ppid, []).append(pid)
+    out = {root}
+    todo = [root]
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            if child not in out:
+                out.add(child)
+                todo.append(child)
+    return frozenset(out)
 
 
 def forget(lease: Lease) -> None:

@@ -27,6 +27,7 @@ from iommud.broker.claim import ClaimManager, close_request_fd
 from iommud.broker.drivers import VFIO_PCI
 from iommud.broker.freeze import freeze
 from iommud.broker.journal import JournalEntry
+from iommud.broker.revocation import Revoker
 from iommud.broker.sessions import quietly
 from iommud.broker.state import BrokerState, GroupHold, Lease, LeasedDevice, LeaseState
 from iommud.errors import KernelError
@@ -36,6 +37,8 @@ from iommud.kernel import aio
 from iommud.kernel.eventfd import drain_eventfd, open_eventfd
 from iommud.kernel.uapi import VFIO_PCI_REQ_IRQ_INDEX
 from iommud.protocol import messages as m
+from iommud.protocol.v2 import ClaimMode
+from iommud.watch.source import HostAction, HostEvent
 
 log = structlog.get_logger(__name__)
 
@@ -45,8 +48,9 @@ DEVICE_REQUESTED: Final = "device removal requested by the kernel"
 class Enforcer:
     """Host changes on owned groups, revoke, and the kernel's device requests."""
 
-    def __init__(self, state: BrokerState, claims: ClaimManager) -> None:
+    def __init__(self, state: BrokerState, claims: ClaimManager, revoker: Revoker) -> None:
         self._state = state
+        self._revoker = revoker
         self._config = state.config
         self._view = state.view
         self._claims = claims
@@ -56,18 +60,25 @@ class Enforcer:
         self._holds = state.holds
 
     # ------------------------------------------------------------------ host changes
-    async def on_host_change(self, group_id: int, snapshot: HostSnapshot | None = None) -> None:
+    async def on_host_change(
+        self,
+        group_id: int,
+        snapshot: HostSnapshot | None = None,
+        events: tuple[HostEvent, ...] = (),
+    ) -> None:
         """A uevent touched one group: take its fresh view, enforce on owned groups.
 
         ``snapshot`` is the udev watcher's view, which already holds this group as just
         re-read (so the group is not read twice per event); without it the group is read
-        here.
+        here. ``events``: what happened; a VFIO cdev's removal (a hot-unplug or unbind
+        of a device vfio-pci holds) revokes a delegated lease of that device.
         """
         await self._view.refresh_group(group_id, snapshot)
         if group_id in self._holds:
-            await asyncio.shield(self._enforce(group_id))
+            unplugged = {e.bdf for e in events if e.action is HostAction.CDEV_REMOVE}
+            await asyncio.shield(self._enforce(group_id, unplugged))
 
-    async def _enforce(self, group_id: int) -> None:
+    async def _enforce(self, group_id: int, unplugged: frozenset[str] | set[str]) -> None:
         revoke: str | None = None
         gone = False
         async with self._claims.held():
@@ -83,6 +94,15 @@ class Enforcer:
             await self._track_members(hold, members)
             if gone:
                 revoke = f"IOMMU group {group_id} disappeared"
+            elif any(
+                ld.bdf in unplugged
+                for le in hold.leases.values()
+                if le.is_delegated
+                for ld in le.devices
+            ):
+                # The kernel is removing a device the VMM holds: vfio_unregister_group_dev
+                # waits for every file of it, and QEMU's REQ eventfd replaced ours.
+                revoke = DEVICE_REQUESTED
             else:
                 v = group_viability(snap, group_id, self._config.dma_safe_drivers)
                 if not v.is_viable:
@@ -155,18 +175,20 @@ class Enforcer:
         revoked: list[int] = []
         for lease in self._claims.active_leases(group_id):
             session = lease.session
+            if lease.is_delegated:
+                # detach, clamp, unmap, lease_revoked with grace_s, then enforcement
+                await self._revoker.revoke_locked(lease, reason)
+                revoked.append(lease.lease_id)
+                continue
             await self._claims.block_dma(lease, drop_shared_container=False)
-            if lease.ioas is None:
-                # delegated: block_dma detached the devices through the daemon's fds and
-                # emptied the VMM's IOASes unless a healthy lease shares its iommufd
-                targets = []
-            elif lease.backend is ClaimPath.IOMMUFD:
+            if lease.backend is ClaimPath.IOMMUFD:
                 # The client's copy of the device fd stays bound to the session's
                 # iommufd and can be re-attached to any IOAS there: empty them all
                 # and keep them empty until the device is gone (iommud.broker.freeze).
                 freeze(session, lease, reason)
                 targets = [i for i in session.ioases.values() if i.backend is ClaimPath.IOMMUFD]
             else:
+                assert lease.ioas is not None
                 targets = [lease.ioas]
             for ioas in targets:
                 try:
@@ -187,6 +209,8 @@ class Enforcer:
                 lease_id=lease.lease_id,
                 group_id=group_id,
                 reason=reason,
+                mode=ClaimMode.BROKERED,
+                grace_s=None,
             )
             log.warning(
                 "group.revoked",

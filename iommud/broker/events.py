@@ -3,8 +3,8 @@
 ``EventHub`` builds every event the daemon sends as a typed protocol message (``seq``,
 ``ts`` stamped here): the host's (``host_events``: driver_bound, driver_unbound,
 device_added, device_removed, viability_changed from a ``HostChange``) and the broker's
-(``make``: lease_revoked, bind_refused). ``publish`` queues an event for every session;
-what a client receives is decided by its connection (iommud.protocol.connection
+(``make``: lease_revoked, lease_enforced, bind_refused). ``publish`` queues an event
+for every session; what a client receives is decided by its connection (iommud.protocol.connection
 ``ServerConnection``: the subscription is connection state), with one exception coded
 once, here: ``lease_revoked`` for a session's own lease is queued marked ``for_holder``
 and reaches it, subscribed or not.
@@ -30,6 +30,7 @@ import structlog
 from iommud.broker.hostview import HostChange
 from iommud.pci import BDF_RE
 from iommud.protocol import messages as m
+from iommud.protocol.v2 import EVENT_TYPES_V2
 from iommud.watch.source import HostAction
 
 log = structlog.get_logger(__name__)
@@ -90,7 +91,9 @@ class EventHub:
         self._wall_clock = wall_clock
 
     def make(self, name: m.EventName, **fields: Any) -> m.Event:
-        return m.EVENT_TYPES[name](ts=self._wall_clock(), seq=next(self._seq), **fields)
+        """The event in its richest (v2) form; a v1 connection downgrades it
+        (iommud.protocol.v2 ``downgrade_event``)."""
+        return EVENT_TYPES_V2[name](ts=self._wall_clock(), seq=next(self._seq), **fields)
 
     def host_events(self, change: HostChange) -> list[m.Event]:
         """The protocol events one host change implies, in order.

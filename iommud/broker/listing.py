@@ -2,7 +2,8 @@
 
 Builds the wire replies from the host view, the owned groups and the sessions. Changes
 no state but the view's snapshot (a listing re-reads the host so it never starts from a
-stale tree); never touches the kernel layer. Lists come in pages that fit in one
+stale tree); never touches the kernel layer itself (v2's status reads the delegated VMMs'
+pinned bytes through iommud.broker.delegation). Lists come in pages that fit in one
 datagram (``iommud.broker.paging``): devices sorted by bdf, groups by id.
 
 A page costs O(page), not O(list): the sorted keys are computed once per snapshot (a
@@ -12,16 +13,23 @@ built only when ``fill_page`` measures it (``_Lazy``).
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Callable, Sequence
-from typing import Generic, TypeVar, overload
+from typing import Final, Generic, TypeVar, overload
 
 from iommud import __version__
+from iommud.broker import delegation
 from iommud.broker.paging import fill_page
 from iommud.broker.state import BrokerState, Lease
 from iommud.host.snapshot import HostSnapshot
 from iommud.host.viability import group_viability, whole_group_path
 from iommud.policy import Identity, may_see_holder
 from iommud.protocol import messages as m
+from iommud.protocol.v2 import ClaimMode, LeaseInfoV2, LeaseStatus, StatusReplyV2, StatusV2
+
+PINNED_TTL: Final = 1.0
+"""Seconds a v2 status reuses the last reading of the VMMs' pinned bytes."""
 
 K = TypeVar("K")
 E = TypeVar("E")
@@ -55,6 +63,12 @@ class Listing:
         self._view = state.view
         self._holds = state.holds
         self._sessions = state.sessions
+        self._processes = state.kernel.processes
+        # v2 status walks /proc for the VMMs' pinned bytes: at most one walk per
+        # PINNED_TTL, shared by concurrent requests (a status loop cannot load the
+        # work pool that pins run on).
+        self._pinned: tuple[float, dict[int, delegation.Pinned]] | None = None
+        self._pinned_lock = asyncio.Lock()
         # (snapshot, its bdfs sorted, its group ids sorted), for the snapshot last listed
         self._order: tuple[HostSnapshot, list[str], list[int]] | None = None
 
@@ -136,18 +150,49 @@ class Listing:
             for le in s.leases.values()
         ]
 
-    def status(
-        self, rid: int, viewer: Identity, *, event_source: str | None, uptime_s: float
-    ) -> m.StatusReply:
-        """``leases`` lists only those ``viewer`` may see (its uid's; uid 0: all)."""
-        return m.StatusReply(
-            id=rid,
+    async def status(
+        self,
+        request: m.Status,
+        viewer: Identity,
+        *,
+        event_source: str | None,
+        uptime_s: float,
+    ) -> m.StatusReply | StatusReplyV2:
+        """v1's reply, byte for byte as before; v2's (``StatusV2``) adds per lease its
+        mode, state, enforcement time and its VMM's pinned bytes. ``leases`` lists only
+        those ``viewer`` may see (its uid's; uid 0: all)."""
+        leases = self.visible_leases(viewer)
+        if not isinstance(request, StatusV2):
+            return m.StatusReply(
+                id=request.id,
+                version=__version__,
+                event_source=event_source,
+                clients=len(self._sessions),
+                leases=tuple(lease_info(le) for le in leases),
+                uptime_s=max(0.0, uptime_s),
+            )
+        pinned = await self._pinned_now()
+        return StatusReplyV2(
+            id=request.id,
             version=__version__,
             event_source=event_source,
             clients=len(self._sessions),
-            leases=tuple(lease_info(le) for le in self.visible_leases(viewer)),
+            leases=tuple(lease_info_v2(le, pinned) for le in leases),
             uptime_s=max(0.0, uptime_s),
         )
+
+    async def _pinned_now(self) -> dict[int, delegation.Pinned]:
+        async with self._pinned_lock:
+            now = time.monotonic()
+            live = {id(d) for s in self._sessions.values() for d in s.delegated.values()}
+            if (
+                self._pinned is None
+                or now - self._pinned[0] >= PINNED_TTL
+                or not live <= self._pinned[1].keys()  # a new iommufd since
+            ):
+                found = await delegation.pinned_bytes(self._processes, self._sessions.values())
+                self._pinned = (time.monotonic(), found)
+            return self._pinned[1]
 
 
 def owner(holder: Identity, viewer: Identity) -> m.Owner:
@@ -167,4 +212,19 @@ def lease_info(lease: Lease) -> m.LeaseInfo:
         backend=str(lease.backend),
         devices=tuple(d.bdf for d in lease.devices),
         ioas_id=0 if lease.ioas is None else lease.ioas.ioas_id,  # 0: delegated, none
+    )
+
+
+def lease_info_v2(lease: Lease, pinned: dict[int, delegation.Pinned]) -> LeaseInfoV2:
+    base = lease_info(lease)
+    d = lease.delegated
+    pins = None if d is None else pinned.get(id(d))
+    return LeaseInfoV2(
+        **base.model_dump(),
+        mode=ClaimMode.BROKERED if d is None else ClaimMode.DELEGATED,
+        state=LeaseStatus(lease.state.value),
+        iommufd_id=None if d is None else d.iommufd_id,
+        enforce_at=lease.enforce_at,
+        pinned_bytes=None if pins is None else pins.bytes,
+        pinned_pids=() if pins is None else pins.pids,
     )

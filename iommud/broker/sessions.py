@@ -4,9 +4,10 @@ Opens a session (its quota, its event sink, a watch on the peer's pidfd) and tea
 down on disconnect, on the peer exiting (the pidfd turns readable even if the socket
 lingers) or at daemon stop. Teardown always blocks DMA first (unmap every IOAS, detach
 every device), then releases the leases (reset, close the daemon's fds, start the driver
-restores), then frees the IOASes and the session's /dev/iommu. It holds the session's
-lock and the claim lock, is shielded from cancellation, and keeps going past one failed
-step (logged). It waits for the driver restores only outside the locks, and bounded.
+restores; a delegated lease's remaining holders are killed first,
+iommud.broker.revocation), then frees the IOASes and the session's /dev/iommu. It holds
+the session's lock and the claim lock, is shielded from cancellation, and keeps going
+past one failed step (logged). It waits for the driver restores only outside the locks, and bounded.
 
 Decides nothing about ownership beyond giving it up; never touches sockets.
 """
@@ -22,6 +23,7 @@ import structlog
 
 from iommud.broker.claim import ClaimManager
 from iommud.broker.events import EventSink
+from iommud.broker.revocation import Revoker
 from iommud.broker.state import BrokerState, Session
 from iommud.errors import KernelError
 from iommud.fds import OwnedFd
@@ -41,10 +43,11 @@ async def quietly(what: str, coro: Coroutine[Any, Any, object]) -> None:
 class SessionManager:
     """Opens sessions and tears them down (see the module docstring)."""
 
-    def __init__(self, state: BrokerState, claims: ClaimManager) -> None:
+    def __init__(self, state: BrokerState, claims: ClaimManager, revoker: Revoker) -> None:
         self._state = state
         self._config = state.config
         self._claims = claims
+        self._revoker = revoker
         self._ioas = state.ioas
         self._ids = itertools.count(1)
 
@@ -123,11 +126,16 @@ class SessionManager:
                     await quietly(
                         "lease.block_dma", self._claims.block_dma(lease, drop_shared_container=True)
                     )
-                # 2. Reset and close devices, restore drivers (per lease).
+                # 2. Reset and close devices, restore drivers (per lease). A delegated
+                # lease's devices may still be held by its VMM (the launcher died,
+                # QEMU lives): nobody is left to tell, so they are enforced at once.
                 for lease in list(session.leases.values()):
-                    await quietly(
-                        "lease.release", self._claims.release_lease(lease, why="disconnect")
-                    )
+                    if lease.is_delegated:
+                        await quietly("lease.enforce", self._revoker.end_locked(lease))
+                    else:
+                        await quietly(
+                            "lease.release", self._claims.release_lease(lease, why="disconnect")
+                        )
                 # 3. Free the IOASes and the session's /dev/iommu.
                 for ioas in list(session.ioases.values()):
                     await quietly("ioas.destroy", self._ioas.destroy(session, ioas, force=True))

@@ -157,7 +157,8 @@ class DelegatedIommufd:
 
 class LeaseState(enum.Enum):
     ACTIVE = "active"
-    REVOKED = "revoked"
+    REVOKED = "revoked"  # DMA blocked, the holder told; delegated: a grace period runs
+    ENFORCING = "enforcing"  # delegated: holders killed, or they survived (stuck)
 
 
 @dataclass(eq=False)
@@ -171,6 +172,11 @@ class Lease:
     state: LeaseState = LeaseState.ACTIVE
     revoke_reason: str | None = None
     delegated: DelegatedIommufd | None = None  # set for a delegated lease (protocol v2)
+    # A revoked delegated lease: when (unix time) the daemon kills whoever still holds
+    # its device files, and the event that brings that moment forward (session end,
+    # daemon stop). See iommud.broker.revocation.
+    enforce_at: float | None = None
+    hurry: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def is_delegated(self) -> bool:
@@ -258,6 +264,7 @@ class BrokerState:
     sessions: dict[int, Session] = field(default_factory=dict)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     guard: BindGuard | None = None
+    stopping: bool = False  # the daemon is stopping: sessions end, but no VMM is killed
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run ``coro`` as a task the broker owns (awaited at close)."""

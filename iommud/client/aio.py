@@ -33,7 +33,7 @@ from iommud.protocol import messages as m
 from iommud.protocol.connection import ClientConnection
 from iommud.protocol.exceptions import ProtocolError
 from iommud.protocol.limits import MAX_DATAGRAM, MAX_FDS, PROTOCOL_VERSION
-from iommud.protocol.v2 import AnyServerMessage
+from iommud.protocol.v2 import AnyServerMessage, StatusReplyV2
 from iommud.transport import DEFAULT_SOCKET, recv_datagram, send_datagram
 
 T = TypeVar("T")
@@ -158,7 +158,7 @@ class AsyncClient:
     async def ping(self) -> None:
         await self._limited(calls.ping)
 
-    async def status(self) -> m.StatusReply:
+    async def status(self) -> m.StatusReply | StatusReplyV2:
         return await self._limited(calls.status)
 
     async def _read_all(self, pager: calls.Pager[P, E, K]) -> tuple[E, ...]:

@@ -17,7 +17,7 @@ from iommud.fds import FdSet, OwnedFd
 from iommud.protocol import messages as m
 from iommud.protocol.connection import ClientConnection
 from iommud.protocol.limits import PROTOCOL_VERSION
-from iommud.protocol.v2 import AnyServerMessage, ClaimMode, ClaimReplyV2, ClaimV2
+from iommud.protocol.v2 import AnyServerMessage, ClaimMode, ClaimReplyV2, ClaimV2, StatusReplyV2
 
 T = TypeVar("T")
 L = TypeVar("L", "ClaimResult", "DelegatedClaim")
@@ -206,8 +206,11 @@ def ping(conn: ClientConnection) -> Call[None]:
     return _make(conn, conn.build(m.Ping), [], _none(m.PingReply))
 
 
-def status(conn: ClientConnection) -> Call[m.StatusReply]:
-    return _make(conn, conn.build(m.Status), [], lambda r, _f: _expect(r, m.StatusReply))
+def status(conn: ClientConnection) -> Call[m.StatusReply | StatusReplyV2]:
+    """v1's reply, or on a version 2 connection v2's (leases with mode, state, pinned
+    bytes)."""
+    cls = StatusReplyV2 if conn.version == 2 else m.StatusReply
+    return _make(conn, conn.build(m.Status), [], lambda r, _f: _expect(r, cls))
 
 
 def list_devices_page(

@@ -32,7 +32,7 @@ from iommud.protocol import messages as m
 from iommud.protocol.connection import ClientConnection
 from iommud.protocol.exceptions import ProtocolError
 from iommud.protocol.limits import MAX_DATAGRAM, MAX_FDS, PROTOCOL_VERSION
-from iommud.protocol.v2 import AnyServerMessage
+from iommud.protocol.v2 import AnyServerMessage, StatusReplyV2
 from iommud.transport import DEFAULT_SOCKET, recv_datagram_nowait, send_datagram_blocking
 
 T = TypeVar("T")
@@ -144,7 +144,7 @@ class Client:
     def ping(self) -> None:
         self._call(calls.ping(self._conn))
 
-    def status(self) -> m.StatusReply:
+    def status(self) -> m.StatusReply | StatusReplyV2:
         return self._call(calls.status(self._conn))
 
     def _read_all(self, pager: calls.Pager[P, E, K]) -> tuple[E, ...]:

@@ -78,6 +78,9 @@ COSTS: Final[Mapping[str, Cost]] = {
     "read_group": Cost.BLOCKING,
     "journal_read": Cost.BLOCKING,
     "journal_write": Cost.BLOCKING,
+    # a walk of every process's fd tables and maps (iommud.kernel.procs), and waiting
+    # for a killed process's files to close
+    "holder_scan": Cost.BLOCKING,
     # sysfs driver writes (iommud.kernel.sysfs_bind): may block indefinitely
     "driver_override": Cost.SYSFS,
     "rebind": Cost.SYSFS,

@@ -12,7 +12,8 @@ No policy lives here: no quotas, no viability, no decisions.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Protocol
 
 
@@ -153,6 +154,15 @@ class VfioDevice(FdObject, Protocol):
         the user to release the device (it is being removed)."""
         ...
 
+    def trigger_irq(self, index: int) -> None:
+        """VFIO_DEVICE_SET_IRQS with DATA_NONE | ACTION_TRIGGER: signal irq ``index``'s
+        current trigger, whoever registered it (vfio_pci_intrs.c
+        vfio_pci_set_ctx_trigger_single, "loopback"). For the REQ index of a delegated
+        device that is QEMU's own eventfd: it then unplugs the device as for a host
+        removal (hw/vfio/pci.c vfio_req_notifier_handler). EINVAL when no trigger is set
+        or the file was never bound."""
+        ...
+
     def dup_fd(self) -> int:
         """A new fd (dup) for handing to a client; the caller owns it."""
         ...
@@ -194,8 +204,78 @@ class DriverBinder(Protocol):
     def current_driver(self, bdf: str) -> str | None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class FileKey:
+    """How /proc names one file (iommud.kernel.procs): fdinfo's ``mnt_id`` and
+    ``ino``, and the ``dev`` /proc/P/maps prints for a mapping of it."""
+
+    mnt_id: int
+    dev: int
+    ino: int
+
+
+class ProcessHolder(Protocol):
+    """A live process found holding some of the scanned files; owns a pidfd of it."""
+
+    pid: int
+    uid: int
+    ppid: int
+    comm: str
+    keys: frozenset[FileKey]
+    vm_pin: int | None  # bytes pinned (VmPin), when the scan was asked for it
+
+    def pidfd(self) -> int:
+        """The pidfd (readable once the process has exited: wait on it)."""
+        ...
+
+    def is_alive(self) -> bool: ...
+    def kill(self) -> None:
+        """SIGKILL through the pidfd; a process already gone is not an error."""
+        ...
+
+    def clamp_memlock(self) -> None:
+        """RLIMIT_MEMLOCK 0:0 for the process (no new pins under per-process mode)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class Scan:
+    """One pass over the process table: holders (the caller closes each) and pids
+    whose tables could not be read (no CAP_SYS_PTRACE)."""
+
+    holders: list[ProcessHolder] = field(default_factory=list)
+    unreadable: list[int] = field(default_factory=list)
+
+    def close(self) -> None:
+        for h in self.holders:
+            h.close()
+
+
+class Processes(Protocol):
+    """Finding and stopping the processes that hold files the daemon handed out."""
+
+    def file_key(self, fd: int) -> FileKey:
+        """The key of the daemon's own fd ``fd``."""
+        ...
+
+    def scan(
+        self, wanted: frozenset[FileKey], *, exclude: Iterable[int] = (), vm_pin: bool = False
+    ) -> Scan:
+        """Every live process but the daemon and ``exclude`` holding any of ``wanted``."""
+        ...
+
+    def parents(self) -> dict[int, int]:
+        """pid -> parent pid of every process."""
+        ...
+
+
 class Kernel(Protocol):
     """Factory for kernel objects; the broker holds exactly one."""
+
+    @property
+    def processes(self) -> Processes: ...
 
     def open_iommufd(self) -> IommuFd: ...
     def open_cdev(self, cdev_name: str) -> VfioDevice:

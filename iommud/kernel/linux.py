@@ -44,6 +44,7 @@ from iommud.kernel.interface import (
     VfioGroup,
 )
 from iommud.kernel.libc import check, libc, map_oserror
+from iommud.kernel.procs import ProcessTable
 from iommud.kernel.sysfs_bind import SysfsBinder, check_bdf
 
 _CDEV_RE = re.compile(r"vfio[0-9]{1,9}")
@@ -367,6 +368,16 @@ class LinuxVfioDevice(_FdOwner):
         )
         self._ioctl("VFIO_DEVICE_SET_IRQS", uapi.VFIO_DEVICE_SET_IRQS, cmd)
 
+    def trigger_irq(self, index: int) -> None:
+        # vfio.h VFIO_DEVICE_SET_IRQS: ACTION_TRIGGER | DATA_NONE, start 0, count 1.
+        cmd = uapi.vfio_irq_set.new(
+            flags=uapi.VFIO_IRQ_SET_DATA_NONE | uapi.VFIO_IRQ_SET_ACTION_TRIGGER,
+            index=index,
+            start=0,
+            count=1,
+        )
+        self._ioctl("VFIO_DEVICE_SET_IRQS", uapi.VFIO_DEVICE_SET_IRQS, cmd)
+
 
 class LinuxVfioContainer(_FdOwner):
     """The legacy /dev/vfio/vfio container (iommud.kernel.interface.VfioContainer)."""
@@ -446,6 +457,7 @@ class LinuxKernel:
     ) -> None:
         self._dev = Path(dev_root)
         self._binder = SysfsBinder(sys_root)
+        self._processes = ProcessTable()
 
     def open_iommufd(self) -> LinuxIommuFd:
         return LinuxIommuFd(_open(self._dev / "iommu", "open_iommufd"))
@@ -468,6 +480,10 @@ class LinuxKernel:
     @property
     def binder(self) -> SysfsBinder:
         return self._binder
+
+    @property
+    def processes(self) -> ProcessTable:
+        return self._processes
 
 
 if TYPE_CHECKING:  # never runs: lets mypy prove these classes implement the interface

@@ -30,8 +30,9 @@ from iommud.protocol.messages import (
     Message,
     Request,
     ServerMessage,
+    Subscribe,
 )
-from iommud.protocol.v2 import AnyServerMessage, RequestV2, ServerMessageV2
+from iommud.protocol.v2 import V2_ONLY_EVENTS, AnyServerMessage, RequestV2, ServerMessageV2
 
 _REQUEST: Final[Mapping[int, TypeAdapter[Request]]] = {
     1: TypeAdapter(Request),
@@ -122,7 +123,18 @@ def printable(value: JsonValue, max_text: int, depth: int = 0) -> JsonValue:
 
 def decode_request(data: bytes, nfds: int, version: int = 1) -> Request:
     """Decode a client datagram that arrived with ``nfds`` fds on a ``version`` connection."""
-    return _decode(_REQUEST[version], REQUEST_OPS, data, nfds)
+    request = _decode(_REQUEST[version], REQUEST_OPS, data, nfds)
+    if version == 1 and isinstance(request, Subscribe) and request.events is not None:
+        # one EventName enum serves both versions; v1's schema does not list these
+        late = sorted(V2_ONLY_EVENTS & set(request.events))
+        if late:
+            raise ProtocolError(
+                ErrorCode.BAD_REQUEST,
+                "events of protocol version 2 on a version 1 connection",
+                request_id=request.id,
+                details={"events": [str(e) for e in late]},
+            )
+    return request
 
 
 def decode_server(data: bytes, nfds: int, version: int = 1) -> AnyServerMessage:

@@ -53,7 +53,14 @@ from iommud.protocol.messages import (
     Subscribe,
     SubscribeReply,
 )
-from iommud.protocol.v2 import REPLY_TYPES_V2, REQUEST_TYPES_V2, AnyServerMessage, ReplyV2
+from iommud.protocol.v2 import (
+    REPLY_TYPES_V2,
+    REQUEST_TYPES_V2,
+    AnyServerMessage,
+    LeaseEnforced,
+    ReplyV2,
+    downgrade_event,
+)
 
 _REQUESTS: Final[Mapping[int, Mapping[str, type[RequestBase]]]] = {
     1: REQUEST_TYPES,
@@ -243,18 +250,25 @@ class ServerConnection:
     def send_event(self, event: Event, *, for_holder: bool = False) -> tuple[bytes, int] | None:
         """Encode ``event`` if this client should get it, else return None.
 
-        ``for_holder`` says the event is the lease_revoked of a lease this client holds:
-        a lease holder always hears that its lease was revoked, subscribed or not, so it
-        passes the subscription (not the handshake). The flag never goes on the wire.
+        ``for_holder`` says the event is the lease_revoked (or v2's lease_enforced) of a
+        lease this client holds: a lease holder always hears that its lease was revoked,
+        subscribed or not, so it passes the subscription (not the handshake). The flag
+        never goes on the wire. A version 1 connection gets v1's form of the event, and
+        nothing of an event v1 does not have (``v2.downgrade_event``).
         """
         self._check_open()
         if self.state is not State.READY:
             return None
         if for_holder:
-            if not isinstance(event, LeaseRevoked):
+            if not isinstance(event, LeaseRevoked | LeaseEnforced):
                 raise LocalProtocolError("only lease_revoked may bypass the subscription")
         elif not self.wants_event(event):
             return None
+        if self.version == 1:
+            downgraded = downgrade_event(event)
+            if downgraded is None:
+                return None
+            event = downgraded
         return encode(event)
 
     def close(self) -> None:

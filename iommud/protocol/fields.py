@@ -75,6 +75,7 @@ class EventName(enum.StrEnum):
     VIABILITY_CHANGED = "viability_changed"
     LEASE_REVOKED = "lease_revoked"
     BIND_REFUSED = "bind_refused"
+    LEASE_ENFORCED = "lease_enforced"  # protocol v2 only (iommud.protocol.v2)
 
 
 def _require_wire_fields(schema: dict[str, Any]) -> None:

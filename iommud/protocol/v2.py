@@ -1,38 +1,61 @@
 """Protocol version 2: v1 plus delegated claims (protocol/PROTOCOL.md, "Version 2").
 
-A v2 connection (``hello.version == 2``) speaks every v1 message unchanged except
-``claim`` and ``claim_reply``, which gain a ``mode``:
+A v2 connection (``hello.version == 2``) speaks every v1 message unchanged except:
 
 - ``ClaimV2``: ``mode`` ("brokered", the default, is v1's claim) and ``iommufd_id``
   (join a delegated iommufd this session already holds);
 - ``ClaimReplyV2``: ``mode``, ``iommufd_id`` and ``iommufd_fd_index``. A delegated
   reply carries the fresh /dev/iommu fd (only when the claim created it) and one UNBOUND
   VFIO cdev fd per device; its ``ioas_id`` and every ``devid`` are null, because the
-  VMM binds and allocates its own IOAS.
+  VMM binds and allocates its own IOAS;
+- ``StatusV2`` / ``StatusReplyV2``: each lease (``LeaseInfoV2``) also says its
+  ``mode``, ``state``, when it will be enforced and, for a delegated lease, the bytes
+  pinned by the processes that hold its iommufd (VmPin) and their pids;
+- events: ``lease_revoked`` (``LeaseRevokedV2``) gains ``mode`` and ``grace_s`` (the
+  seconds the holder has to let go before the daemon kills whoever still holds a
+  delegated device); the new ``lease_enforced`` (``LeaseEnforced``) says what the
+  enforcement did. ``downgrade_event`` turns the daemon's events into what a v1
+  connection may see (v1's ``lease_revoked``, nothing for ``lease_enforced``).
 
-``Request`` and ``ServerMessage`` here are v1's unions with those two swapped in; the
-codec picks the union by the connection's version, so a v1 connection refuses ``mode``
-and ``iommufd_id`` exactly like any unknown key. Pure data, like ``messages``.
+``Request`` and ``ServerMessage`` here are v1's unions with those swapped in; the codec
+picks the union by the connection's version, so a v1 connection refuses ``mode`` and
+``iommufd_id`` exactly like any unknown key. Pure data, like ``messages``.
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping
 from typing import Annotated, Any, Final, Literal
 
 from annotated_types import Ge, Le, MaxLen, MinLen
 from pydantic import Field, Strict, model_validator
 
-from iommud.protocol.events import AnyEvent
+from iommud.protocol.events import (
+    BindRefused,
+    DeviceAdded,
+    DeviceRemoved,
+    DriverBound,
+    DriverUnbound,
+    Event,
+    LeaseRevoked,
+    ViabilityChanged,
+)
 from iommud.protocol.fields import (
     U32,
+    U64,
     Backend,
     BackendKind,
     ClaimedDevice,
     ClaimMode,
+    EventName,
     FdIndex,
+    LeaseInfo,
+    Name,
     ReplyBase,
     RequestBase,
+    Seconds,
+    Struct,
 )
 from iommud.protocol.limits import MAX_FDS
 from iommud.protocol.messages import (
@@ -71,15 +94,27 @@ from iommud.protocol.messages import (
 )
 
 __all__ = [
+    "EVENT_TYPES_V2",
     "REPLY_TYPES_V2",
     "REQUEST_TYPES_V2",
+    "V2_ONLY_EVENTS",
+    "AnyEventV2",
     "AnyServerMessage",
     "ClaimMode",
     "ClaimReplyV2",
     "ClaimV2",
+    "EnforceOutcome",
+    "Holder",
+    "LeaseEnforced",
+    "LeaseInfoV2",
+    "LeaseRevokedV2",
+    "LeaseStatus",
     "ReplyV2",
     "RequestV2",
     "ServerMessageV2",
+    "StatusReplyV2",
+    "StatusV2",
+    "downgrade_event",
 ]
 
 
@@ -159,10 +194,118 @@ class ClaimReplyV2(ReplyBase):
         return self
 
 
+class LeaseStatus(enum.StrEnum):
+    """Where a lease is in its life (v2 ``status``)."""
+
+    ACTIVE = "active"
+    REVOKED = "revoked"  # DMA blocked, the holder was told; enforcement may follow
+    ENFORCING = "enforcing"  # the grace period is over: holders are being killed
+
+
+class EnforceOutcome(enum.StrEnum):
+    """How an enforcement ended (``lease_enforced.outcome``)."""
+
+    RETURNED = "returned"  # nobody holds the devices any more: reset, given back
+    STUCK = "stuck"  # holders survived every pass: the group stays owned, on vfio-pci
+
+
+class Holder(Struct):
+    """A process that held a delegated device file when the daemon enforced."""
+
+    pid: U32
+    uid: U32
+    comm: Name
+
+
+class StatusV2(Status):
+    """v2 ``status``: the same request; the reply is ``StatusReplyV2``."""
+
+
+class LeaseInfoV2(LeaseInfo):
+    """v1's lease fields plus its mode and state and, for a delegated lease, the
+    memory its VMM pinned.
+
+    ``enforce_at``: unix time at which the daemon kills whoever still holds the
+    lease's devices (null: no enforcement pending). ``pinned_bytes``: the sum of VmPin
+    of ``pinned_pids``, the processes holding the lease's iommufd (its VMM; not
+    necessarily the daemon's peer); null for a brokered lease or when it could not be
+    read. Leases sharing one iommufd report the same processes.
+    """
+
+    mode: ClaimMode
+    state: LeaseStatus
+    iommufd_id: U32 | None
+    enforce_at: Seconds | None
+    pinned_bytes: U64 | None
+    pinned_pids: tuple[U32, ...]
+
+
+class StatusReplyV2(StatusReply):
+    """v2 ``status_reply``: v1's fields, each lease a ``LeaseInfoV2``."""
+
+    leases: tuple[LeaseInfoV2, ...]
+
+
+class LeaseRevokedV2(LeaseRevoked):
+    """v2 ``lease_revoked``: v1's fields plus ``mode`` and ``grace_s``.
+
+    ``grace_s``: seconds from this event until the daemon kills every process that
+    still holds one of the lease's delegated device files (0: at once, e.g. the
+    holder's session ended); null when nothing will be enforced (a brokered lease).
+    """
+
+    mode: ClaimMode
+    grace_s: Seconds | None
+
+
+class LeaseEnforced(Event):
+    """v2 only: the grace period of a revoked delegated lease ran out (or its session
+    ended) and the daemon enforced: it killed ``killed`` (who held a device file) and
+    the devices were given back (``returned``) or are still held (``stuck``)."""
+
+    event: Literal[EventName.LEASE_ENFORCED] = EventName.LEASE_ENFORCED
+    lease_id: U32
+    group_id: U32
+    outcome: EnforceOutcome
+    killed: tuple[Holder, ...]
+
+
+AnyEventV2 = Annotated[
+    DriverBound
+    | DriverUnbound
+    | DeviceAdded
+    | DeviceRemoved
+    | ViabilityChanged
+    | LeaseRevokedV2
+    | BindRefused
+    | LeaseEnforced,
+    Field(discriminator="event"),
+]
+"""Every event a v2 server may send."""
+
+V2_ONLY_EVENTS: Final = frozenset({EventName.LEASE_ENFORCED})
+"""Event names a v1 connection never sees (nor may subscribe to)."""
+
+
+def downgrade_event(event: Event) -> Event | None:
+    """What a v1 connection sees of ``event``: v1's ``lease_revoked``, no v2-only event."""
+    if isinstance(event, LeaseRevokedV2):
+        return LeaseRevoked(
+            ts=event.ts,
+            seq=event.seq,
+            lease_id=event.lease_id,
+            group_id=event.group_id,
+            reason=event.reason,
+        )
+    if event.event in V2_ONLY_EVENTS:
+        return None
+    return event
+
+
 RequestV2 = Annotated[
     Hello
     | Ping
-    | Status
+    | StatusV2
     | ListDevices
     | ListGroups
     | ClaimV2
@@ -182,7 +325,7 @@ RequestV2 = Annotated[
 ReplyV2 = (
     HelloReply
     | PingReply
-    | StatusReply
+    | StatusReplyV2
     | ListDevicesReply
     | ListGroupsReply
     | ClaimReplyV2
@@ -198,10 +341,10 @@ ReplyV2 = (
 )
 """A successful v2 reply."""
 
-ServerMessageV2 = Annotated[ReplyV2 | ErrorReply | AnyEvent, Field(discriminator="op")]
+ServerMessageV2 = Annotated[ReplyV2 | ErrorReply | AnyEventV2, Field(discriminator="op")]
 """Everything a v2 server may send."""
 
-AnyServerMessage = ServerMessage | ClaimReplyV2
+AnyServerMessage = ServerMessage | ClaimReplyV2 | StatusReplyV2 | LeaseEnforced
 """What a server of either version may send (the static type of a decoded datagram)."""
 
 REQUEST_TYPES_V2: Final[Mapping[str, type[RequestBase]]] = {
@@ -213,3 +356,8 @@ REPLY_TYPES_V2: Final[Mapping[str, type[ReplyBase]]] = {
     cls.model_fields["op"].default.removesuffix("_reply"): cls for cls in _members(ReplyV2)
 }
 """Request op -> the class of its successful v2 reply."""
+
+EVENT_TYPES_V2: Final[Mapping[EventName, type[Event]]] = {
+    cls.model_fields["event"].default: cls for cls in _members(AnyEventV2)
+}
+"""Event name -> the class a v2 server sends (what the daemon builds)."""

@@ -53,6 +53,12 @@ class HostAction(enum.StrEnum):
     CHANGE = "change"
     BIND = "bind"
     UNBIND = "unbind"
+    # Not a PCI action: the device's VFIO cdev (class "vfio-dev", /dev/vfio/devices/vfioN)
+    # was removed. vfio-pci's remove (an unbind or a hot-unplug) does that FIRST
+    # (drivers/vfio/vfio_main.c vfio_unregister_group_dev -> vfio_device_del), then
+    # waits for every open file of the device. For a delegated device it is the
+    # daemon's only news: the REQ irq the kernel rings then is the VMM's own.
+    CDEV_REMOVE = "cdev_remove"
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,8 +86,11 @@ def translate_uevent(props: Mapping[str, str]) -> HostEvent | None:
     """A PCI uevent's properties -> ``HostEvent``; ``None`` for anything we ignore.
 
     Ignored: other subsystems, other actions (move, online, offline), and properties
-    that do not name a valid PCI address. Pure: no I/O.
+    that do not name a valid PCI address. A ``vfio-dev`` remove (DEVPATH
+    ``.../0000:00:10.0/vfio-dev/vfio0``) is ``CDEV_REMOVE`` of its PCI parent. Pure: no I/O.
     """
+    if props.get("SUBSYSTEM") == "vfio-dev":
+        return _cdev_event(props)
     if props.get("SUBSYSTEM") != "pci":
         return None
     try:
@@ -94,6 +103,18 @@ def translate_uevent(props: Mapping[str, str]) -> HostEvent | None:
         return None
     driver = props.get("DRIVER") or None
     return HostEvent(action=action, bdf=bdf, driver=driver, seqnum=parse_seqnum(props))
+
+
+def _cdev_event(props: Mapping[str, str]) -> HostEvent | None:
+    if props.get("ACTION") != "remove":
+        return None
+    parts = props.get("DEVPATH", "").rstrip("/").split("/")
+    if len(parts) < 3 or parts[-2] != "vfio-dev":
+        return None
+    bdf = parts[-3].lower()
+    if not BDF_RE.match(bdf):
+        return None
+    return HostEvent(action=HostAction.CDEV_REMOVE, bdf=bdf, seqnum=parse_seqnum(props))
 
 
 def parse_seqnum(props: Mapping[str, str]) -> int | None:
@@ -151,8 +172,9 @@ class MonitorLike(Protocol):
 def open_monitor(kind: SourceKind) -> MonitorLike:
     """A started, non-blocking pyudev netlink monitor for ``kind``.
 
-    On the udev source the kernel-side BPF filter keeps non-PCI events out of our
-    buffer; on the kernel source we take every uevent so the seqnum check works.
+    On the udev source the kernel-side BPF filter keeps all but PCI and vfio-dev (VFIO
+    cdev) events out of our buffer; on the kernel source we take every uevent so the
+    seqnum check works.
     """
     import pyudev
 
@@ -161,6 +183,7 @@ def open_monitor(kind: SourceKind) -> MonitorLike:
         monitor = pyudev.Monitor.from_netlink(context, source=kind)
         if kind == "udev":
             monitor.filter_by("pci")
+            monitor.filter_by("vfio-dev")
         try:
             monitor.set_receive_buffer_size(_RCVBUF_BYTES)
         except OSError as exc:  # EPERM without CAP_NET_ADMIN: keep the default size

@@ -113,7 +113,14 @@ class Daemon:
 
     def stop(self) -> None:
         if self.loop is not None and self.server is not None and self._thread.is_alive():
-            self.loop.call_soon_threadsafe(self.server.stop)
+            broker, server = self.broker, self.server
+
+            def stop() -> None:  # as the daemon's SIGTERM handler (iommud.app)
+                if broker is not None:
+                    broker.begin_stop()
+                server.stop()
+
+            self.loop.call_soon_threadsafe(stop)
         self._thread.join(10)
         assert not self._thread.is_alive()
 

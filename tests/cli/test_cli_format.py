@@ -17,6 +17,16 @@ from iommud.cli import (
 )
 from iommud.errors import BusyError, KernelError
 from iommud.protocol import messages as m
+from iommud.protocol.v2 import (
+    ClaimMode,
+    EnforceOutcome,
+    Holder,
+    LeaseEnforced,
+    LeaseInfoV2,
+    LeaseRevokedV2,
+    LeaseStatus,
+    StatusReplyV2,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -148,6 +158,28 @@ EVENT_CASES: list[tuple[m.Event, str]] = [
         "2026-11-24T21:50:01.123 lease_revoked lease 3 group 4: viability lost",
     ),
     (
+        ev(
+            LeaseRevokedV2,
+            lease_id=3,
+            group_id=4,
+            reason="maintenance",
+            mode=ClaimMode.DELEGATED,
+            grace_s=10.0,
+        ),
+        "2026-11-24T21:50:01.123 lease_revoked lease 3 group 4: maintenance (grace 10 s)",
+    ),
+    (
+        ev(
+            LeaseEnforced,
+            lease_id=3,
+            group_id=4,
+            outcome=EnforceOutcome.RETURNED,
+            killed=(Holder(pid=812, uid=1000, comm="qemu-system-x86"),),
+        ),
+        "2026-11-24T21:50:01.123 lease_enforced lease 3 group 4: returned killed "
+        "812(qemu-system-x86)",
+    ),
+    (
         ev(m.BindRefused, bdf="0000:01:03.0", driver="e1000", group_id=4, reason="EBUSY"),
         "2026-11-24T21:50:01.123 bind_refused 0000:01:03.0 e1000 group 4: EBUSY",
     ),
@@ -192,6 +224,52 @@ def test_format_status_with_leases() -> None:
         "",
         "LEASE  GROUP  UID   PID  BACKEND  IOAS  DEVICES",
         "5      4      1000  77   legacy   1     0000:01:01.0,0000:01:02.0",
+    ]
+
+
+def test_format_status_v2_shows_mode_state_and_pinned_bytes() -> None:
+    """A v2 status adds MODE, STATE and the VMM's VmPin (and who pinned it)."""
+    common = {"uid": 1000, "pid": 77, "backend": m.BackendKind.IOMMUFD}
+    st = StatusReplyV2(
+        id=1,
+        version="0.1.0",
+        event_source="udev",
+        clients=1,
+        leases=(
+            LeaseInfoV2(
+                lease_id=5,
+                group_id=3,
+                devices=("0000:00:10.0",),
+                ioas_id=0,
+                mode=ClaimMode.DELEGATED,
+                state=LeaseStatus.REVOKED,
+                iommufd_id=1,
+                enforce_at=TS,
+                pinned_bytes=65792 * 1024,
+                pinned_pids=(812,),
+                **common,
+            ),
+            LeaseInfoV2(
+                lease_id=6,
+                group_id=4,
+                devices=("0000:01:01.0",),
+                ioas_id=2,
+                mode=ClaimMode.BROKERED,
+                state=LeaseStatus.ACTIVE,
+                iommufd_id=None,
+                enforce_at=None,
+                pinned_bytes=None,
+                pinned_pids=(),
+                **common,
+            ),
+        ),
+        uptime_s=1.0,
+    )
+    assert format_status(st).splitlines()[-3:] == [
+        "LEASE  GROUP  UID   PID  BACKEND  IOAS  DEVICES       MODE       STATE    PINNED (VmPin)",
+        "5      3      1000  77   iommufd  0     0000:00:10.0  delegated  revoked  "
+        "65792 KiB by 812",
+        "6      4      1000  77   iommufd  2     0000:01:01.0  brokered   active   -",
     ]
 
 

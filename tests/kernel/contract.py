@@ -330,7 +330,8 @@ class KernelContract:
             ifd.destroy(ioas)
 
     def test_req_irq_eventfd_can_be_set_and_removed(self, rig: Rig) -> None:
-        """The REQ irq (vfio-pci asks for the device back) takes an eventfd; -1 removes it."""
+        """The REQ irq (vfio-pci asks for the device back) takes an eventfd; -1 removes it;
+        DATA_NONE rings whatever eventfd is registered (how the daemon asks QEMU to let go)."""
         cdev = rig.drivers.to_vfio(EDU0)
         efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         try:
@@ -338,10 +339,19 @@ class KernelContract:
                 _closing(rig.kernel.open_iommufd()) as ifd,
                 _closing(rig.kernel.open_cdev(cdev)) as dev,
             ):
+
+                def ring() -> None:
+                    dev.trigger_irq(VFIO_PCI_REQ_IRQ_INDEX)
+
+                expect(errno.EINVAL, ring)  # not bound yet
                 dev.bind_iommufd(ifd)
                 assert dev.get_info().num_irqs > VFIO_PCI_REQ_IRQ_INDEX
+                expect(errno.EINVAL, ring)  # no trigger registered
                 dev.set_irq_eventfd(VFIO_PCI_REQ_IRQ_INDEX, efd)
+                ring()  # DATA_NONE loopback: whoever registered the eventfd hears it
+                assert os.eventfd_read(efd) == 1
                 dev.set_irq_eventfd(VFIO_PCI_REQ_IRQ_INDEX, -1)
+                expect(errno.EINVAL, ring)
                 dev.set_irq_eventfd(VFIO_PCI_REQ_IRQ_INDEX, efd)  # left set at close
         finally:
             os.close(efd)

@@ -8,8 +8,12 @@ fresh /dev/iommu fd and the unbound cdev fd it received. QEMU binds, maps and pi
 guest RAM itself; an edu DMA driven by the test (through a copy of QEMU's own device fd,
 pidfd_getfd) lands in QEMU's guest RAM. Then ``release``: the daemon detaches through its
 copy and unmaps every IOAS of the iommufd, so the next DMA faults (DMAR) and QEMU's VmPin
-drops to 0 while QEMU runs on unaware; once QEMU is gone the device goes back to its
-boot driver (none). Timings go to the output (``delegated.*`` lines).
+drops to 0 while QEMU runs on unaware; QEMU still holds the device, so the release is
+refused (``revoked``, waiting for the holders to exit: the daemon keeps its copies and
+would kill QEMU after the grace period, 60 s here). Once QEMU is gone (the launcher
+quits it and ends its session) the device goes back to its boot driver (none). Timings
+go to the output (``delegated.*`` lines). The hostile variant (killed after the grace
+period) is tests/lab/test_delegated_revoke_vm.py.
 """
 
 from __future__ import annotations
@@ -129,7 +133,10 @@ class Launcher:
 
 @pytest.fixture(scope="module")
 def daemon() -> Iterator[Daemon]:
-    with running_daemon(lambda d: Daemon(d, DELEGATING), "iommud-dlg-") as d:
+    # The test holds a copy of QEMU's device fd after the refused release: far from the
+    # grace period's end, or the daemon would kill this very process with QEMU.
+    config = DELEGATING + "\n[delegation]\ngrace_s = 60.0\n"
+    with running_daemon(lambda d: Daemon(d, config), "iommud-dlg-") as d:
         yield d
 
 
@@ -176,7 +183,10 @@ def test_uid1000_qemu_gets_the_edu_from_the_daemon_and_loses_it_on_release(
             launcher.send("release")
             answer = launcher.read()
             release_s = time.monotonic() - t0
-            assert answer["reply"]["op"] == "release_reply", answer
+            refused = answer["reply"]
+            assert (refused["op"], refused["code"]) == ("error", "revoked"), answer
+            assert refused["details"]["waiting_for"] == "holders_exit"
+            assert launcher.qemu_pid in {h["pid"] for h in refused["details"]["holders"]}
             line = kmsg.expect_fault(
                 lambda: edu.dma_to_ram(GPA_BLOCKED, LENGTH),
                 lambda m: "DMAR" in m and "[00:10.0]" in m,

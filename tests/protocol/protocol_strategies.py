@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from pydantic import BaseModel, StringConstraints
 
 from iommud.protocol import messages as m
+from iommud.protocol.v2 import V2_ONLY_EVENTS
 
 MAX_LIST = 4  # keep generated containers small: the suite must stay fast
 
@@ -133,6 +134,13 @@ FIXUPS: dict[type[BaseModel], Callable[[dict[str, Any]], dict[str, Any]]] = {
         "last": max(d["start"], d["last"]),
     },
     m.Claim: lambda d: {**d, "devices": tuple(dict.fromkeys(d["devices"]))},
+    # v1's subscribe names v1's events only (v2.V2_ONLY_EVENTS are refused on v1)
+    m.Subscribe: lambda d: {
+        **d,
+        "events": None
+        if d["events"] is None
+        else tuple(e for e in d["events"] if e not in V2_ONLY_EVENTS),
+    },
     m.IoasMap: _dense_fd_indexes,
     m.ClaimReply: _claim_reply,
     m.ListDevicesReply: _page("devices"),

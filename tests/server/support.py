@@ -160,5 +160,8 @@ class StandInDaemonBroker(StandInBroker):
     async def start(self) -> None:
         self.started_up = True
 
+    def begin_stop(self) -> None:
+        pass
+
     async def aclose(self) -> None:
         print("broker.aclose", flush=True)  # the process test looks for this line

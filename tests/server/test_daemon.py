@@ -326,10 +326,15 @@ def test_units_key_settings() -> None:
     svc = _unit("iommud.service")["Service"]
     assert svc["Type"] == "notify"
     assert svc["NotifyAccess"] == "main"
-    assert svc["CapabilityBoundingSet"] == "CAP_IPC_LOCK CAP_DAC_READ_SEARCH CAP_SYS_RESOURCE"
+    assert svc["CapabilityBoundingSet"] == (
+        "CAP_IPC_LOCK CAP_DAC_READ_SEARCH CAP_SYS_RESOURCE CAP_SYS_PTRACE CAP_KILL"
+    )
     assert svc["RestrictAddressFamilies"] == "AF_UNIX AF_NETLINK"
     assert svc["ProtectSystem"] == "strict"
-    assert svc["SystemCallFilter"] == "@system-service"
+    lines = (UNITS / "iommud.service").read_text().splitlines()
+    filters = [line.split("=", 1)[1] for line in lines if line.startswith("SystemCallFilter=")]
+    # CAP_SYS_PTRACE reads /proc; cross-process memory access stays refused
+    assert filters == ["@system-service", "~process_vm_readv process_vm_writev"]
     assert "ProtectKernelTunables" not in svc  # it would make the sysfs rebind writes fail
     # The fd budget (iommud.server.server.fd_budget) must admit the default connection
     # limit with the reserve kept back: socket + pidfd + max_held_fds per connection.

@@ -33,8 +33,11 @@ BOOT_TIMEOUT = 600.0
 pytestmark = pytest.mark.timeout(BOOT_TIMEOUT + 120)
 
 CAP_DAC_READ_SEARCH = 2
+CAP_KILL = 5
 CAP_IPC_LOCK = 14
+CAP_SYS_PTRACE = 19
 CAP_SYS_RESOURCE = 24
+UNIT_CAPS = (CAP_IPC_LOCK, CAP_DAC_READ_SEARCH, CAP_SYS_RESOURCE, CAP_SYS_PTRACE, CAP_KILL)
 
 Result = dict[str, Any]
 
@@ -139,10 +142,10 @@ def test_watchdog_pings_arrive(lab: Result) -> None:
 
 
 def test_capabilities_no_new_privs_and_seccomp_apply_to_the_daemon(lab: Result) -> None:
-    """/proc/<MainPID>/status: the bounding set is the unit's three capabilities,
+    """/proc/<MainPID>/status: the bounding set is the unit's five capabilities,
     NoNewPrivs, a seccomp filter."""
     status = lab["proc_status"]
-    unit_caps = f"{1 << CAP_IPC_LOCK | 1 << CAP_DAC_READ_SEARCH | 1 << CAP_SYS_RESOURCE:016x}"
+    unit_caps = f"{sum(1 << cap for cap in UNIT_CAPS):016x}"
     assert status["CapBnd"] == unit_caps
     assert status["CapEff"] == unit_caps
     assert status["CapPrm"] == unit_caps

@@ -52,6 +52,22 @@ def test_other_subsystems_are_ignored(subsystem: str) -> None:
     assert translate_uevent(props(SUBSYSTEM=subsystem)) is None
 
 
+def test_vfio_cdev_remove_is_a_cdev_remove_of_its_pci_parent() -> None:
+    """vfio-pci's remove deletes /dev/vfio/devices/vfioN first (vfio_device_del): the
+    daemon's news of a hot-unplug of a delegated device; add and others are ignored."""
+    cdev = {
+        "ACTION": "remove",
+        "SUBSYSTEM": "vfio-dev",
+        "DEVPATH": "/devices/pci0000:00/0000:00:10.0/vfio-dev/vfio0",
+        "DEVNAME": "vfio/devices/vfio0",
+        "SEQNUM": "812",
+    }
+    assert translate_uevent(cdev) == HostEvent(HostAction.CDEV_REMOVE, "0000:00:10.0", None, 812)
+    assert translate_uevent({**cdev, "ACTION": "add"}) is None
+    assert translate_uevent({**cdev, "DEVPATH": "/devices/virtual/vfio-dev/vfio0"}) is None
+    assert translate_uevent({**cdev, "DEVPATH": "/devices/pci0000:00/vfio0"}) is None
+
+
 def test_bdf_falls_back_to_devpath_and_is_lowercased() -> None:
     """Without PCI_SLOT_NAME (remove events may lack it) the DEVPATH basename is used."""
     ev = translate_uevent(

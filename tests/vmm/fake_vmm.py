@@ -62,6 +62,14 @@ class Monitor:
         self.buf = b""
         self.named: dict[str, int] = {}
         self.devices = {keyval(d).get("id") for d in options(argv, "-device")}
+        # a cold-plugged device's inherited fd, closed when the device is deleted, as
+        # QEMU does (hw/vfio/iommufd.c iommufd_cdev_detach: close(vbasedev->fd)); the
+        # daemon refuses a release while anyone still holds the device file
+        self.device_fds = {
+            kv["id"]: int(kv["fd"])
+            for kv in map(keyval, options(argv, "-device"))
+            if "id" in kv and kv.get("fd", "").isdigit()
+        }
         self.unplug = os.environ.get("FAKE_VMM_UNPLUG", "never")
 
     def send(self, msg: dict[str, Any]) -> None:
@@ -127,6 +135,8 @@ class Monitor:
             self.send(reply)
             if cmd == "device_del" and "error" not in reply and self.unplug == "complete":
                 self.devices.discard(args["id"])
+                if args["id"] in self.device_fds:
+                    os.close(self.device_fds.pop(args["id"]))
                 self.send({"event": "DEVICE_DELETED", "data": {"device": args["id"]}})
             if cmd == "quit":
                 sys.exit(0)
