@@ -204,8 +204,12 @@ def format_status(st: m.StatusReply | StatusReplyV2) -> str:
         rows.append(row)
     if isinstance(st, StatusReplyV2):
         headers += ("MODE", "STATE", "PINNED (VmPin)")
+        lines.append(f"restores      {len(st.restores)}")
     if rows:
         lines += ["", table(headers, rows)]
+    if isinstance(st, StatusReplyV2) and st.restores:
+        restoring = [[r.bdf, r.waiting_for] for r in st.restores]
+        lines += ["", table(("RESTORING", "WAITING FOR"), restoring)]
     return "\n".join(lines)
 
 

@@ -93,6 +93,7 @@ from iommud.protocol.v2 import (
     LeaseInfoV2,
     LeaseRevokedV2,
     LeaseStatus,
+    PendingRestore,
     RequestV2,
     ServerMessageV2,
     StatusReplyV2,
@@ -833,6 +834,13 @@ def replies_v2() -> list[dict[str, Any]]:
                         enforce_at=None,
                         pinned_bytes=None,
                         pinned_pids=(),
+                    ),
+                ),
+                restores=(
+                    PendingRestore(
+                        bdf=NIC,
+                        waiting_for="bind to e1000e: group 6 is still in use (a client holds"
+                        " a device fd); retrying until it is closed",
                     ),
                 ),
                 uptime_s=3600.5,

@@ -26,7 +26,14 @@ from iommud.host.snapshot import HostSnapshot
 from iommud.host.viability import group_viability, whole_group_path
 from iommud.policy import Identity, may_see_holder
 from iommud.protocol import messages as m
-from iommud.protocol.v2 import ClaimMode, LeaseInfoV2, LeaseStatus, StatusReplyV2, StatusV2
+from iommud.protocol.v2 import (
+    ClaimMode,
+    LeaseInfoV2,
+    LeaseStatus,
+    PendingRestore,
+    StatusReplyV2,
+    StatusV2,
+)
 
 PINNED_TTL: Final = 1.0
 """Seconds a v2 status reuses the last reading of the VMMs' pinned bytes."""
@@ -64,6 +71,7 @@ class Listing:
         self._holds = state.holds
         self._sessions = state.sessions
         self._processes = state.kernel.processes
+        self._restoring = state.drivers.pending  # bdf -> what its restore waits for
         # v2 status walks /proc for the VMMs' pinned bytes: at most one walk per
         # PINNED_TTL, shared by concurrent requests (a status loop cannot load the
         # work pool that pins run on).
@@ -178,6 +186,10 @@ class Listing:
             event_source=event_source,
             clients=len(self._sessions),
             leases=tuple(lease_info_v2(le, pinned) for le in leases),
+            restores=tuple(
+                PendingRestore(bdf=bdf, waiting_for=why)
+                for bdf, why in sorted(self._restoring.items())
+            ),
             uptime_s=max(0.0, uptime_s),
         )
 

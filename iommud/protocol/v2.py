@@ -46,6 +46,7 @@ from iommud.protocol.fields import (
     U64,
     Backend,
     BackendKind,
+    Bdf,
     ClaimedDevice,
     ClaimMode,
     EventName,
@@ -56,6 +57,7 @@ from iommud.protocol.fields import (
     RequestBase,
     Seconds,
     Struct,
+    Text,
 )
 from iommud.protocol.limits import MAX_FDS
 from iommud.protocol.messages import (
@@ -109,6 +111,7 @@ __all__ = [
     "LeaseInfoV2",
     "LeaseRevokedV2",
     "LeaseStatus",
+    "PendingRestore",
     "ReplyV2",
     "RequestV2",
     "ServerMessageV2",
@@ -240,10 +243,22 @@ class LeaseInfoV2(LeaseInfo):
     pinned_pids: tuple[U32, ...]
 
 
+class PendingRestore(Struct):
+    """A device the daemon is still giving back to its driver (after a release, a
+    revocation or, at start-up, a crashed run's journal) and what that waits for, e.g.
+    a client that still holds a device fd of the group (PROTOCOL.md section 5, release)."""
+
+    bdf: Bdf
+    waiting_for: Text
+
+
 class StatusReplyV2(StatusReply):
-    """v2 ``status_reply``: v1's fields, each lease a ``LeaseInfoV2``."""
+    """v2 ``status_reply``: v1's fields, each lease a ``LeaseInfoV2``, plus
+    ``restores``: every device whose driver is not back yet, and why (sorted by BDF;
+    shown to every peer: it names devices and reasons, never a holder)."""
 
     leases: tuple[LeaseInfoV2, ...]
+    restores: tuple[PendingRestore, ...]
 
 
 class LeaseRevokedV2(LeaseRevoked):

@@ -21,6 +21,7 @@ from iommud.broker.claim import close_request_fd
 from iommud.broker.journal import Journal, JournalEntry
 from iommud.errors import BusyError
 from iommud.protocol import messages as m
+from iommud.protocol.v2 import PendingRestore, StatusReplyV2, StatusV2
 from tests.broker.support import ALICE, BOB, BR_EDU1, E1000, Client, make_config
 from tests.broker.test_claim import driver
 from tests.fakekernel import FakeKernel
@@ -69,6 +70,12 @@ async def crash(b: Broker) -> None:
                 ioas.container.close()
         if session.iommufd is not None:
             session.iommufd.close()
+
+
+async def _restores(c: Client) -> tuple[PendingRestore, ...]:
+    reply = await c.call(StatusV2(id=c.next_id()))
+    assert isinstance(reply, StatusReplyV2)
+    return reply.restores
 
 
 class Host:
@@ -139,12 +146,17 @@ async def test_restore_after_a_restart_while_held_gives_e1000_back_when_the_fd_c
 
     assert [c for c in host.kernel.ops("unbind") if c[1] == BR_EDU1] == []
     assert any(why.startswith("bind to e1000") for why in b.pending_restores.values())
+    # v2 status shows every pending restore and why it waits, to any peer.
+    restores = await _restores(bob)
+    assert MOVED <= {r.bdf for r in restores} <= MEMBERS
+    assert any(r.bdf == E1000 and "holds a device fd" in r.waiting_for for r in restores)
 
     alice.close_received()
     assert await _until(lambda: driver(fs, E1000) == "e1000")
     assert await _until(lambda: b.pending_restores == {})
     assert host.journal() == set()
     assert driver(fs, BR_EDU1) is None
+    assert await _restores(bob) == ()
     await bob.close()
 
 

@@ -25,6 +25,7 @@ from iommud.protocol.v2 import (
     LeaseInfoV2,
     LeaseRevokedV2,
     LeaseStatus,
+    PendingRestore,
     StatusReplyV2,
 )
 
@@ -263,13 +264,19 @@ def test_format_status_v2_shows_mode_state_and_pinned_bytes() -> None:
                 **common,
             ),
         ),
+        restores=(PendingRestore(bdf="0000:01:03.0", waiting_for="bind to e1000: in use"),),
         uptime_s=1.0,
     )
-    assert format_status(st).splitlines()[-3:] == [
+    out = format_status(st).splitlines()
+    assert "restores      1" in out
+    assert out[-6:] == [
         "LEASE  GROUP  UID   PID  BACKEND  IOAS  DEVICES       MODE       STATE    PINNED (VmPin)",
         "5      3      1000  77   iommufd  0     0000:00:10.0  delegated  revoked  "
         "65792 KiB by 812",
         "6      4      1000  77   iommufd  2     0000:01:01.0  brokered   active   -",
+        "",
+        "RESTORING     WAITING FOR",
+        "0000:01:03.0  bind to e1000: in use",
     ]
 
 

@@ -21,7 +21,9 @@ import pytest
 from topology import EDU0, EDU1, EDU2, NIC
 
 from iommud.broker.journal import JOURNAL_NAME
+from iommud.client import Client
 from iommud.kernel.linux import LinuxKernel
+from iommud.protocol.v2 import StatusReplyV2
 from tests.e2e.support import (
     BOOT_DRIVERS,
     ClientProc,
@@ -121,6 +123,13 @@ def _still_waiting(host: Host) -> None:
     pending = host.daemon.log_events("journal.replay_pending")
     assert pending, host.daemon.log_tail()
     assert NIC in pending[-1]["waiting_for"], pending[-1]
+    # ... and says it to any client too: v2 status lists the pending restores.
+    with Client(host.daemon.socket, "restores", version=2) as c:
+        st = c.status()
+    assert isinstance(st, StatusReplyV2)
+    why = {r.bdf: r.waiting_for for r in st.restores}
+    assert NIC in why, why
+    assert "holds a device fd" in why[NIC], why
 
 
 def _close_and_time(host: Host, holder: ClientProc, timing: Timings) -> None:
