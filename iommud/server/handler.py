@@ -550,14 +550,10 @@ def _transport_error(dgram: Datagram, limits: Limits) -> ProtocolError | None:
             "datagram exceeds the size limit",
             details={"size": dgram.size, "max_datagram": limits.max_datagram},
         )
-    if dgram.ctrunc and len(dgram.fds) <= limits.max_fds:
-        # not the fds (the buffer holds one more than allowed): other control data
-        return ProtocolError(
-            ErrorCode.LIMIT_REACHED,
-            "control data truncated",
-            details={"received": len(dgram.fds), "max_fds": limits.max_fds},
-        )
-    return None  # more than max_fds: the codec refuses it, with the request's id
+    # MSG_CTRUNC with room left (at most max_fds of max_fds + 1) was answered before this
+    # (ConnectionHandler._receive: the daemon is out of fds). What is left: more than
+    # max_fds, which the codec refuses with the request's id.
+    return None
 
 
 def _error_reply(request_id: int, exc: IommudError) -> ErrorReply:
