@@ -3,9 +3,11 @@
 ``main()`` parses ``iommud [--config FILE] [--check-config FILE] [--socket PATH]``,
 configures logging (JSON on stdout unless it is a TTY), picks uvloop (the one place
 that does; plain asyncio is the fallback), takes the listening socket from systemd
-(socket activation) or binds it, starts the broker and its host watcher (PCI uevents,
-iommud.watch.watch_host, an owned task cancelled at shutdown), and serves until
-SIGTERM/SIGINT. On a signal it tells
+(socket activation) or binds it, and starts in an order that reads the host once and
+loses no uevent: open the host watcher (PCI uevents, iommud.watch.HostFollower: from
+now on uevents are buffered), start the broker (its one full read of sysfs), apply the
+uevents buffered meanwhile, then serve, READY=1, and follow uevents in an owned task
+cancelled at shutdown. It serves until SIGTERM/SIGINT. On a signal it tells
 systemd STOPPING=1, stops accepting, lets in-flight requests finish within a bounded
 grace, closes the broker and exits 0. It never daemonizes (no fork, no pidfile).
 
@@ -24,7 +26,7 @@ import signal
 import socket
 import stat
 import sys
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -40,7 +42,7 @@ from iommud.sdnotify import Notifier
 from iommud.server import BrokerAPI, Server, ServerInfo
 from iommud.server.handler import ConnectionLimits
 from iommud.server.listen import bind_listener, inherited_listeners
-from iommud.watch import BrokerHooks, watch_host
+from iommud.watch import BrokerHooks, HostFollower
 
 log = structlog.get_logger(__name__)
 
@@ -57,22 +59,29 @@ class DaemonBroker(BrokerAPI, BrokerHooks, Protocol):
     async def aclose(self) -> None: ...
 
 
-BrokerFactory = Callable[[Config], DaemonBroker]
-HostWatch = Callable[[DaemonBroker, Config], Coroutine[Any, Any, None]]
+class HostWatch(Protocol):
+    """The host watcher in start-up's order (iommud.watch.HostFollower is the real one).
 
-
-async def default_host_watch(broker: DaemonBroker, config: Config) -> None:
-    """Follow PCI uevents (udev source if a udevd runs, else the kernel's) into the broker.
-
-    A source that cannot be opened or keeps failing is logged and the daemon serves on
-    without live events (``status`` then shows no event source): claims still re-read
-    sysfs, so nothing is decided on a stale view.
+    Entered before the broker's start-up read (uevents are buffered from then on),
+    ``catch_up`` after that read and before READY, ``run`` as the daemon's task until
+    it stops, exited at shutdown. A ``KernelError`` from any step (no netlink
+    permission, a monitor that keeps failing) or any other exception (a bug) is logged
+    and the daemon serves on without live events.
     """
-    try:
-        await watch_host(broker)
-    except KernelError as exc:
-        broker.event_source = None
-        log.exception("daemon.host_watch_failed", op=exc.op, errno=exc.errno)
+
+    async def __aenter__(self) -> HostWatch: ...
+    async def __aexit__(self, *exc_info: object) -> None: ...
+    async def catch_up(self) -> int: ...
+    async def run(self) -> None: ...
+
+
+BrokerFactory = Callable[[Config], DaemonBroker]
+HostWatchFactory = Callable[[DaemonBroker, Config], HostWatch]
+
+
+def default_host_watch(broker: DaemonBroker, config: Config) -> HostWatch:
+    """Follow PCI uevents (udev source if a udevd runs, else the kernel's) into the broker."""
+    return HostFollower(broker)
 
 
 def default_broker(config: Config) -> Broker:
@@ -286,12 +295,14 @@ async def serve(
     socket_mode: int = 0o660,
     grace: float = SHUTDOWN_GRACE,
     notifier: Notifier | None = None,
-    host_watch: HostWatch | None = default_host_watch,
+    host_watch: HostWatchFactory | None = default_host_watch,
 ) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit status.
 
-    After the broker started, ``host_watch`` (the uevent watcher) runs as a task of the
-    daemon's TaskGroup until the server stops; ``None`` runs without one.
+    Start-up reads the host once: the ``host_watch`` (the uevent watcher) is opened
+    before ``broker.start()`` reads the host, catches up on the uevents of that read
+    before READY, and runs as a task of the daemon's TaskGroup until the server stops;
+    ``None`` runs without one.
     """
     notify = notifier or Notifier()
     loop = asyncio.get_running_loop()
@@ -304,8 +315,15 @@ async def serve(
         log.error("daemon.cannot_listen", error=cannot_listen.message, **cannot_listen.details)
         return 1
     broker = broker_factory(config)
+    owned = contextlib.AsyncExitStack()  # the host watch; closed before the broker
     try:
+        # Opened before the broker reads the host: a uevent during or after that
+        # read is buffered, so the read needs no second one to catch what it missed.
+        watch = await _open_host_watch(owned, host_watch, broker, config)
         await broker.start()
+        if watch is not None and not await _watch_step(broker, watch.catch_up()):
+            watch = None
+            await owned.aclose()
         info = ServerInfo(
             capabilities=capabilities(broker),
             connections=ConnectionLimits(**config.connections.model_dump()),
@@ -327,11 +345,12 @@ async def serve(
 
         async with asyncio.TaskGroup() as tg:
             watchdog = tg.create_task(_watchdog(notify))
-            watcher = tg.create_task(_host_watch(host_watch, broker, config))
+            watcher = tg.create_task(_follow_host(watch, broker, owned))
             await server.serve(on_ready)
             watchdog.cancel()
             watcher.cancel()
     finally:
+        await owned.aclose()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         broker.begin_stop()
@@ -358,18 +377,47 @@ def _unlink_own_socket(path: str) -> None:
         os.unlink(path)
 
 
-async def _host_watch(watch: HostWatch | None, broker: DaemonBroker, config: Config) -> None:
-    if watch is None:
+async def _open_host_watch(
+    owned: contextlib.AsyncExitStack,
+    factory: HostWatchFactory | None,
+    broker: DaemonBroker,
+    config: Config,
+) -> HostWatch | None:
+    """Enter the host watch into ``owned``; None without one or if it cannot open."""
+    if factory is None:
         log.info("daemon.no_host_watch")
-        return
+        return None
+    watch = factory(broker, config)
+    if not await _watch_step(broker, owned.enter_async_context(watch)):
+        return None
+    return watch
+
+
+async def _follow_host(
+    watch: HostWatch | None, broker: DaemonBroker, owned: contextlib.AsyncExitStack
+) -> None:
+    if watch is not None and not await _watch_step(broker, watch.run()):
+        await owned.aclose()  # a failed watch keeps no netlink socket open
+
+
+async def _watch_step(broker: DaemonBroker, step: Awaitable[object]) -> bool:
+    """Run one step of the host watch; False if it failed (logged).
+
+    A failed watch leaves the daemon serving without live events (``status`` then shows
+    no event source): claims still re-read sysfs, so nothing is decided on a stale view.
+    """
     try:
-        await watch(broker, config)
-    except asyncio.CancelledError:
-        raise
+        await step
+    except KernelError as exc:
+        broker.event_source = None
+        log.exception("daemon.host_watch_failed", op=exc.op, errno=exc.errno)
     except Exception:
-        # A watcher bug must not take the daemon down: it serves on without live events.
+        # A watcher bug must not take the daemon down either.
         broker.event_source = None
         log.exception("daemon.host_watch_crashed")
+    else:
+        return True
+    return False
 
 
 async def _watchdog(notify: Notifier) -> None:

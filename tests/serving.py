@@ -10,7 +10,9 @@ for asserting on them as data; a daemon in a subprocess keeps its log file.
 behind the REAL server on a real AF_UNIX socket, and after shutdown asserts no fd leaked.
 ``DaemonProcess`` runs the real daemon as a child process (tests/fake_daemon.py: the lab
 tree, the fake kernel, everything else real) for attacks that must not hurt pytest
-itself, and reads its VMAs, threads and exit. Test code only.
+itself, and reads its VMAs, threads and exit. ``after_start`` makes a coroutine into an
+iommud.app host watch that runs it as the daemon's watcher task, once the broker has
+started. Test code only.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,9 +32,10 @@ from typing import Any
 import pytest
 import structlog
 
+from iommud.app import DaemonBroker, HostWatch, HostWatchFactory
 from iommud.broker import Broker
 from iommud.client import Client
-from iommud.config import DriversConfig
+from iommud.config import Config, DriversConfig
 from iommud.server import Server, ServerInfo
 from iommud.server.listen import bind_listener
 from tests.broker.support import make_config
@@ -202,3 +205,32 @@ class DaemonProcess:
             code = None
         self.log.close()
         return code
+
+
+#: A coroutine function run as the daemon's watcher task (what serve() took before the
+#: watcher had to open ahead of the broker's start-up read).
+AfterStartHook = Callable[[DaemonBroker, Config], Awaitable[None]]
+
+
+def after_start(hook: AfterStartHook) -> HostWatchFactory:
+    """A host watch factory for serve(): opens nothing, catches up on nothing, and its
+    ``run`` (the daemon's watcher task, started once the broker has started) awaits
+    ``hook(broker, config)``."""
+
+    class AfterStart:
+        def __init__(self, broker: DaemonBroker, config: Config) -> None:
+            self.broker, self.config = broker, config
+
+        async def __aenter__(self) -> HostWatch:
+            return self
+
+        async def __aexit__(self, *exc_info: object) -> None:
+            pass
+
+        async def catch_up(self) -> int:
+            return 0
+
+        async def run(self) -> None:
+            await hook(self.broker, self.config)
+
+    return AfterStart

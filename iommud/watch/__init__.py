@@ -5,7 +5,8 @@
   items) and ``open_monitor``.
 - ``iommud.watch.watcher``: ``HostWatcher``, the thin glue that hands each item to the
   host view's owner (iommud.broker.hostview ``HostView``) and its ``HostChange`` reports
-  to the broker; ``watch_host`` is the daemon's watcher task.
+  to the broker; ``HostFollower`` is the daemon's watcher, opened before the broker's
+  start-up read so that start-up reads the host once and loses no uevent.
 
 This package keeps no view of the host, judges no viability and builds no wire event:
 the host view and the broker's event hub do. It never writes sysfs.
@@ -28,6 +29,7 @@ from iommud.watch.source import (
 from iommud.watch.watcher import (
     BrokerHooks,
     HostChangeSink,
+    HostFollower,
     HostOwner,
     HostWatcher,
     broker_sink,
@@ -39,6 +41,7 @@ __all__ = [
     "HostAction",
     "HostChangeSink",
     "HostEvent",
+    "HostFollower",
     "HostOwner",
     "HostWatcher",
     "MonitorLike",

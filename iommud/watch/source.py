@@ -5,9 +5,10 @@
 - ``UdevSource``: a pyudev netlink monitor whose fd is registered with the running loop
   (``loop.add_reader``; no polling thread, no pyudev observer thread). It yields
   ``HostEvent`` items and ``Resync`` items whenever a view of the host may have drifted
-  from sysfs: at startup, after ENOBUFS (the kernel dropped uevents because our socket
-  buffer was full), after a seqnum gap on the kernel source, or when the consumer fell
-  behind.
+  from sysfs: at startup (unless the consumer reads the host itself right after opening
+  the source, as the daemon does), after ENOBUFS (the kernel dropped uevents because our
+  socket buffer was full), after a seqnum gap on the kernel source, or when the consumer
+  fell behind.
 
 This module reads no sysfs, keeps no view of the host and decides nothing: it only says
 what the kernel announced. No pyudev exception escapes it: every pyudev/OSError failure
@@ -203,10 +204,11 @@ class SourceFailedError(KernelError):
 class UdevSource:
     """Async iterator of ``SourceItem`` fed by a netlink monitor registered on the loop.
 
-    The first item is always ``Resync("startup")``. Items are buffered up to
-    ``max_pending``; beyond that the buffer is replaced by a single
-    ``Resync("backlog")`` (a rescan subsumes anything we dropped). A ``Resync`` also
-    discards the events queued before it, for the same reason.
+    The first item is ``Resync("startup")`` unless ``start(resync=False)``. Items are
+    buffered from ``start`` on, while nobody iterates, up to ``max_pending``; beyond that
+    the buffer is replaced by a single ``Resync("backlog")`` (a rescan subsumes anything
+    we dropped). A ``Resync`` also discards the events queued before it, for the same
+    reason.
     """
 
     def __init__(
@@ -230,12 +232,20 @@ class UdevSource:
         self.received = 0  # uevents read from the socket, any subsystem
         self.resyncs: collections.Counter[str] = collections.Counter()
 
-    async def start(self) -> None:
+    async def start(self, *, resync: bool = True) -> None:
+        """Open the monitor (``KernelError`` if it cannot be) and start buffering.
+
+        ``resync``: begin with ``Resync("startup")``, since what happened before now is
+        unknown. False when the consumer reads the whole host itself after this call
+        (the daemon's start-up read, iommud.watch.watcher ``HostFollower``): that read
+        is the resync, and every uevent from now on is buffered here.
+        """
         if self._monitor is None:
             self._monitor = open_monitor(self.kind)
         self._loop = asyncio.get_running_loop()
         self._fd = self._monitor.fileno()
-        self._push(Resync("startup"))
+        if resync:
+            self._push(Resync("startup"))
         self._loop.add_reader(self._fd, self._on_readable)
         log.info("udev.source_started", source=self.kind, seqnum_check=self.tracker.strict)
 
@@ -271,6 +281,22 @@ class UdevSource:
             self._ready.clear()
             await self._ready.wait()
         return self._pending.popleft()
+
+    def next_nowait(self) -> SourceItem | None:
+        """The next buffered item, or None when none is buffered now (no waiting).
+
+        Raises the ``SourceFailedError`` once the buffer is empty if the monitor failed.
+        """
+        if self._pending:
+            return self._pending.popleft()
+        if self._failure is not None:
+            raise self._failure
+        return None
+
+    @property
+    def pending(self) -> int:
+        """How many items are buffered now."""
+        return len(self._pending)
 
     def _push(self, item: SourceItem) -> None:
         if isinstance(item, Resync):

@@ -2,7 +2,8 @@
 
 ``python -m tests.broker.blocked_daemon ROOT SOCKET``: builds the lab tree under ROOT,
 serves with iommud.app.serve on iommud.app.run (uvloop, as in production) and a real
-Broker over the fake kernel. Its host-watch hook plays a client inside the process:
+Broker over the fake kernel. Its host-watch hook (run as the watcher task once the broker
+has started, tests/serving.py after_start) plays a client inside the process:
 claims the edu device, releases it while keeping its copy of the device fd (so the fake
 vfio-pci unbind blocks for an hour, as the kernel's would), then writes ROOT/blocked
 with the pending restores and waits for SIGTERM.
@@ -22,6 +23,7 @@ from iommud.protocol import messages as m
 from tests.broker.support import ALICE, EDU, Client, make_config
 from tests.fakekernel import FakeKernel
 from tests.fakesys import lab_topology
+from tests.serving import after_start
 
 
 def main(root: Path, socket_path: str) -> int:
@@ -43,7 +45,9 @@ def main(root: Path, socket_path: str) -> int:
         (root / "blocked.tmp").rename(root / "blocked")
         await asyncio.Event().wait()  # client.received stays open until the process ends
 
-    return run(serve(config, factory, socket_path=socket_path, grace=1.0, host_watch=hook))
+    return run(
+        serve(config, factory, socket_path=socket_path, grace=1.0, host_watch=after_start(hook))
+    )
 
 
 if __name__ == "__main__":

@@ -59,9 +59,10 @@ class LiveDaemon(Daemon):
     def __init__(self, workdir: Path, config: str = CONFIG) -> None:
         """``config``: the live template (the default) or one that extends it."""
         super().__init__(workdir, config, hot=HOTEDU)
-        # The watcher's startup rescan runs after the daemon answers: wait for it.
-        if wait_until(lambda: bool(self.log_events("host.rescanned")), STARTUP_GUARD, 0.05) is None:
-            raise AssertionError(f"no startup rescan:\n{self.log_tail()}")
+        # The watcher opened before the broker read the host and caught up on the
+        # uevents of that read before READY: it must have logged so by now.
+        if wait_until(lambda: bool(self.log_events("udev.caught_up")), STARTUP_GUARD, 0.05) is None:
+            raise AssertionError(f"the host watcher did not start:\n{self.log_tail()}")
         self.baseline_fds = self.settled_fds()
 
     def iommuctl(self, *args: str) -> subprocess.CompletedProcess[str]:

@@ -1,10 +1,10 @@
 """The daemon process wiring of the host watcher (host test, no VM).
 
 ``iommud.app.serve`` with the real Broker on the fake kernel and the lab tree
-(tests/fakesys.lab_topology), a real AF_UNIX socket, and the watcher fed by a fake
-netlink monitor: status names the event source, a uevent reaches a subscribed client,
-SIGTERM cancels the watcher (its fd leaves the loop) and no fd leaks. A watcher that
-crashes leaves the daemon serving with no event source.
+(tests/fakesys.lab_topology), a real AF_UNIX socket, and the daemon's watcher
+(``HostFollower``) fed by a fake netlink monitor: status names the event source, a
+uevent reaches a subscribed client, SIGTERM cancels the watcher (its fd leaves the loop)
+and no fd leaks. A watcher that crashes leaves the daemon serving with no event source.
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ from iommud.client import AsyncClient
 from iommud.config import Config, DaemonConfig
 from iommud.protocol import messages as m
 from iommud.sdnotify import Notifier
-from iommud.watch import UdevSource, watch_host
+from iommud.watch import HostFollower, UdevSource
 from tests.fakekernel import FakeKernel
 from tests.fakesys import FakeSys, lab_topology
-from tests.serving import FdSnapshot, Logs, logged
+from tests.serving import FdSnapshot, Logs, after_start, logged
 from tests.udev.fakemonitor import FakeMonitor, uevent
 
 
@@ -65,9 +65,8 @@ async def test_serve_runs_the_watcher_and_stops_it(
     before = FdSnapshot.take()
     path = os.path.join(sockdir, "s")
 
-    async def watch(broker: DaemonBroker, config: Config) -> None:
-        src = UdevSource("kernel", monitor=mon)
-        await watch_host(broker, source=src)
+    def watch(broker: DaemonBroker, config: Config) -> HostFollower:
+        return HostFollower(broker, source=UdevSource("kernel", monitor=mon))
 
     def factory(config: Config) -> Broker:
         return Broker(config, FakeKernel(fs))
@@ -120,7 +119,7 @@ async def test_a_crashing_watcher_leaves_the_daemon_serving(
             _config(tmp_path, fs),
             lambda c: Broker(c, FakeKernel(fs)),
             socket_path=path,
-            host_watch=watch,
+            host_watch=after_start(watch),
             notifier=Notifier({}),
         )
     )
