@@ -147,7 +147,11 @@ class HostView:
             log.info("host.read_all", devices=len(task.result().devices))
 
     async def start(self) -> HostSnapshot:
-        """The start-up read: the view subscribers start from, too."""
+        """The start-up read: the view subscribers start from, too.
+
+        The daemon's only full read at start-up: its uevent monitor opened before it
+        (iommud.watch.watcher ``HostFollower``), so what this read misses arrives as
+        uevents, applied (``apply``) before the daemon reports READY."""
         snap = await self.read_all()
         self._announced = snap
         self.is_stale = False
