@@ -111,7 +111,7 @@ class AsyncClient:
         try:
             dgram = recv_datagram_nowait(self._sock, MAX_DATAGRAM, MAX_FDS)
         except (BlockingIOError, InterruptedError):
-            return  # woken for nothing (another reader of the socket was first)
+            return  # a spurious wake-up: nothing is queued
         except OSError as exc:
             self._lost(ClientClosedError(f"connection failed: {exc}"))
             return
