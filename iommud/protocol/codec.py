@@ -173,8 +173,9 @@ def _decode_canonical(validator: _JsonValidator, data: bytes, nfds: int) -> AnyS
     keys, a known ``op``, ``fds`` present). A canonical datagram holds nothing the two
     JSON parsers read differently (no escapes but the serializer's, no NaN, floats
     as repr writes them), so both paths return equal messages (a test holds them to it).
-    Costs a fifth of ``_decode``: the stdlib parser with its duplicate-key hook, then
-    validating the Python objects, is most of a client's time per call.
+    It skips the stdlib parser, its Python hook per JSON object and the Python objects
+    it builds: 2.4 times faster than ``_decode`` on a ping_reply, 1.7 on a 32-device
+    list_devices page (whose own field validation both paths pay).
     """
     if len(data) > MAX_DATAGRAM or not 0 <= nfds <= MAX_FDS:
         return None
