@@ -76,6 +76,8 @@ class FdSet:
 
     def __init__(self, fds: Iterable[int] = ()) -> None:
         self._fds: list[OwnedFd] = []
+        if fds == ():  # most messages carry none: skip the loop's setup
+            return
         try:
             for fd in fds:
                 self._fds.append(OwnedFd(fd))
@@ -96,6 +98,8 @@ class FdSet:
         self._fds.append(fd)
 
     def close(self) -> None:
+        if not self._fds:
+            return
         errors: list[OSError] = []
         for f in self._fds:
             try:

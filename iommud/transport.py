@@ -23,6 +23,7 @@ import functools
 import os
 import socket
 import struct
+import threading
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -39,6 +40,7 @@ _INT_SIZE = array.array("i").itemsize
 # Plain ints: socket's IntFlag members cost a Python-level __and__ per test.
 _MSG_TRUNC: Final = int(socket.MSG_TRUNC)
 _MSG_CTRUNC: Final = int(socket.MSG_CTRUNC)
+_CUT: Final = _MSG_TRUNC | _MSG_CTRUNC
 _RECV_FLAGS: Final = int(socket.MSG_CMSG_CLOEXEC | socket.MSG_TRUNC)
 _MAX_GROUPS = 65536  # NGROUPS_MAX
 
@@ -88,6 +90,32 @@ def _fds_from_cmsg(cmsg_data: bytes) -> list[int]:
     return list(fds)
 
 
+REUSED_BUFFER_MAX: Final = 1 << 16
+"""The largest receive buffer a thread keeps for reuse (the protocol's datagram limit)."""
+
+
+class _ThreadBuffer(threading.local):
+    """The buffer ``recv_datagram_nowait`` receives into, one per thread, reused.
+
+    Allocating (and zeroing) 64 KiB per datagram cost more than the receive itself.
+    One per thread, not per socket: the daemon's loop and a blocking client in another
+    thread each get their own, thousands of connections share one, and a thread runs
+    one receive at a time (the data is copied out before ``recv_datagram_nowait``
+    returns, so no datagram's bytes alias it). Larger requests (the VMM launcher's
+    1 MiB control replies) get a fresh buffer each time: a thread keeps 64 KiB at most.
+    """
+
+    view: memoryview | None = None
+
+
+_thread_buffer = _ThreadBuffer()
+
+
+def _new_thread_buffer() -> memoryview:
+    view = _thread_buffer.view = memoryview(bytearray(REUSED_BUFFER_MAX))
+    return view
+
+
 def recv_datagram_nowait(sock: socket.socket, max_datagram: int, max_fds: int) -> Datagram | None:
     """One non-blocking ``recvmsg``; ``None`` at end of stream.
 
@@ -100,13 +128,18 @@ def recv_datagram_nowait(sock: socket.socket, max_datagram: int, max_fds: int) -
     # MSG_TRUNC in flags: an AF_UNIX datagram socket then returns the datagram's real
     # length even when it did not fit (net/unix/af_unix.c __unix_dgram_recvmsg), so an
     # oversize datagram can be reported with its size. recvmsg_into, not recvmsg: the
-    # latter would resize its bytes object to that larger length.
-    buf = bytearray(max_datagram)
-    size, ancdata, flags, _addr = sock.recvmsg_into([buf], _ancbuf(max_fds), _RECV_FLAGS)
-    data = bytes(memoryview(buf)[: min(size, max_datagram)])
+    # latter would resize its bytes object to that larger length. The buffer is this
+    # thread's, reused (``_thread_buffer``); the data is copied out of it at once.
+    if max_datagram <= REUSED_BUFFER_MAX:
+        view = (_thread_buffer.view or _new_thread_buffer())[:max_datagram]
+    else:  # a thread keeps at most REUSED_BUFFER_MAX bytes
+        view = memoryview(bytearray(max_datagram))
+    size, ancdata, flags, _addr = sock.recvmsg_into((view,), _ancbuf(max_fds), _RECV_FLAGS)
+    # (flags echo MSG_CMSG_CLOEXEC back: net/socket.c ____sys_recvmsg keeps it in msg_flags)
+    if not ancdata and not flags & _CUT:  # the common case: data only, nothing cut
+        return Datagram(view[:size].tobytes(), FdSet(), size=size) if size else None
+    data = view[: min(size, max_datagram)].tobytes()
     fds = FdSet()
-    if not ancdata and not flags:  # the common case: data only, nothing cut
-        return Datagram(data=data, fds=fds, size=size) if data else None
     foreign: list[tuple[int, int]] = []
     try:
         for level, kind, cmsg_data in ancdata:
@@ -118,7 +151,7 @@ def recv_datagram_nowait(sock: socket.socket, max_datagram: int, max_fds: int) -
     except BaseException:
         fds.close()
         raise
-    if not data and not ancdata and not flags & (_MSG_TRUNC | _MSG_CTRUNC):
+    if not data and not ancdata and not flags & _CUT:
         return None
     return Datagram(
         data=data,
@@ -180,23 +213,26 @@ async def send_datagram(sock: socket.socket, data: bytes, fds: list[int]) -> Non
 
     SEQPACKET sends are atomic: on EAGAIN nothing was sent, so retrying is safe.
     """
-    loop = asyncio.get_running_loop()
-    anc = rights(fds)
     while True:
         try:
-            sock.sendmsg([data], anc)
+            send_datagram_nowait(sock, data, fds)
         except (BlockingIOError, InterruptedError):
-            await _wait(loop, sock, write=True)
+            await _wait(asyncio.get_running_loop(), sock, write=True)
         else:
             return
 
 
-def send_datagram_blocking(sock: socket.socket, data: bytes, fds: list[int]) -> None:
-    """The blocking twin of ``send_datagram`` for plain (blocking) sockets."""
+def send_datagram_nowait(sock: socket.socket, data: bytes, fds: list[int]) -> None:
+    """Send one datagram now; on a non-blocking socket whose buffer is full, raise
+    BlockingIOError (nothing was sent). On a blocking socket this waits instead."""
     if fds:
         sock.sendmsg([data], rights(fds))
     else:
         sock.send(data)  # cheaper than an empty sendmsg
+
+
+send_datagram_blocking: Final = send_datagram_nowait
+"""The blocking twin of ``send_datagram`` for plain (blocking) sockets: the same call."""
 
 
 def _groups_from_proc(pid: int, proc_root: str) -> tuple[int, ...]:

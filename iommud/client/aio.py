@@ -1,17 +1,20 @@
 """``AsyncClient``: the asyncio client of the iommud protocol, for async VMMs and tools.
 
-One reader task owns the socket's receive side: it decodes every datagram with the
-sans-I/O ``ClientConnection`` (received fds owned in an ``FdSet`` from arrival), hands
-replies to the waiting call by id and queues events for ``events()``. Requests from
-concurrent tasks pipeline up to the server's in-flight limit. Methods and their results
-are defined once in ``iommud.client.calls``; this module only moves datagrams. A
-claim's device fds close as soon as its ``lease_revoked`` arrives (``ClaimResult``).
+A reader callback on the loop owns the socket's receive side: each time the socket
+is readable it reads one datagram, decodes it with the sans-I/O ``ClientConnection``
+(received fds owned in an ``FdSet`` from arrival), hands a reply to the waiting call
+by id and queues events for ``events()``. A callback, not a reader task: a task would
+re-arm the loop's reader (two epoll_ctl calls) and take two task steps per reply.
+Requests from concurrent tasks pipeline up to the server's in-flight limit; a request
+is sent at once when the socket has room, and otherwise waits its turn for room.
+Methods and their results are defined once in ``iommud.client.calls``; this module
+only moves datagrams. A claim's device fds close as soon as its ``lease_revoked``
+arrives (``ClaimResult``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TypeVar
@@ -34,7 +37,12 @@ from iommud.protocol.connection import ClientConnection
 from iommud.protocol.exceptions import ProtocolError
 from iommud.protocol.limits import MAX_DATAGRAM, MAX_FDS, PROTOCOL_VERSION
 from iommud.protocol.v2 import AnyServerMessage, StatusReplyV2
-from iommud.transport import DEFAULT_SOCKET, recv_datagram, send_datagram
+from iommud.transport import (
+    DEFAULT_SOCKET,
+    recv_datagram_nowait,
+    send_datagram,
+    send_datagram_nowait,
+)
 
 T = TypeVar("T")
 
@@ -44,12 +52,13 @@ class AsyncClient:
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
+        self._loop = asyncio.get_running_loop()
         self._conn = ClientConnection()
         self._waiting: dict[int, asyncio.Future[tuple[AnyServerMessage, FdSet]]] = {}
         self._events: asyncio.Queue[m.Event | None] = asyncio.Queue()
-        self._send_lock = asyncio.Lock()
+        self._send_lock = asyncio.Lock()  # held while a send waits for room
         self._slots = asyncio.Semaphore(1)  # until hello_reply tells the server's limit
-        self._reader: asyncio.Task[None] | None = None
+        self._reading = False
         self._closed: BaseException | None = None
         self.hello: m.HelloReply | None = None
         self._leases = LeaseTracker()
@@ -72,7 +81,8 @@ class AsyncClient:
             sock.close()
             raise
         client = cls(sock)
-        client._reader = asyncio.create_task(client._read_loop())
+        client._loop.add_reader(sock.fileno(), client._on_readable)
+        client._reading = True
         try:
             client.hello = await client._call(calls.hello(client._conn, name, version))
         except BaseException:
@@ -89,40 +99,56 @@ class AsyncClient:
 
     async def aclose(self) -> None:
         """Close the connection; calls still waiting fail with ClientClosedError."""
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
-            self._reader = None
+        self._stop_reading()
         self._shutdown(ClientClosedError("client closed"))
         self._sock.close()
 
     # ---------------------------------------------------------------- transport
 
-    async def _read_loop(self) -> None:
-        reason: BaseException = ClientClosedError("daemon closed the connection")
+    def _on_readable(self) -> None:
+        """The loop's reader callback: one datagram per call (the reader is level-
+        triggered, so a second queued datagram brings the loop back at once)."""
         try:
-            while True:
-                dgram = await recv_datagram(self._sock, MAX_DATAGRAM, MAX_FDS)
-                if dgram is None:
-                    break
-                with contextlib.ExitStack() as stack:
-                    stack.callback(dgram.fds.close)
-                    msg = self._conn.receive(dgram.data, len(dgram.fds))
-                    if isinstance(msg, m.Event):
-                        self._leases.on_event(msg)  # a revoked lease's fds close now
-                        self._events.put_nowait(msg)
-                        continue
-                    fut = self._waiting.pop(msg.id, None) if msg.id is not None else None
-                    if fut is not None and not fut.done():
-                        fut.set_result((msg, dgram.fds))
-                        stack.pop_all()  # the call owns the fds now
-        except ProtocolError as exc:
-            reason = ClientClosedError(f"daemon broke the protocol: {exc.message}")
+            dgram = recv_datagram_nowait(self._sock, MAX_DATAGRAM, MAX_FDS)
+        except (BlockingIOError, InterruptedError):
+            return  # a spurious wake-up: nothing is queued
         except OSError as exc:
-            reason = ClientClosedError(f"connection failed: {exc}")
-        finally:
-            self._shutdown(reason)
+            self._lost(ClientClosedError(f"connection failed: {exc}"))
+            return
+        if dgram is None:
+            self._lost(ClientClosedError("daemon closed the connection"))
+            return
+        fds = dgram.fds
+        try:
+            msg = self._conn.receive(dgram.data, len(fds))
+            if isinstance(msg, m.Event):
+                self._leases.on_event(msg)  # a revoked lease's fds close now
+                self._events.put_nowait(msg)
+            else:
+                fut = self._waiting.pop(msg.id, None) if msg.id is not None else None
+                if fut is not None and not fut.done():
+                    fut.set_result((msg, fds))  # the call owns the fds now
+                    return
+            fds.close()
+        except ProtocolError as exc:
+            fds.close()
+            self._lost(ClientClosedError(f"daemon broke the protocol: {exc.message}"))
+        except OSError as exc:
+            fds.close()
+            self._lost(ClientClosedError(f"connection failed: {exc}"))
+        except BaseException as exc:  # a bug: fail the calls, let the loop report it
+            fds.close()
+            self._lost(ClientClosedError(f"client failed: {exc!r}"))
+            raise
+
+    def _stop_reading(self) -> None:
+        if self._reading:
+            self._reading = False
+            self._loop.remove_reader(self._sock.fileno())
+
+    def _lost(self, reason: BaseException) -> None:
+        self._stop_reading()  # a closed socket stays readable: stop the callbacks
+        self._shutdown(reason)
 
     def _shutdown(self, reason: BaseException) -> None:
         if self._closed is None:
@@ -137,15 +163,28 @@ class AsyncClient:
     async def _call(self, call: Call[T]) -> T:
         if self._closed is not None:
             raise ClientClosedError(str(self._closed))
-        fut = asyncio.get_running_loop().create_future()
+        fut = self._loop.create_future()
         self._waiting[call.request.id] = fut
         try:
-            async with self._send_lock:
-                await send_datagram(self._sock, call.data, call.fds)
-            msg, fds = await fut
-        finally:
+            await self._send(call)
+            msg, fds = await fut  # the reader callback took it out of _waiting
+        except BaseException:
             self._waiting.pop(call.request.id, None)
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                fut.result()[1].close()  # the reply came as we were cancelled: its fds
+            raise
         return calls.finish(call, msg, fds)
+
+    async def _send(self, call: Call[T]) -> None:
+        if not self._send_lock.locked():  # nobody waits for room: try at once
+            try:
+                send_datagram_nowait(self._sock, call.data, call.fds)
+            except BlockingIOError:
+                pass
+            else:
+                return
+        async with self._send_lock:  # one waiter for room at a time (one writer callback)
+            await send_datagram(self._sock, call.data, call.fds)
 
     async def _limited(self, build: Callable[[ClientConnection], Call[T]]) -> T:
         if self._closed is not None:

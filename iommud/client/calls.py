@@ -8,6 +8,7 @@ subclasses carrying the server's code, message and details. No sockets, no async
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Generic, TypeVar
@@ -170,10 +171,12 @@ def finish(call: Call[T], reply: AnyServerMessage, fds: FdSet) -> T:
 
     ``fds`` are closed unless ``parse`` moved them into the result.
     """
-    with fds:
+    try:
         if isinstance(reply, m.ErrorReply):
             raise error_from_reply(reply)
         return call.parse(reply, fds)
+    finally:
+        fds.close()
 
 
 def _expect(reply: AnyServerMessage, cls: type[T]) -> T:
@@ -190,6 +193,7 @@ def _make(conn: ClientConnection, request: m.Request, fds: Sequence[int], parse:
     return Call(request, data, list(fds), parse)
 
 
+@functools.cache  # one parser per reply class, not a new closure per call
 def _none(cls: type[Any]) -> Callable[[AnyServerMessage, FdSet], None]:
     def parse(reply: AnyServerMessage, _fds: FdSet) -> None:
         _expect(reply, cls)

@@ -104,11 +104,15 @@ class Client:
             raise TimeoutError("no reply from the daemon in time") from exc
         if dgram is None:
             raise self._fail("daemon closed the connection")
+        fds = dgram.fds
         try:
-            return self._conn.receive(dgram.data, len(dgram.fds)), dgram.fds
+            return self._conn.receive(dgram.data, len(fds)), fds
         except ProtocolError as exc:
-            dgram.fds.close()
+            fds.close()
             raise self._fail(f"daemon broke the protocol: {exc.message}") from exc
+        except BaseException:
+            fds.close()
+            raise
 
     def _fail(self, reason: str) -> ClientClosedError:
         self._closed = reason
