@@ -18,6 +18,13 @@ go): the daemon maps that file once and reuses its mapping (iommud.broker.filema
 for every timed map; a daemon that mmaps per map (before issue 10) does not. The first
 map of each size ("cold": the range is faulted in) is shown apart from the median of
 the others. Issue 10's goal: the 16 MiB ratio <= 1.5x.
+
+The phases alternate (brokered, direct, brokered, direct: ``--repeat``), each with a
+fresh daemon, and the medians pool the samples of every repeat, so a drift of the shared
+host lands on both sides. Printed beside the ratio: the client's ping round trip in the
+same run (the floor of any brokered request: two Python processes and a socket under
+TCG), the brokered time less that floor, and the size-dependent part, brokered and
+direct each from 4 KiB to 16 MiB.
 """
 
 from __future__ import annotations
@@ -66,10 +73,14 @@ max_mappings = 16
 """
 
 
+PING = 0  # the key of the ping round trips in brokered()'s result
+
+
 def brokered(socket: str, rounds: int) -> dict[int, list[float]]:
     c = ClientProc(socket)
     try:
         claim = c.ok("claim", devices=[EDU0])
+        pings = [c.ok("ping")["seconds"] for _ in range(rounds + 1)]
         c.ok("memfd", name="bench", size=max(SIZES) + PAGE)
         anchor = {"buf": "bench", "offset": max(SIZES), "length": PAGE, "iova": ANCHOR}
         c.ok("map", ioas_id=claim["ioas_id"], ranges=[anchor])
@@ -82,6 +93,7 @@ def brokered(socket: str, rounds: int) -> dict[int, list[float]]:
                 c.ok("unmap", ioas_id=claim["ioas_id"], iova=IOVA, length=size)
         c.ok("close_device", bdf=EDU0)
         c.ok("release", lease_id=claim["lease_id"])
+        out[PING] = pings
         return out
     finally:
         c.close()
@@ -123,31 +135,59 @@ def direct(rounds: int) -> dict[int, list[float]]:
     return out
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=10)
-    args = ap.parse_args()
-    if os.geteuid() != 0 or not os.path.exists("/dev/iommu"):
-        print("brokered_map: run inside the lab guest as root (lab/run -- ...)")
-        return 2
+def brokered_phase(rounds: int) -> dict[int, list[float]]:
     workdir = Path(tempfile.mkdtemp(prefix="iommud-bench-", dir="/tmp"))
     workdir.chmod(0o755)
     daemon = Daemon(workdir, CONFIG)
     try:
-        b = brokered(daemon.socket, args.rounds)
+        return brokered(daemon.socket, rounds)
     finally:
         daemon.stop()
         shutil.rmtree(workdir, ignore_errors=True)
-    d = direct(args.rounds)
-    print(f"IOMMU_IOAS_MAP, median of {args.rounds}, edu attached, emulated lab guest")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--repeat", type=int, default=2, help="brokered/direct alternations")
+    args = ap.parse_args()
+    if os.geteuid() != 0 or not os.path.exists("/dev/iommu"):
+        print("brokered_map: run inside the lab guest as root (lab/run -- ...)")
+        return 2
+    colds: dict[int, list[float]] = {size: [] for size in SIZES}
+    b: dict[int, list[float]] = {size: [] for size in (*SIZES, PING)}
+    d: dict[int, list[float]] = {size: [] for size in SIZES}
+    for _ in range(args.repeat):
+        got = brokered_phase(args.rounds)
+        for size in SIZES:
+            colds[size].append(got[size][0])
+            b[size] += got[size][1:]
+        b[PING] += got[PING][1:]
+        for size, times in direct(args.rounds).items():
+            d[size] += times
+    med = {size: statistics.median(b[size]) for size in b}
+    dmed = {size: statistics.median(d[size]) for size in d}
+    n = args.rounds * args.repeat
+    print(f"IOMMU_IOAS_MAP, median of {n} ({args.repeat} alternations), edu attached, lab guest")
     print(f"{'size':>8} {'cold':>10} {'brokered':>11} {'direct':>11} {'ratio':>8} {'overhead':>11}")
     for size in SIZES:
-        cold, bm = b[size][0], statistics.median(b[size][1:])
-        dm = statistics.median(d[size])
+        cold, bm, dm = statistics.median(colds[size]), med[size], dmed[size]
         print(
             f"{size >> 10:>6}Ki {cold * 1e3:>8.2f}ms {bm * 1e3:>9.2f}ms {dm * 1e3:>9.3f}ms "
             f"{bm / dm:>7.2f}x {(bm - dm) * 1e3:>9.2f}ms"
         )
+    big, small = SIZES[-1], SIZES[0]
+    ping = med[PING]
+    print(f"ping round trip (the floor of a brokered request): {ping * 1e3:.2f}ms")
+    print(
+        f"16Mi brokered less a ping vs direct: {(med[big] - ping) * 1e3:.2f}ms vs "
+        f"{dmed[big] * 1e3:.3f}ms ({(med[big] - ping) / dmed[big]:.2f}x)"
+    )
+    print(
+        f"4Ki->16Mi size-dependent cost: brokered {(med[big] - med[small]) * 1e3:.2f}ms, "
+        f"direct {(dmed[big] - dmed[small]) * 1e3:.2f}ms "
+        f"({(med[big] - med[small]) / (dmed[big] - dmed[small]):.2f}x)"
+    )
     return 0
 
 

@@ -16,6 +16,13 @@ with the last range that uses it: once a client has unmapped every range of a fi
 daemon holds nothing of it (its memory is the client's to free), so the reuse is for a
 file that stays mapped while other ranges of it come and go (a VMM's guest RAM).
 
+Each mapping also remembers which of its ranges the daemon has faulted in (``Faulted``,
+sorted disjoint extents): a range it has already populated and that is still resident
+(mincore) is pinned without a second populate, and small enough (``aio.pin_resident``)
+without leaving the loop. The record is a hint, never a promise: a page the client
+punched out or the kernel swapped out since fails the mincore check, and then the range
+takes the cold path (populate, large pins on a worker) again.
+
 Every mapping is charged to its uid in the ledger (``memfds``, ``memfd_bytes``) before
 the mmap and refunded at munmap: per uid and daemon-wide. No policy beyond that; no
 pinning here (iommud.broker.ioas does it).
@@ -23,13 +30,43 @@ pinning here (iommud.broker.ioas does it).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from bisect import bisect_right
+from dataclasses import dataclass, field
 
 from iommud.broker.ledger import Ledger
 from iommud.config import Quota
 from iommud.kernel.memory import DaemonMap, FileInfo
 
 MapKey = tuple[int, tuple[int, int], bool]  # (uid, (st_dev, st_ino), writable)
+
+
+class Faulted:
+    """Sorted, disjoint, non-adjacent [start, end) extents of one mapping that the daemon
+    faulted in: O(log n) to ask, merging on add (n is at most the number of ranges ever
+    mapped from the file, itself bounded by the uid's ``max_mappings``)."""
+
+    __slots__ = ("_ends", "_starts")
+
+    def __init__(self) -> None:
+        self._starts: list[int] = []
+        self._ends: list[int] = []
+
+    def covers(self, start: int, end: int) -> bool:
+        i = bisect_right(self._starts, start) - 1
+        return i >= 0 and self._ends[i] >= end
+
+    def add(self, start: int, end: int) -> None:
+        starts, ends = self._starts, self._ends
+        lo = bisect_right(ends, start - 1)  # first extent ending at or after start
+        hi = bisect_right(starts, end)  # extents from lo to hi touch [start, end)
+        if lo < hi:
+            start = min(start, starts[lo])
+            end = max(end, ends[hi - 1])
+        starts[lo:hi] = [start]
+        ends[lo:hi] = [end]
+
+    def extents(self) -> list[tuple[int, int]]:
+        return list(zip(self._starts, self._ends, strict=True))
 
 
 @dataclass(eq=False)
@@ -40,6 +77,7 @@ class SharedMap:
     dmap: DaemonMap
     size: int
     refs: int = 0
+    faulted: Faulted = field(default_factory=Faulted)
 
     @property
     def uid(self) -> int:
@@ -49,6 +87,13 @@ class SharedMap:
     def addr(self) -> int:
         assert self.dmap.addr is not None
         return self.dmap.addr
+
+    def is_warm(self, offset: int, length: int) -> bool:
+        """The daemon faulted ``[offset, offset+length)`` in before and every page of it
+        is still resident: its pin allocates and faults nothing."""
+        return self.faulted.covers(offset, offset + length) and self.dmap.is_resident(
+            offset, length
+        )
 
 
 class Hold:

@@ -421,15 +421,21 @@ class IoasManager:
         iova: int | None,
         flags: MapFlag,
     ) -> int:
-        """Fault the range of the daemon's mapping in with one madvise, then pin it
-        (inline or on a worker: ``aio.pin`` decides)."""
-        dmap = hold.shared.dmap
+        """Pin the range of the daemon's mapping. Cold (never faulted in by the daemon, or
+        not all resident any more): fault it in with one madvise first, then pin, inline
+        or on a worker as ``aio.pin`` decides. Warm: pin straight away, as
+        ``aio.pin_resident`` decides (iommud.broker.filemaps)."""
+        shared = hold.shared
+        dmap = shared.dmap
         addr = hold.addr + r.offset
+        warm = shared.is_warm(r.offset, r.length)
+        pin = aio.pin_resident if warm else aio.pin
 
         def populate() -> None:
             # Best effort: without it (EINVAL before 5.14) the pin faults page by page.
-            with contextlib.suppress(KernelError):
-                dmap.populate(r.offset, r.length)
+            if not warm:
+                with contextlib.suppress(KernelError):
+                    dmap.populate(r.offset, r.length)
 
         if ioas.backend is ClaimPath.IOMMUFD:
             ictx = self.iommufd(session)
@@ -440,18 +446,20 @@ class IoasManager:
                 populate()
                 return ictx.ioas_map(kid, addr, r.length, iova, flags)
 
-            return await aio.pin("IOMMU_IOAS_MAP", r.length, map_iommufd)
-        container = ioas.container
-        assert container is not None
-        assert iova is not None
-        fixed = iova
+            got = await pin("IOMMU_IOAS_MAP", r.length, map_iommufd)
+        else:
+            container = ioas.container
+            assert container is not None
+            assert iova is not None
+            got = iova
 
-        def map_container() -> int:
-            populate()
-            container.map_dma(addr, fixed, r.length, read=r.read, write=r.write)
-            return fixed
+            def map_container() -> None:
+                populate()
+                container.map_dma(addr, got, r.length, read=r.read, write=r.write)
 
-        return await aio.pin("VFIO_IOMMU_MAP_DMA", r.length, map_container)
+            await pin("VFIO_IOMMU_MAP_DMA", r.length, map_container)
+        shared.faulted.add(r.offset, r.offset + r.length)
+        return got
 
     def _hold(self, session: Session, fd: int, info: FileInfo, r: MapRange) -> Hold:
         try:
@@ -486,7 +494,7 @@ class IoasManager:
     async def _kernel_unmap(self, session: Session, ioas: IoasState, iova: int, length: int) -> int:
         if ioas.backend is ClaimPath.IOMMUFD:
             assert ioas.kernel_id is not None
-            return await aio.pin(
+            return await aio.pin_resident(
                 "IOMMU_IOAS_UNMAP",
                 length,
                 self.iommufd(session).ioas_unmap,
@@ -495,7 +503,9 @@ class IoasManager:
                 length,
             )
         assert ioas.container is not None
-        return await aio.pin("VFIO_IOMMU_UNMAP_DMA", length, ioas.container.unmap_dma, iova, length)
+        return await aio.pin_resident(
+            "VFIO_IOMMU_UNMAP_DMA", length, ioas.container.unmap_dma, iova, length
+        )
 
     # ------------------------------------------------------------------ unmap
     async def unmap(self, session: Session, ioas: IoasState, iova: int, length: int) -> int:
@@ -560,7 +570,7 @@ class IoasManager:
             if ioas.backend is ClaimPath.IOMMUFD:
                 assert ioas.kernel_id is not None
                 assert session.iommufd is not None
-                n = await aio.pin(
+                n = await aio.pin_resident(
                     "IOMMU_IOAS_UNMAP",
                     ioas.pinned_bytes,
                     session.iommufd.ioas_unmap_all,
@@ -568,7 +578,7 @@ class IoasManager:
                 )
             else:
                 assert ioas.container is not None
-                n = await aio.pin(
+                n = await aio.pin_resident(
                     "VFIO_IOMMU_UNMAP_DMA", ioas.pinned_bytes, ioas.container.unmap_all
                 )
         except KernelError as exc:

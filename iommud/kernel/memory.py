@@ -14,6 +14,10 @@ it stays valid only while the file cannot shrink under it (the broker requires
 F_SEAL_SHRINK; a shrunk shmem file would SIGBUS the daemon on access). ``populate``
 faults a range of it in with one madvise(MADV_POPULATE_READ/WRITE) call (Linux 5.14,
 mm/madvise.c madvise_populate) instead of one page fault at a time inside the pin.
+``is_resident`` asks mincore(2) whether every page of a range is in memory (mm/mincore.c:
+a present PTE counts at once, an unmapped page counts when the file's page cache holds
+it; a hole the client punched or a page swapped out does not): a pin of such a range
+allocates, zeroes and reads nothing.
 
 ``max_map_count()`` reads vm.max_map_count (how many VMAs this process may have).
 
@@ -38,6 +42,7 @@ from iommud.kernel.libc import MAP_FAILED, libc, map_oserror
 
 # include/uapi/asm-generic/mman-common.h (Linux 5.14)
 MADV_POPULATE_READ: Final = 22
+_RESIDENT: Final = bytes(range(1, 256, 2))  # mincore(2) vector bytes with bit 0 set
 MADV_POPULATE_WRITE: Final = 23
 
 
@@ -96,6 +101,24 @@ class DaemonMap:
         advice = MADV_POPULATE_WRITE if self.write else MADV_POPULATE_READ
         if libc.madvise(addr + offset, length, advice) < 0:
             raise KernelError("madvise", ctypes.get_errno() or errno.EIO)
+
+    def is_resident(self, offset: int, length: int) -> bool:
+        """Whether every page of ``[offset, offset+length)`` is in memory now (mincore).
+
+        False when the kernel cannot say (a closed mapping, a range outside it, any
+        mincore error): the caller then treats the range as not resident, the safe side.
+        """
+        addr = self.addr
+        if addr is None or offset < 0 or length <= 0 or offset + length > self.length:
+            return False
+        pages = -(-length // mmap.PAGESIZE)
+        vec = bytearray(pages)
+        buf = (ctypes.c_ubyte * pages).from_buffer(vec)
+        if libc.mincore(addr + offset, length, buf) < 0:
+            return False
+        # bit 0 of each byte is "resident" (the others are reserved): delete the bytes
+        # that have it; any left over is a page that is not resident
+        return not vec.translate(None, _RESIDENT)
 
     def close(self) -> None:
         addr, self.addr = self.addr, None

@@ -4,20 +4,26 @@ their release, and maps that no device could use are bad requests."""
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import os
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from iommud.broker import Broker
 from iommud.config import MemoryLimits, Quota
 from iommud.errors import BadRequestError, PermissionDeniedError, QuotaExceededError
+from iommud.kernel import aio
 from iommud.kernel.interface import IovaRange
+from iommud.kernel.libc import libc
+from iommud.kernel.memory import DaemonMap
 from iommud.policy import Identity
 from iommud.protocol import messages as m
 from tests.broker.support import ALICE, BOB, EDU, MALLORY, PAGE, Client, make_config, memfd
-from tests.fakekernel import FakeKernel
+from tests.fakekernel import FakeIommuFd, FakeKernel
 from tests.fakesys import FakeSys
 
 
@@ -169,6 +175,62 @@ async def test_one_daemon_mapping_per_memfd_reused(broker: Broker) -> None:
     await a.close()
     assert _daemon_maps_of(ram) == 0
     assert ledger.total.is_empty()
+    os.close(ram)
+
+
+FALLOC_FL_KEEP_SIZE = 0x01  # include/uapi/linux/falloc.h
+FALLOC_FL_PUNCH_HOLE = 0x02
+
+
+async def test_a_warm_range_is_pinned_on_the_loop_without_a_second_populate(
+    broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 10 (e): the daemon faulted a range in and it is still resident, so its next
+    map has no madvise and pins on the loop; a hole the client punches in it makes it
+    cold again (madvise, and the pin leaves the loop)."""
+    monkeypatch.setattr(aio, "INLINE_PIN_BYTES", 0)  # a cold pin always leaves the loop
+    populated: list[tuple[int, int]] = []
+    pinned_on: list[int] = []
+    real_populate, real_map = DaemonMap.populate, FakeIommuFd.ioas_map
+
+    def populate(self: DaemonMap, offset: int, length: int) -> None:
+        populated.append((offset, length))
+        real_populate(self, offset, length)
+
+    def ioas_map(self: FakeIommuFd, *args: Any) -> int:
+        pinned_on.append(threading.get_ident())
+        return real_map(self, *args)
+
+    monkeypatch.setattr(DaemonMap, "populate", populate)
+    monkeypatch.setattr(FakeIommuFd, "ioas_map", ioas_map)
+    loop = threading.get_ident()
+    c = Client(broker, ALICE)
+    ioas = await _ioas(c)
+    ram = memfd(4 * PAGE)
+    ranges = [_one(0, 2 * PAGE, iova=0)]
+
+    async def map_unmap() -> None:
+        await c.map(ioas, ram, *ranges)
+        await c.call(m.IoasUnmap(id=c.next_id(), ioas_id=ioas, iova=0, length=2 * PAGE))
+
+    # the last page stays mapped, so the daemon keeps its mapping of the file
+    await c.map(ioas, ram, _one(3 * PAGE, iova=1 << 20))
+    await map_unmap()  # cold: faulted in by the daemon, pinned on a worker
+    assert populated[-1] == (0, 2 * PAGE)
+    assert pinned_on[-1] != loop
+    before = len(populated)
+    await map_unmap()  # warm
+    assert len(populated) == before
+    assert pinned_on[-1] == loop
+    # a page the client punched out is not resident: the range is cold again
+    flags = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+    assert libc.fallocate(ram, flags, ctypes.c_long(PAGE), ctypes.c_long(PAGE)) == 0
+    await map_unmap()
+    assert populated[-1] == (0, 2 * PAGE)
+    assert pinned_on[-1] != loop
+    await map_unmap()  # and warm once more
+    assert pinned_on[-1] == loop
+    await c.close()
     os.close(ram)
 
 

@@ -34,6 +34,7 @@ import pytest
 
 from iommud.errors import KernelError
 from iommud.kernel.interface import DriverBinder, GroupStatus, IovaRange, Kernel, MapFlag
+from iommud.kernel.libc import libc
 from iommud.kernel.memory import DaemonMap, inspect_file
 from iommud.kernel.uapi import U64_MAX, VFIO_PCI_REQ_IRQ_INDEX
 
@@ -458,6 +459,25 @@ class KernelContract:
             os.close(w)
         err = expect(errno.EBADF, lambda: inspect_file(r))
         assert err.op == "fstat"
+
+    def test_daemon_map_residency(self) -> None:
+        """mincore through the daemon's mapping: untouched pages and punched holes are not
+        resident, populated ones are; a closed map or a range outside it answers False."""
+        with SealedMemfd(4 * 4096) as buf:
+            m = DaemonMap(buf.fd, 0, 4 * 4096, write=True)
+            assert not m.is_resident(0, 4096)  # never touched: no page exists yet
+            m.populate(0, 2 * 4096)
+            assert m.is_resident(0, 2 * 4096)
+            assert not m.is_resident(0, 3 * 4096)
+            buf.mm[3 * 4096] = 1  # the client's own write makes the page resident too
+            assert m.is_resident(3 * 4096, 4096)
+            punch = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+            assert libc.fallocate(buf.fd, punch, ctypes.c_long(4096), ctypes.c_long(4096)) == 0
+            assert m.is_resident(0, 4096)
+            assert not m.is_resident(0, 2 * 4096)
+            assert not m.is_resident(3 * 4096, 2 * 4096)  # past the mapping's end
+            m.close()
+            assert not m.is_resident(0, 4096)
 
 
 class _Closable(Protocol):

@@ -69,6 +69,19 @@ async def test_small_pins_run_inline_and_large_ones_on_a_worker() -> None:
         await aio.pin("read_snapshot", 1, threading.get_ident)  # not a pin
 
 
+async def test_resident_pins_run_inline_up_to_their_own_limit() -> None:
+    """Pages that fault nothing (an unpin, a pin of resident, daemon-mapped pages) stay on
+    the loop up to INLINE_RESIDENT_PIN_BYTES, larger ones leave it."""
+    loop_thread = threading.get_ident()
+    assert aio.INLINE_RESIDENT_PIN_BYTES > aio.INLINE_PIN_BYTES
+    n = aio.INLINE_RESIDENT_PIN_BYTES
+    assert await aio.pin_resident("IOMMU_IOAS_UNMAP", n, threading.get_ident) == loop_thread
+    large = await aio.pin_resident("IOMMU_IOAS_MAP", n + 1, threading.get_ident)
+    assert large in {t.ident for t in aio.pool_threads()}
+    with pytest.raises(KeyError):
+        await aio.pin_resident("read_snapshot", 1, threading.get_ident)  # not a pin
+
+
 async def test_errors_and_context_cross_back() -> None:
     var: contextvars.ContextVar[str] = contextvars.ContextVar("var")
     var.set("bound in the caller")
