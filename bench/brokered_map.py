@@ -23,7 +23,8 @@ The phases alternate (brokered, direct, brokered, direct: ``--repeat``), each wi
 fresh daemon, and the medians pool the samples of every repeat, so a drift of the shared
 host lands on both sides. Printed beside the ratio: the client's ping round trip in the
 same run (the floor of any brokered request: two Python processes and a socket under
-TCG), the brokered time less that floor, and the size-dependent part, brokered and
+TCG) and a raw socket's round trip to a minimal JSON echo server (bench/ping.py's), the
+brokered time less the ping, and the size-dependent part, brokered and
 direct each from 4 KiB to 16 MiB.
 """
 
@@ -31,9 +32,11 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import importlib.util
 import mmap
 import os
 import shutil
+import socket
 import statistics
 import sys
 import tempfile
@@ -135,6 +138,35 @@ def direct(rounds: int) -> dict[int, list[float]]:
     return out
 
 
+def echo_floor(rounds: int) -> list[float]:
+    """Round trips of a raw blocking socket to bench/ping.py's minimal JSON echo server
+    (uvloop, json.loads/dumps) in this guest: what any Python broker's request costs here."""
+    spec = importlib.util.spec_from_file_location("ping", Path(__file__).with_name("ping.py"))
+    assert spec is not None
+    assert spec.loader is not None
+    ping = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ping)
+
+    workdir = Path(tempfile.mkdtemp(prefix="iommud-echo-", dir="/tmp"))
+    path = str(workdir / "echo.sock")
+    server = ping.start_server("echo", path)
+    out = []
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+            s.connect(path)
+            for i in range(rounds + 1):
+                msg = b'{"op":"ping","fds":0,"id":%d}' % i
+                t0 = time.perf_counter()
+                s.send(msg)
+                s.recv(65536)
+                out.append(time.perf_counter() - t0)
+    finally:
+        server.terminate()
+        server.wait()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return out[1:]
+
+
 def brokered_phase(rounds: int) -> dict[int, list[float]]:
     workdir = Path(tempfile.mkdtemp(prefix="iommud-bench-", dir="/tmp"))
     workdir.chmod(0o755)
@@ -157,7 +189,9 @@ def main() -> int:
     colds: dict[int, list[float]] = {size: [] for size in SIZES}
     b: dict[int, list[float]] = {size: [] for size in (*SIZES, PING)}
     d: dict[int, list[float]] = {size: [] for size in SIZES}
+    echo: list[float] = []
     for _ in range(args.repeat):
+        echo += echo_floor(args.rounds)
         got = brokered_phase(args.rounds)
         for size in SIZES:
             colds[size].append(got[size][0])
@@ -178,7 +212,11 @@ def main() -> int:
         )
     big, small = SIZES[-1], SIZES[0]
     ping = med[PING]
-    print(f"ping round trip (the floor of a brokered request): {ping * 1e3:.2f}ms")
+    print(
+        f"round trip floor: a raw socket to a minimal JSON echo server "
+        f"{statistics.median(echo) * 1e3:.2f}ms; iommud ping via the client library "
+        f"{ping * 1e3:.2f}ms"
+    )
     print(
         f"16Mi brokered less a ping vs direct: {(med[big] - ping) * 1e3:.2f}ms vs "
         f"{dmed[big] * 1e3:.3f}ms ({(med[big] - ping) / dmed[big]:.2f}x)"
