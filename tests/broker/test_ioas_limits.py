@@ -234,6 +234,47 @@ async def test_a_warm_range_is_pinned_on_the_loop_without_a_second_populate(
     os.close(ram)
 
 
+async def test_a_small_warm_range_is_trusted_without_mincore(
+    broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Up to INLINE_PIN_BYTES the record alone makes a range warm: no mincore, no second
+    populate, even after a punched hole (the pin faults that page inline, as a cold pin
+    of that size would); the same range above the limit is checked with mincore."""
+    asked: list[tuple[int, int]] = []
+    populated: list[tuple[int, int]] = []
+    real_resident, real_populate = DaemonMap.is_resident, DaemonMap.populate
+
+    def is_resident(self: DaemonMap, offset: int, length: int) -> bool:
+        asked.append((offset, length))
+        return real_resident(self, offset, length)
+
+    def populate(self: DaemonMap, offset: int, length: int) -> None:
+        populated.append((offset, length))
+        real_populate(self, offset, length)
+
+    monkeypatch.setattr(DaemonMap, "is_resident", is_resident)
+    monkeypatch.setattr(DaemonMap, "populate", populate)
+    c = Client(broker, ALICE)
+    ioas = await _ioas(c)
+    ram = memfd(4 * PAGE)
+    await c.map(ioas, ram, _one(3 * PAGE, iova=1 << 20))  # keeps the daemon's mapping
+    for _ in range(2):
+        await c.map(ioas, ram, _one(0, 2 * PAGE, iova=0))
+        await c.call(m.IoasUnmap(id=c.next_id(), ioas_id=ioas, iova=0, length=2 * PAGE))
+    flags = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+    assert libc.fallocate(ram, flags, ctypes.c_long(PAGE), ctypes.c_long(PAGE)) == 0
+    await c.map(ioas, ram, _one(0, 2 * PAGE, iova=0))
+    assert populated == [(3 * PAGE, PAGE), (0, 2 * PAGE)]  # each range once, when cold
+    assert asked == []
+    await c.call(m.IoasUnmap(id=c.next_id(), ioas_id=ioas, iova=0, length=2 * PAGE))
+    monkeypatch.setattr(aio, "INLINE_PIN_BYTES", PAGE)
+    await c.map(ioas, ram, _one(0, 2 * PAGE, iova=0))
+    assert asked == [(0, 2 * PAGE)]  # above the limit: mincore, which sees the hole
+    assert populated[-1] == (0, 2 * PAGE)
+    await c.close()
+    os.close(ram)
+
+
 async def test_distinct_memfds_are_bounded_per_uid(
     no_fd_leak: None, tmp_path: Path, fs: FakeSys, kernel: FakeKernel
 ) -> None:
