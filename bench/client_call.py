@@ -224,27 +224,10 @@ class CLoad:
         self.exe, self.path, self.seconds = exe, path, seconds
 
     def run(self) -> dict[str, float]:
-        from bench.ping import _cpu_seconds
+        from bench.ping import run_pingload
 
-        gen = subprocess.Popen(
-            [str(self.exe), self.path, "1", "0.3", str(self.seconds)],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert gen.stdout is not None
-        cpu0 = cpu1 = 0.0
-        result = ""
-        for line in gen.stdout:
-            if line.startswith("measuring"):
-                cpu0 = _cpu_seconds(gen.pid)
-            elif line.startswith("done"):
-                cpu1 = _cpu_seconds(gen.pid)
-            else:
-                result = line
-        if gen.wait() != 0:
-            raise RuntimeError("pingload failed")
-        fields = dict(kv.split("=") for kv in result.split())
-        return {"calls": float(fields["requests"]), "wall": self.seconds, "cpu": cpu1 - cpu0}
+        fields, cpu = run_pingload(self.exe, self.path, 1, 0.3, self.seconds, None)
+        return {"calls": float(fields["requests"]), "wall": self.seconds, "cpu": cpu}
 
     def close(self) -> None:
         pass

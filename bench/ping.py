@@ -140,30 +140,39 @@ def start_server(kind: str, path: str) -> subprocess.Popen[bytes]:
     return server
 
 
+def run_pingload(
+    exe: Path, path: str, clients: int, warmup: float, seconds: float, cpu_of: int | None
+) -> tuple[dict[str, str], float]:
+    """Run bench/pingload.c against ``path``: its result fields, and the CPU seconds
+    process ``cpu_of`` (None: the generator itself) spent while it measured."""
+    gen = subprocess.Popen(
+        [str(exe), path, str(clients), str(warmup), str(seconds)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert gen.stdout is not None
+    pid = gen.pid if cpu_of is None else cpu_of
+    cpu0 = cpu1 = 0.0
+    result = ""
+    for line in gen.stdout:
+        if line.startswith("measuring"):
+            cpu0 = _cpu_seconds(pid)
+        elif line.startswith("done"):
+            cpu1 = _cpu_seconds(pid)
+        else:
+            result = line
+    if gen.wait() != 0:
+        raise RuntimeError(f"pingload failed against {path}")
+    return dict(kv.split("=") for kv in result.split()), cpu1 - cpu0
+
+
 def run_one(kind: str, load: Path, workdir: Path, clients: int, seconds: float) -> dict[str, float]:
     path = str(workdir / f"{kind}.sock")
     server = start_server(kind, path)
     try:
-        gen = subprocess.Popen(
-            [str(load), path, str(clients), "0.5", str(seconds)],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert gen.stdout is not None
-        cpu0 = cpu1 = 0.0
-        result = ""
-        for line in gen.stdout:
-            if line.startswith("measuring"):
-                cpu0 = _cpu_seconds(server.pid)
-            elif line.startswith("done"):
-                cpu1 = _cpu_seconds(server.pid)
-            else:
-                result = line
-        if gen.wait() != 0:
-            raise RuntimeError(f"load generator failed against {kind}")
-        fields = dict(kv.split("=") for kv in result.split())
+        fields, cpu = run_pingload(load, path, clients, 0.5, seconds, server.pid)
+        cpu = max(cpu, 1.0 / TICKS)
         requests = float(fields["requests"])
-        cpu = max(cpu1 - cpu0, 1.0 / TICKS)
         return {
             "requests": requests,
             "per_s": requests / seconds,
