@@ -50,6 +50,7 @@ from iommud.broker.revocation import Revoker
 from iommud.broker.sessions import SessionManager
 from iommud.broker.state import BrokerState, IoasState, LeaseState, Outcome, Session
 from iommud.config import Config
+from iommud.eager import shielded
 from iommud.errors import (
     BadRequestError,
     InvalidStateError,
@@ -333,7 +334,7 @@ class Broker:
         ioases = self._state.ioas
         ioas = ioases.get(session, request.ioas_id)
         n = await ioases.unmap(session, ioas, request.iova, request.length)
-        await asyncio.shield(ioases.drop_if_unused(session, ioas))
+        await shielded(ioases.drop_if_unused(session, ioas))
         return Outcome(m.IoasUnmapReply(id=request.id, unmapped=n))
 
     async def _iova_ranges(self, session: Session, request: m.IovaRanges, fds: FdSet) -> Outcome:

@@ -39,6 +39,7 @@ from iommud.broker.ledger import Ledger
 from iommud.broker.plan import check_ioas_quota, unknown_ioas
 from iommud.broker.state import IoasMapping, IoasState, Session
 from iommud.config import Config, MemoryLimits
+from iommud.eager import shielded
 from iommud.errors import (
     BadRequestError,
     InvalidRangeError,
@@ -535,7 +536,7 @@ class IoasManager:
             )
         total = 0
         for m in hit:
-            total += await asyncio.shield(self._unmap_mapping(session, ioas, m))
+            total += await shielded(self._unmap_mapping(session, ioas, m))
         log.debug(
             "ioas.unmapped",
             session=session.session_id,

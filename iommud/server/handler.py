@@ -26,8 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-import types
-from collections.abc import Callable, Coroutine, Generator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
@@ -35,6 +34,7 @@ import structlog
 from pydantic import JsonValue, TypeAdapter, ValidationError
 
 from iommud.broker import Outcome
+from iommud.eager import resume
 from iommud.errors import IommudError
 from iommud.fds import FdSet, OwnedFd
 from iommud.policy import Identity
@@ -378,7 +378,7 @@ class ConnectionHandler:
             return True
         nfds = len(fds)
         self._held_fds += nfds
-        task = tg.create_task(_resume(coro, step))
+        task = tg.create_task(resume(coro, step))
         self._requests[task] = request.op
         task.add_done_callback(lambda t: self._finished(t, nfds))
         return True
@@ -512,29 +512,6 @@ class ConnectionHandler:
             out = self.proto.send_event(item.event, for_holder=item.for_holder)
             if out is not None:
                 self._outbox.send(out[0])
-
-
-@types.coroutine
-def _resume(coro: Coroutine[Any, Any, None], step: Any) -> Generator[Any, Any, None]:
-    """Go on with ``coro`` after its first step (which yielded ``step``), as a task.
-
-    Passes what the coroutine yields (the future it waits on, or None for a bare
-    yield) to the task and the task's answers (a value or a thrown exception, such as
-    a cancellation) back: the task protocol of asyncio.tasks.Task.__step, unchanged.
-    """
-    while True:
-        try:
-            sent = yield step
-        except BaseException as exc:
-            try:
-                step = coro.throw(exc)
-            except StopIteration:
-                return
-        else:
-            try:
-                step = coro.send(sent)
-            except StopIteration:
-                return
 
 
 def _transport_error(dgram: Datagram, limits: Limits) -> ProtocolError | None:
