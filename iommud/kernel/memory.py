@@ -33,12 +33,11 @@ import fcntl
 import mmap
 import os
 import stat
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, NamedTuple
 
 from iommud.errors import KernelError
-from iommud.kernel.libc import MAP_FAILED, libc, map_oserror
+from iommud.kernel.libc import MAP_FAILED, libc
 
 # include/uapi/asm-generic/mman-common.h (Linux 5.14)
 MADV_POPULATE_READ: Final = 22
@@ -46,9 +45,8 @@ _RESIDENT: Final = bytes(range(1, 256, 2))  # mincore(2) vector bytes with bit 0
 MADV_POPULATE_WRITE: Final = 23
 
 
-@dataclass(frozen=True, slots=True)
-class FileInfo:
-    """What the kernel says about a passed fd."""
+class FileInfo(NamedTuple):
+    """What the kernel says about a passed fd (a tuple: made on every map request)."""
 
     is_regular: bool
     size: int
@@ -61,18 +59,15 @@ class FileInfo:
 
 def inspect_file(fd: int) -> FileInfo:
     """fstat(2) and F_GET_SEALS of ``fd``; KernelError("fstat") if it cannot be inspected."""
-    with map_oserror("fstat"):
+    try:
         st = os.fstat(fd)
+    except OSError as exc:
+        raise KernelError.from_oserror("fstat", exc) from exc
     try:
         seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
     except OSError:
         seals = 0  # not a shmem/memfd file: cannot be sealed
-    return FileInfo(
-        is_regular=stat.S_ISREG(st.st_mode),
-        size=st.st_size,
-        seals=seals,
-        inode=(st.st_dev, st.st_ino),
-    )
+    return FileInfo(stat.S_ISREG(st.st_mode), st.st_size, seals, (st.st_dev, st.st_ino))
 
 
 class DaemonMap:
