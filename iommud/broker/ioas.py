@@ -468,7 +468,8 @@ class IoasManager:
                 container.map_dma(addr, got, r.length, read=r.read, write=r.write)
 
             await pin("VFIO_IOMMU_MAP_DMA", r.length, map_container)
-        shared.faulted.add(r.offset, r.offset + r.length)
+        if not warm:
+            shared.faulted.add(r.offset, r.offset + r.length)
         return got
 
     def _hold(self, session: Session, fd: int, info: FileInfo, r: MapRange) -> Hold:

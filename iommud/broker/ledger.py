@@ -75,15 +75,19 @@ class Ledger:
     def refusal(self, uid: int, quota: Quota, **want: int) -> QuotaExceededError | None:
         """The error taking ``want`` (counter -> amount) would meet, or None if it fits:
         the uid's quota first, then the daemon-wide limit."""
-        mine = self.usage(uid)
+        mine = self._by_uid.get(uid)
         for name, amount in want.items():
+            if not amount:
+                continue
             key = LIMIT_KEYS[name]
-            for scope, used, limit in (
-                ("uid", getattr(mine, name), getattr(quota, key)),
-                ("daemon", getattr(self.total, name), getattr(self.limits, key)),
-            ):
-                if amount and used + amount > limit:
-                    return _exceeded(name, scope, uid, limit, used, amount)
+            used = 0 if mine is None else getattr(mine, name)
+            limit = getattr(quota, key)
+            if used + amount > limit:
+                return _exceeded(name, "uid", uid, limit, used, amount)
+            used = getattr(self.total, name)
+            limit = getattr(self.limits, key)
+            if used + amount > limit:
+                return _exceeded(name, "daemon", uid, limit, used, amount)
         return None
 
     def check(self, uid: int, quota: Quota, **want: int) -> None:
