@@ -34,11 +34,13 @@ from iommud.protocol.messages import (
 )
 from iommud.protocol.v2 import V2_ONLY_EVENTS, AnyServerMessage, RequestV2, ServerMessageV2
 
+_V = TypeVar("_V", bound=Message, covariant=True)
 
-class _JsonValidator(Protocol):
+
+class _JsonValidator(Protocol[_V]):
     """What ``_decode_canonical`` needs of pydantic-core's ``SchemaValidator``."""
 
-    def validate_json(self, data: bytes, /) -> Any: ...
+    def validate_json(self, data: bytes, /) -> _V: ...
 
 
 _REQUEST: Final[Mapping[int, TypeAdapter[Request]]] = {
@@ -51,8 +53,11 @@ _SERVER: Final[Mapping[int, TypeAdapter[AnyServerMessage]]] = {
 }
 # pydantic-core's validators themselves: TypeAdapter.validate_json adds a Python-level
 # call that costs as much as validating a small reply.
-_SERVER_CORE: Final[Mapping[int, _JsonValidator]] = {
+_SERVER_CORE: Final[Mapping[int, _JsonValidator[AnyServerMessage]]] = {
     version: adapter.validator for version, adapter in _SERVER.items()
+}
+_REQUEST_CORE: Final[Mapping[int, _JsonValidator[Request]]] = {
+    version: adapter.validator for version, adapter in _REQUEST.items()
 }
 
 REQUEST_OPS: Final = frozenset(REQUEST_TYPES)
@@ -67,6 +72,7 @@ _MAX_DETAIL_ITEMS: Final = 32  # most items of one list or object there
 _MAX_DETAIL_DEPTH: Final = 4
 
 _M = TypeVar("_M")
+_Msg = TypeVar("_Msg", bound=Message)
 
 
 def encode(msg: Message) -> tuple[bytes, int]:
@@ -134,8 +140,14 @@ def printable(value: JsonValue, max_text: int, depth: int = 0) -> JsonValue:
 
 
 def decode_request(data: bytes, nfds: int, version: int = 1) -> Request:
-    """Decode a client datagram that arrived with ``nfds`` fds on a ``version`` connection."""
-    request = _decode(_REQUEST[version], REQUEST_OPS, data, nfds)
+    """Decode a client datagram that arrived with ``nfds`` fds on a ``version`` connection.
+
+    A request exactly as ``encode`` writes it (what iommud's own client library sends)
+    takes the fast path ``_decode_canonical``; any other goes the whole way.
+    """
+    request: Request | None = _decode_canonical(_REQUEST_CORE[version], data, nfds)
+    if request is None:
+        request = _decode(_REQUEST[version], REQUEST_OPS, data, nfds)
     if version == 1 and isinstance(request, Subscribe) and request.events is not None:
         # one EventName enum serves both versions; v1's schema does not list these
         late = sorted(V2_ONLY_EVENTS & set(request.events))
@@ -161,7 +173,7 @@ def decode_server(data: bytes, nfds: int, version: int = 1) -> AnyServerMessage:
     return _decode(_SERVER[version], SERVER_OPS, data, nfds)
 
 
-def _decode_canonical(validator: _JsonValidator, data: bytes, nfds: int) -> AnyServerMessage | None:
+def _decode_canonical(validator: _JsonValidator[_Msg], data: bytes, nfds: int) -> _Msg | None:
     """The message if ``data`` is its canonical encoding and carries ``nfds`` fds; else
     ``None``, and ``_decode`` must decide (and word the error).
 
@@ -180,7 +192,7 @@ def _decode_canonical(validator: _JsonValidator, data: bytes, nfds: int) -> AnyS
     if len(data) > MAX_DATAGRAM or not 0 <= nfds <= MAX_FDS:
         return None
     try:
-        msg: AnyServerMessage = validator.validate_json(data)
+        msg = validator.validate_json(data)
     except ValidationError:
         return None
     if msg.fds != nfds:

@@ -236,14 +236,10 @@ class IoasMap(RequestBase):
     ioas_id: U32
     ranges: Annotated[tuple[MapRange, ...], MinLen(1), MaxLen(MAX_RANGES)]
 
-    @model_validator(mode="before")
-    @classmethod
-    def _default_fds(cls, data: Any) -> Any:
-        return _fill_fds(data, "ranges")
-
     @model_validator(mode="after")
     def _fd_indexes(self) -> IoasMap:
         used = {r.fd_index for r in self.ranges}
+        default_fds(self, max(used) + 1)
         if max(used) >= self.fds:
             raise ValueError("every ranges[].fd_index must be < fds")
         if len(used) != self.fds:
@@ -356,13 +352,9 @@ class ClaimReply(ReplyBase):
     ioas_id: U32
     devices: Annotated[tuple[ClaimedDevice, ...], MinLen(1), MaxLen(MAX_FDS)]
 
-    @model_validator(mode="before")
-    @classmethod
-    def _default_fds(cls, data: Any) -> Any:
-        return _fill_fds(data, "devices", dense=True)
-
     @model_validator(mode="after")
     def _fd_indexes(self) -> ClaimReply:
+        default_fds(self, len(self.devices))
         if self.fds != len(self.devices):
             raise ValueError("fds must equal the number of devices")
         if sorted(d.fd_index for d in self.devices) != list(range(self.fds)):
@@ -501,27 +493,16 @@ EVENT_TYPES: Final[Mapping[EventName, type[Event]]] = {
 """Event name -> event class."""
 
 
-def _fill_fds(data: Any, field: str, *, dense: bool = False) -> Any:
-    """Default ``fds`` from the fd indexes a message references (Python callers only).
+def default_fds(msg: Message, fds: int) -> None:
+    """Set ``fds`` to what the message references when the caller left it out (Python
+    callers only: the codec requires ``fds`` on the wire, so this never relaxes decoding).
 
-    The codec separately requires ``fds`` on the wire, so this never relaxes decoding.
+    An "after" validator, not a "before" one: with one of those, pydantic-core turns
+    every decoded JSON message into Python objects first (an ioas_map took 13.6 us to
+    validate, 5.2 without).
     """
-    if not isinstance(data, dict) or "fds" in data:
-        return data
-    items = data.get(field)
-    if not isinstance(items, list | tuple) or not items:
-        return data
-    if dense:
-        return {**data, "fds": len(items)}
-    indexes = [
-        item.fd_index if isinstance(item, MapRange) else item.get("fd_index")
-        for item in items
-        if isinstance(item, MapRange | dict)
-    ]
-    ints = [i for i in indexes if isinstance(i, int) and not isinstance(i, bool)]
-    if len(ints) != len(items):
-        return data
-    return {**data, "fds": max(ints) + 1}
+    if "fds" not in msg.model_fields_set:
+        msg.__dict__["fds"] = fds  # the model is frozen; this is still its validation
 
 
 def _check_page(count: int, total: int, next_offset: int | None) -> None:

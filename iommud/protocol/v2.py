@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Final, Literal
 
 from annotated_types import Ge, Le, MaxLen, MinLen
 from pydantic import Field, Strict, model_validator
@@ -93,6 +93,7 @@ from iommud.protocol.messages import (
     Subscribe,
     SubscribeReply,
     _members,
+    default_fds,
 )
 
 __all__ = [
@@ -165,18 +166,9 @@ class ClaimReplyV2(ReplyBase):
     iommufd_fd_index: FdIndex | None
     devices: Annotated[tuple[ClaimedDevice, ...], MinLen(1), MaxLen(MAX_FDS)]
 
-    @model_validator(mode="before")
-    @classmethod
-    def _default_fds(cls, data: Any) -> Any:
-        if not isinstance(data, dict) or "fds" in data:
-            return data
-        devices = data.get("devices")
-        if not isinstance(devices, list | tuple) or not devices:
-            return data
-        return {**data, "fds": len(devices) + (data.get("iommufd_fd_index") is not None)}
-
     @model_validator(mode="after")
     def _consistent(self) -> ClaimReplyV2:
+        default_fds(self, len(self.devices) + (self.iommufd_fd_index is not None))
         indexes = [d.fd_index for d in self.devices]
         if self.iommufd_fd_index is not None:
             indexes.append(self.iommufd_fd_index)

@@ -176,3 +176,17 @@ SERVER_CLASSES: tuple[type[BaseModel], ...] = (
 
 requests = st.one_of([model(cls) for cls in REQUEST_CLASSES])
 server_messages = st.one_of([model(cls) for cls in SERVER_CLASSES])
+
+
+def mutated(datagram: bytes, data: st.DataObject) -> bytes:
+    """``datagram`` with one byte flipped, its tail cut, or a few bytes spliced in."""
+    raw = bytearray(datagram)
+    index = data.draw(st.integers(0, len(raw) - 1))
+    action = data.draw(st.sampled_from(["flip", "cut", "insert"]))
+    if action == "flip":
+        raw[index] ^= data.draw(st.integers(1, 255))
+    elif action == "cut":
+        del raw[index:]
+    else:
+        raw[index:index] = data.draw(st.binary(min_size=1, max_size=4))
+    return bytes(raw)

@@ -14,7 +14,7 @@ from iommud.protocol.errors import ErrorCode
 from iommud.protocol.exceptions import ProtocolError
 from iommud.protocol.limits import MAX_FDS
 from iommud.protocol.messages import Message
-from tests.protocol.protocol_strategies import JSON_VALUES, requests, server_messages
+from tests.protocol.protocol_strategies import JSON_VALUES, mutated, requests, server_messages
 
 SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 DECODERS = (decode_request, decode_server)
@@ -109,16 +109,7 @@ def test_mutated_messages_only_protocol_error(
 @given(requests | server_messages, st.data())
 def test_byte_mutations_only_protocol_error(msg: Message, data: st.DataObject) -> None:
     """Flip, cut or splice bytes of a valid datagram."""
-    raw = bytearray(encode(msg)[0])
-    index = data.draw(st.integers(0, len(raw) - 1))
-    action = data.draw(st.sampled_from(["flip", "cut", "insert"]))
-    if action == "flip":
-        raw[index] ^= data.draw(st.integers(1, 255))
-    elif action == "cut":
-        del raw[index:]
-    else:
-        raw[index:index] = data.draw(st.binary(min_size=1, max_size=4))
-    decodes_or_protocol_error(bytes(raw), data.draw(NFDS))
+    decodes_or_protocol_error(mutated(encode(msg)[0], data), data.draw(NFDS))
 
 
 @SETTINGS
