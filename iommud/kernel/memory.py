@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Final, NamedTuple
 
 from iommud.errors import KernelError
-from iommud.kernel.libc import MAP_FAILED, libc
+from iommud.kernel.libc import MAP_FAILED, libc, map_oserror
 
 # include/uapi/asm-generic/mman-common.h (Linux 5.14)
 MADV_POPULATE_READ: Final = 22
@@ -59,10 +59,8 @@ class FileInfo(NamedTuple):
 
 def inspect_file(fd: int) -> FileInfo:
     """fstat(2) and F_GET_SEALS of ``fd``; KernelError("fstat") if it cannot be inspected."""
-    try:
+    with map_oserror("fstat"):
         st = os.fstat(fd)
-    except OSError as exc:
-        raise KernelError.from_oserror("fstat", exc) from exc
     try:
         seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
     except OSError:
