@@ -10,7 +10,8 @@ nothing about time (the machine is shared).
 
 ``--repo`` runs the daemon from another checkout (e.g. /work/main for "before"); the
 client and this script's fake kernel (tests/fakekernel.py of THIS checkout, whose IOVA
-lookups bisect, so the fake's own cost does not grow with the mappings) stay the same,
+lookups bisect, so the fake's own cost does not grow with the mappings, and whose checks
+do integer flag arithmetic, not enum.Flag's) stay the same,
 so both sides are measured with the same instruments. The goals (issue 10):
 (b) map <= 2x ping; (c) <= 1.2x; (d) <= 3x.
 

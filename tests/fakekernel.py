@@ -129,6 +129,9 @@ class _FdBacked:
             raise KernelError(op, errno.EBADF)
 
 
+_ACCESS = int(MapFlag.READABLE | MapFlag.WRITEABLE)
+
+
 @dataclass
 class Area:
     """One IOVA area of an IOAS or a container: what it maps, for the fake's DMA."""
@@ -172,7 +175,7 @@ class _Space:
 
     def check(self, op: str, iova: int, length: int, flags: MapFlag = MapFlag.READABLE) -> None:
         # io_pagetable.c: no READ/WRITE is EINVAL (conv_iommu_prot), like a bad length.
-        no_access = not flags & (MapFlag.READABLE | MapFlag.WRITEABLE)
+        no_access = not int(flags) & _ACCESS  # int: enum.Flag's & | cost microseconds
         if no_access or length == 0 or length % self.alignment or iova % self.alignment:
             raise KernelError(op, errno.EINVAL)
         last = iova + length - 1
