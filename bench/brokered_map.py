@@ -12,6 +12,10 @@ calls IOMMU_IOAS_MAP on an mmap of a memfd of the same size. Each map is followe
 unmap (not timed here). Reported as medians and the ratio brokered/direct, measured in
 one run on one machine; nothing is asserted (the lab is emulated and the machine shared).
 
+Raw client: bench/raw_client.py, the same user, claim and maps without the client
+library (each request encoded once, then one sendmsg with the memfd and one recv per
+map, as a lean C or Rust VMM would): the daemon's own share of a brokered map.
+
 The brokered client maps one memfd throughout, and keeps its last page mapped at a far
 IOVA (an "anchor", as a VMM keeps guest RAM mapped while other ranges of it come and
 go): the daemon maps that file once and reuses its mapping (iommud.broker.filemaps)
@@ -35,11 +39,13 @@ from __future__ import annotations
 import argparse
 import ctypes
 import importlib.util
+import json
 import mmap
 import os
 import shutil
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -52,7 +58,9 @@ from topology import EDU0
 
 from iommud.kernel.interface import MapFlag
 from iommud.kernel.linux import LinuxKernel
-from tests.e2e.support import ClientProc, Daemon
+from tests.e2e.support import USER, ClientProc, Daemon, client_command
+
+HERE = Path(__file__).resolve().parents[1]
 
 SIZES = (4 << 10, 64 << 10, 1 << 20, 16 << 20)
 IOVA = 0x100000
@@ -169,12 +177,39 @@ def echo_floor(rounds: int) -> list[float]:
     return out[1:]
 
 
-def brokered_phase(rounds: int) -> dict[int, list[float]]:
+def raw(socket: str, rounds: int) -> dict[int, list[float]]:
+    """bench/raw_client.py as the unprivileged user: the same maps without the client
+    library (pre-encoded datagrams, one sendmsg and one recv each)."""
+    argv, env = client_command()
+    paths = (str(HERE), str(HERE / "lab"), env.get("PYTHONPATH", ""))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+    done = subprocess.run(
+        [*argv, str(HERE / "bench" / "raw_client.py"), socket, str(rounds)],
+        env=env,
+        user=USER,
+        group=USER,
+        extra_groups=[],
+        cwd="/",
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    if done.returncode:
+        raise RuntimeError(f"raw_client.py exited {done.returncode}: {done.stderr}")
+    got = json.loads(done.stdout.splitlines()[-1])
+    out = {int(size): times for size, times in got.items() if size != "ping"}
+    out[PING] = got["ping"]
+    return out
+
+
+def brokered_phase(rounds: int) -> tuple[dict[int, list[float]], dict[int, list[float]]]:
+    """The library client's maps, then the raw client's, on one fresh daemon."""
     workdir = Path(tempfile.mkdtemp(prefix="iommud-bench-", dir="/tmp"))
     workdir.chmod(0o755)
     daemon = Daemon(workdir, CONFIG)
     try:
-        return brokered(daemon.socket, rounds)
+        return brokered(daemon.socket, rounds), raw(daemon.socket, rounds)
     finally:
         daemon.stop()
         shutil.rmtree(workdir, ignore_errors=True)
@@ -190,28 +225,39 @@ def main() -> int:
         return 2
     colds: dict[int, list[float]] = {size: [] for size in SIZES}
     b: dict[int, list[float]] = {size: [] for size in (*SIZES, PING)}
+    r: dict[int, list[float]] = {size: [] for size in (*SIZES, PING)}
     d: dict[int, list[float]] = {size: [] for size in SIZES}
     echo: list[float] = []
     for _ in range(args.repeat):
         echo += echo_floor(args.rounds)
-        got = brokered_phase(args.rounds)
+        got, got_raw = brokered_phase(args.rounds)
         for size in SIZES:
             colds[size].append(got[size][0])
             b[size] += got[size][1:]
+            r[size] += got_raw[size][1:]
         b[PING] += got[PING][1:]
+        r[PING] += got_raw[PING][1:]
         for size, times in direct(args.rounds).items():
             d[size] += times
     med = {size: statistics.median(b[size]) for size in b}
+    rmed = {size: statistics.median(r[size]) for size in r}
     dmed = {size: statistics.median(d[size]) for size in d}
     n = args.rounds * args.repeat
     print(f"IOMMU_IOAS_MAP, median of {n} ({args.repeat} alternations), edu attached, lab guest")
-    print(f"{'size':>8} {'cold':>10} {'brokered':>11} {'direct':>11} {'ratio':>8} {'overhead':>11}")
+    print(
+        f"{'size':>8} {'cold':>10} {'brokered':>11} {'direct':>11} {'ratio':>8} {'overhead':>11}"
+        f" {'raw client':>11} {'raw ratio':>10}"
+    )
     for size in SIZES:
-        cold, bm, dm = statistics.median(colds[size]), med[size], dmed[size]
+        cold, bm, dm, rm = statistics.median(colds[size]), med[size], dmed[size], rmed[size]
         print(
             f"{size >> 10:>6}Ki {cold * 1e3:>8.2f}ms {bm * 1e3:>9.2f}ms {dm * 1e3:>9.3f}ms "
-            f"{bm / dm:>7.2f}x {(bm - dm) * 1e3:>9.2f}ms"
+            f"{bm / dm:>7.2f}x {(bm - dm) * 1e3:>9.2f}ms {rm * 1e3:>9.2f}ms {rm / dm:>9.2f}x"
         )
+    print(
+        f"raw client (no client library: pre-encoded datagrams, sendmsg + recv): "
+        f"ping {rmed[PING] * 1e3:.2f}ms"
+    )
     big, small = SIZES[-1], SIZES[0]
     ping = med[PING]
     print(
