@@ -11,7 +11,6 @@ of every ping and every map, by size (the first map of each size is the cold one
 
 from __future__ import annotations
 
-import array
 import fcntl
 import json
 import os
@@ -24,6 +23,8 @@ from topology import EDU0
 
 from iommud.protocol import messages as m
 from iommud.protocol.codec import encode
+from iommud.protocol.limits import MAX_DATAGRAM, MAX_FDS
+from iommud.transport import recv_datagram_nowait, rights, send_datagram_blocking
 
 SIZES = (4 << 10, 64 << 10, 1 << 20, 16 << 20)
 IOVA = 0x100000
@@ -43,16 +44,14 @@ class Raw:
         return self.send(data, fds)
 
     def send(self, data: bytes, fds: tuple[int, ...] = ()) -> dict[str, Any]:
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
-        self.sock.sendmsg([data], anc)
-        msg, anc_in, _, _ = self.sock.recvmsg(1 << 16, socket.CMSG_SPACE(64 * 4))
-        for level, kind, raw in anc_in:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                for fd in array.array("i", raw[: len(raw) - len(raw) % 4]):
-                    os.close(fd)
-        reply: dict[str, Any] = json.loads(msg)
+        send_datagram_blocking(self.sock, data, list(fds))
+        dgram = recv_datagram_nowait(self.sock, MAX_DATAGRAM, MAX_FDS)  # blocking socket
+        if dgram is None:
+            raise RuntimeError("the daemon closed the connection")
+        dgram.fds.close()  # a claim's device fds: not needed here
+        reply: dict[str, Any] = json.loads(dgram.data)
         if reply["op"] == "error":
-            raise RuntimeError(f"{request_op(data)}: {reply}")
+            raise RuntimeError(f"{json.loads(data)['op']}: {reply}")
         return reply
 
     def next_id(self) -> int:
@@ -60,13 +59,9 @@ class Raw:
         return self.ids
 
 
-def request_op(data: bytes) -> str:
-    return str(json.loads(data)["op"])
-
-
 def timed_raw(sock: socket.socket, data: bytes, fds: tuple[int, ...], op: bytes) -> float:
     """One request of pre-encoded bytes: sendmsg, recv, check the reply's op."""
-    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+    anc = rights(list(fds))
     t0 = time.perf_counter()
     sock.sendmsg([data], anc)
     reply = sock.recv(1 << 16)
