@@ -48,6 +48,8 @@ ENV_DIR = "IOMMUD_LAB_DIR"  # the per-run read-write dir shared with the host
 ENV_QMP_DIR = "IOMMUD_LAB_QMP_DIR"  # where qmp_guest drops its requests
 
 DEFAULT_TIMEOUT = 600.0
+#: How often the runner looks at a run's progress (stall watchdog, ``execute``).
+PROGRESS_POLL = 2.0
 
 # The guest's devices come from topology.QEMU_OPTIONS (lab/topology.py).
 
@@ -111,6 +113,9 @@ class GuestResult:
     argv: tuple[str, ...]
     #: Consoles of earlier boots that died before the command started (retried).
     failed_boots: tuple[str, ...] = ()
+    #: Set when the stall watchdog stopped the run (``timed_out`` is then True too): the
+    #: seconds it had gone without progress.
+    stalled_seconds: float | None = None
 
     @property
     def qemu_problems(self) -> list[str]:
@@ -128,7 +133,12 @@ class GuestResult:
 
     def describe_failure(self, console_lines: int = 60) -> str:
         """A human explanation for a run that did not finish with status 0."""
-        if self.timed_out:
+        if self.stalled_seconds is not None:
+            head = (
+                f"lab guest stopped: no progress for {self.stalled_seconds:.0f}s "
+                f"(after {self.total_seconds:.0f}s in all)"
+            )
+        elif self.timed_out:
             head = f"lab guest timed out after {self.total_seconds:.0f}s"
         elif self.status is None:
             head = (
@@ -397,11 +407,20 @@ def execute(
     argv: Sequence[str],
     *,
     timeout: float = DEFAULT_TIMEOUT,
+    stall_timeout: float | None = None,
+    progress_file: Path | None = None,
     on_output: Callable[[str], None] | None = None,
     on_console: Callable[[str], None] | None = None,
     boot_retries: int = 1,
 ) -> GuestResult:
     """Boot the guest, run argv in it, power it off; return what happened.
+
+    ``timeout`` bounds the whole run. ``stall_timeout`` (if given) is the watchdog that
+    copes with a loaded host: the run is stopped only when it has made no progress for
+    that long, where progress is a line of the guest command's output or a change of
+    ``progress_file``'s size (a file in the run's shared dir that the guest appends to).
+    A slow guest that keeps making progress is never cut off by the watchdog; the console
+    (kernel messages) does not count, so a hung command with a chatty kernel still stops.
 
     on_output / on_console get each line of the guest command's output / the console as
     it arrives (for live display); everything is also captured in the result. A guest that
@@ -416,7 +435,7 @@ def execute(
     failed: list[str] = []
     while True:
         left = max(deadline - time.monotonic(), 1.0)
-        result = _boot_once(run, vng, left, on_output, on_console)
+        result = _boot_once(run, vng, left, stall_timeout, progress_file, on_output, on_console)
         if result.boot_seconds is not None or result.timed_out or len(failed) >= boot_retries:
             break
         failed.append(result.console)
@@ -429,11 +448,15 @@ def _boot_once(
     run: LabRun,
     vng: list[str],
     timeout: float,
+    stall_timeout: float | None,
+    progress_file: Path | None,
     on_output: Callable[[str], None] | None,
     on_console: Callable[[str], None] | None,
 ) -> GuestResult:
     started = time.monotonic()
     boot_at: list[float] = []
+    #: When the guest command last printed a line (written by pump_out, read by the watchdog).
+    last_output = [started]
     out_lines: list[str] = []
     con_lines: list[str] = []
 
@@ -457,6 +480,7 @@ def _boot_once(
                 boot_at.append(time.monotonic())
                 continue
             out_lines.append(line)
+            last_output[0] = time.monotonic()
             if on_output is not None and not line.startswith(EXIT_MARKER):
                 on_output(line)
 
@@ -472,14 +496,15 @@ def _boot_once(
     for t in readers:
         t.start()
     timed_out = False
+    stalled: float | None = None
     try:
-        proc.wait(timeout=timeout)
+        stalled = _watch(proc, started + timeout, stall_timeout, progress_file, last_output)
     except subprocess.TimeoutExpired:
         timed_out = True
-        _kill_group(proc)
-        proc.wait()
     finally:
-        _kill_group(proc)  # a QEMU left behind by a dead vng
+        _kill_group(proc)  # on a timeout, and a QEMU left behind by a dead vng
+        proc.wait()
+    timed_out = timed_out or stalled is not None
     for t in readers:
         t.join(timeout=10)
     proc.stdout.close()
@@ -505,7 +530,46 @@ def _boot_once(
         boot_seconds=(boot_at[0] - started) if boot_at else None,
         total_seconds=total,
         argv=tuple(vng),
+        stalled_seconds=stalled,
     )
+
+
+def _file_size(path: Path | None) -> int:
+    if path is None:
+        return -1
+    try:
+        return path.stat().st_size
+    except OSError:
+        return -1
+
+
+def _watch(
+    proc: subprocess.Popen[bytes],
+    deadline: float,
+    stall_timeout: float | None,
+    progress_file: Path | None,
+    last_output: list[float],
+) -> float | None:
+    """Wait for proc to end. Raise TimeoutExpired at the deadline; return the seconds
+    without progress if the stall watchdog fires first, None if proc ended by itself."""
+    size = _file_size(progress_file)
+    last_progress = time.monotonic()
+    while True:
+        now = time.monotonic()
+        new_size = _file_size(progress_file)
+        if new_size != size:
+            size, last_progress = new_size, now
+        last_progress = max(last_progress, last_output[0])
+        if stall_timeout is not None and now - last_progress >= stall_timeout:
+            return now - last_progress
+        wait = deadline - now
+        if wait <= 0:
+            raise subprocess.TimeoutExpired(proc.args, deadline)
+        if stall_timeout is not None:
+            wait = min(wait, PROGRESS_POLL, last_progress + stall_timeout - now)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=max(wait, 0.01))
+            return None
 
 
 def run_command(

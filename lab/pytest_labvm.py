@@ -12,6 +12,11 @@ CI=true or IOMMUD_REQUIRE_LAB=1: then they fail. A guest crash or timeout fails 
 test that has no result yet, with QEMU's messages and the console tail. The full guest
 output of the last batch is kept in .lab/vm-batch.log under the rootdir.
 
+The batch is not bounded by a fixed time for its tests, which a loaded host would break:
+a watchdog stops it only when no test phase has reported for --lab-stall seconds (by
+default the longest per-test timeout in the batch plus a margin; each test's own timeout
+applies in the guest). --lab-timeout is a backstop for the whole batch.
+
 Inside the guest (IOMMUD_LAB_GUEST=1) vm tests run normally; the `lab_qmp` fixture gives
 them the QEMU monitor. This module must not do anything else to the host.
 """
@@ -31,7 +36,14 @@ from qmp_guest import GuestQmp
 
 ENV_REPORT = "IOMMUD_LAB_REPORT"
 ENV_TIMEOUT = "IOMMUD_LAB_TIMEOUT"
-DEFAULT_BATCH_TIMEOUT = 1800.0
+ENV_STALL = "IOMMUD_LAB_STALL"
+#: A backstop only: the stall watchdog is what stops a hung batch.
+DEFAULT_BATCH_TIMEOUT = 7200.0
+#: Added to the longest per-test timeout for the default --lab-stall: the guest's pytest
+#: needs time beyond a test's own timeout to collect, report, and run session fixtures.
+STALL_MARGIN = 300.0
+#: --lab-stall when some vm test has no per-test timeout at all.
+STALL_WITHOUT_TEST_TIMEOUT = 1800.0
 
 
 def in_guest() -> bool:
@@ -51,7 +63,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--lab-timeout",
         type=float,
         default=float(os.environ.get(ENV_TIMEOUT, DEFAULT_BATCH_TIMEOUT)),
-        help=f"seconds for the whole vm batch, boot included (${ENV_TIMEOUT})",
+        help=f"seconds for the whole vm batch, boot included: a backstop (${ENV_TIMEOUT})",
+    )
+    group.addoption(
+        "--lab-stall",
+        type=float,
+        default=float(os.environ[ENV_STALL]) if os.environ.get(ENV_STALL) else None,
+        help=(
+            "stop the vm batch when no test phase has reported for this many seconds "
+            f"(${ENV_STALL}; default: the longest per-test timeout + {STALL_MARGIN:.0f})"
+        ),
     )
     group.addoption(
         "--lab-live",
@@ -125,6 +146,29 @@ class GuestReporter:
 # --------------------------------------------------------------------------- host side
 
 
+def _test_timeout(item: pytest.Item) -> float | None:
+    """The pytest-timeout bound the test will have in the guest: its `timeout` marker, else
+    --timeout, else $PYTEST_TIMEOUT, else the ini value; None when it has none (0 or unset)."""
+    value: Any = None
+    marker = item.get_closest_marker("timeout")
+    if marker is not None:
+        value = marker.args[0] if marker.args else marker.kwargs.get("timeout")
+    if value is None:
+        value = item.config.getoption("timeout", None)
+    if value is None:
+        value = os.environ.get("PYTEST_TIMEOUT")
+    if value is None:
+        try:
+            value = item.config.getini("timeout")
+        except ValueError:  # pytest-timeout not installed
+            value = None
+    try:
+        seconds = float(value) if value not in (None, "") else 0.0
+    except (TypeError, ValueError):
+        return None
+    return seconds if seconds > 0 else None
+
+
 _GUEST_ONLY_MARKS = frozenset({"skip", "skipif", "xfail", "usefixtures", "parametrize", "timeout"})
 #: Beyond --lab-timeout for a stand-in's pytest-timeout: labvm.execute ends the batch at
 #: --lab-timeout itself (and reports which tests got no result); this margin only lets it.
@@ -175,6 +219,8 @@ class HostBatch:
         self._crash: str | None = None  # why the batch produced no result for some tests
         self._phases: dict[str, list[dict[str, Any]]] = {}
         self._summary: str | None = None
+        #: The longest per-test timeout of the batch's tests (None: one has none).
+        self._longest_test_timeout: float | None = 0.0
 
     @pytest.hookimpl(trylast=True)  # after -m / -k deselection
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
@@ -186,9 +232,23 @@ class HostBatch:
             if item.get_closest_marker("vm") is None or item.parent is None:
                 continue
             stand_in = GuestItem.from_parent(item.parent, name=item.name, batch=self, original=item)
+            own = _test_timeout(item)
+            if own is None or self._longest_test_timeout is None:
+                self._longest_test_timeout = None
+            else:
+                self._longest_test_timeout = max(self._longest_test_timeout, own)
             stand_in.add_marker(pytest.mark.timeout(batch_timeout))
             items[i] = stand_in
             self._nodeids.append(item.nodeid)
+
+    def stall_timeout(self) -> float:
+        """--lab-stall, or the longest per-test timeout in the batch plus STALL_MARGIN."""
+        given: float | None = self._config.getoption("--lab-stall")
+        if given is not None:
+            return given
+        if self._longest_test_timeout is None:
+            return STALL_WITHOUT_TEST_TIMEOUT
+        return self._longest_test_timeout + STALL_MARGIN
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         if self._summary is not None:
@@ -214,21 +274,28 @@ class HostBatch:
             return
         rootdir = self._config.rootpath
         timeout: float = self._config.getoption("--lab-timeout")
+        stall = self.stall_timeout()
         live: bool = self._config.getoption("--lab-live")
         self._say("")
-        self._say(f"lab: booting the guest for {len(self._nodeids)} vm test(s)")
+        self._say(
+            f"lab: booting the guest for {len(self._nodeids)} vm test(s) (stopped if no test "
+            f"reports for {stall:.0f}s, or after {timeout:.0f}s in all)"
+        )
         log_path = rootdir / ".lab" / "vm-batch.log"
         with labvm.prepared(cwd=rootdir, kernel=kernel) as run:
             report = run.workdir / "report.jsonl"
             run.extra_env[ENV_REPORT] = str(report)
             argv = [
                 "python", "-m", "pytest", "-p", "no:cacheprovider", "--rootdir", str(rootdir),
-                "-o", "console_output_style=classic", "-q", *self._nodeids,
+                "-o", "console_output_style=classic", "-q", "--durations=10",
+                *self._nodeids,
             ]  # fmt: skip
             result = labvm.execute(
                 run,
                 argv,
                 timeout=timeout,
+                stall_timeout=stall,
+                progress_file=report,
                 on_output=(lambda line: self._say(line.rstrip("\n"))) if live else None,
             )
             lines = report.read_text().splitlines() if report.exists() else []

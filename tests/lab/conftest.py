@@ -5,7 +5,8 @@ runs the --exec script on the host with sh, so the runner's script, markers, env
 timeouts and the pytest plugin's report pipeline all run for real. $FAKE_VNG picks a
 behaviour: "run" (default), "rc-lies" (runs the script, then exits 0 whatever happened),
 "crash" (QEMU dies with a hardware error mid-command), "hang" (never finishes),
-"panic" (the kernel panics while booting), "panic-once" (only on the first boot).
+"panic" (the kernel panics while booting), "panic-once" (only on the first boot),
+"chatty" (runs the script while the console prints a kernel line every 0.1 s).
 Each call writes its argv (JSON) and pid to $FAKE_VNG_LOG if set.
 """
 
@@ -18,7 +19,7 @@ import labvm
 import pytest
 
 FAKE_VNG = """\
-import json, os, subprocess, sys, time
+import json, os, subprocess, sys, threading, time
 args = sys.argv[1:]
 log = os.environ.get("FAKE_VNG_LOG")
 if log:
@@ -40,6 +41,12 @@ if mode == "crash":
     print("qemu-system-x86_64: hardware error: EDU: DMA range 0x40000-0x40fff out of bounds",
           file=sys.stderr, flush=True)
     sys.exit(134)
+if mode == "chatty":
+    def chatter():
+        while True:
+            print("fake console: [ 12.3] random: crng tick", file=sys.stderr, flush=True)
+            time.sleep(0.1)
+    threading.Thread(target=chatter, daemon=True).start()
 rc = subprocess.call(["sh", script])
 sys.exit(0 if mode == "rc-lies" else rc)
 """

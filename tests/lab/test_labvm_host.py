@@ -118,6 +118,55 @@ def test_timeout_kills_the_guest(fake_vng: Path, monkeypatch: pytest.MonkeyPatch
         os.kill(pid, 0)
 
 
+def test_stall_watchdog_stops_a_guest_that_stopped_making_progress(
+    fake_vng: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No output for stall_timeout seconds stops the run long before its overall timeout;
+    kernel console lines (a chatty guest) are not progress."""
+    monkeypatch.setenv("FAKE_VNG", "chatty")
+    started = time.monotonic()
+    with labvm.prepared() as run:
+        result = labvm.execute(
+            run, ["sh", "-c", "echo started; exec sleep 600"], timeout=300, stall_timeout=1.5
+        )
+    assert time.monotonic() - started < 60
+    assert result.timed_out
+    assert result.status is None
+    assert result.output == "started\n"
+    assert "random: crng tick" in result.console
+    assert result.stalled_seconds is not None
+    assert result.stalled_seconds >= 1.5
+    text = result.describe_failure()
+    assert text.startswith("lab guest stopped: no progress for ")
+    assert "started" in text
+    (call,) = calls(fake_vng)
+    pid = call["pid"]
+    assert isinstance(pid, int)
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+@pytest.mark.parametrize("via", ["output", "progress file"])
+def test_a_slow_guest_that_keeps_progressing_is_not_stopped(fake_vng: Path, via: str) -> None:
+    """A run far longer than the stall window finishes, as long as something moves: a line
+    of output, or the progress file growing (the vm batch's per-test report)."""
+    step = "echo tick" if via == "output" else 'echo tick >>"$IOMMUD_LAB_DIR/progress"'
+    command = f"for i in $(seq 40); do {step}; sleep 0.1; done; echo done"
+    with labvm.prepared() as run:
+        result = labvm.execute(
+            run,
+            ["sh", "-c", command],
+            timeout=300,
+            stall_timeout=2.0,
+            progress_file=run.workdir / "progress",
+        )
+    assert result.status == 0, result.describe_failure()
+    assert not result.timed_out
+    assert result.stalled_seconds is None
+    assert result.total_seconds > 2.0  # it outlived the stall window
+    assert result.output.endswith("done\n")
+
+
 def test_missing_kernel_is_unavailable(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("IOMMUD_LAB_KERNEL", str(tmp_path / "nope"))
     with pytest.raises(labvm.LabUnavailableError) as err:

@@ -7,6 +7,7 @@ missing. The real guest runs tests/lab/test_lab_vm.py.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -202,3 +203,76 @@ def test_hangs():
     result.stdout.fnmatch_lines(
         ["*[[]lab guest, call[]]*", "*Timeout (>4.0s) from pytest-timeout*"]
     )
+
+
+SLOW = """
+import time
+import pytest
+
+@pytest.mark.vm
+def test_first():
+    time.sleep(1)
+
+@pytest.mark.vm
+def test_second():
+    time.sleep(1)
+
+@pytest.mark.vm
+def test_third():
+    time.sleep(1)
+
+@pytest.mark.vm
+@pytest.mark.timeout(0)
+def test_hangs_without_a_timeout():
+    time.sleep(600)
+
+@pytest.mark.vm
+def test_after_the_hang():
+    pass
+"""
+
+
+def test_a_batch_longer_than_the_stall_window_runs_while_tests_report(
+    pytester: pytest.Pytester, fake_vng: Path
+) -> None:
+    """A loaded host makes the batch long, not stuck: a batch of 3 s with a 2 s stall window
+    finishes. A test that hangs with no timeout of its own stops the batch after the window;
+    the tests before it keep their results, the rest fail with the reason."""
+    pytester.makeini(INI)
+    pytester.makeconftest('pytest_plugins = ["pytest_labvm"]\n')
+    pytester.makepyfile(test_slow=SLOW)
+    started = time.monotonic()
+    result = pytester.runpytest_inprocess("-p", "no:randomly", "--lab-stall", "2")
+    assert time.monotonic() - started < 120
+    result.assert_outcomes(passed=3, failed=2)
+    result.stdout.fnmatch_lines(
+        [
+            "lab: booting the guest for 5 vm test(s) (stopped if no test reports for 2s, *",
+            "*[[]lab guest[]] no call result: lab guest stopped: no progress for *",
+        ]
+    )
+
+
+@pytest.mark.parametrize(
+    ("ini", "tests", "stall"),
+    [
+        ("timeout = 300\n", "@pytest.mark.vm\ndef test_a(): pass\n", 300 + 300),
+        (
+            "timeout = 300\n",
+            "@pytest.mark.vm\n@pytest.mark.timeout(900)\ndef test_a(): pass\n"
+            "@pytest.mark.vm\ndef test_b(): pass\n",
+            900 + 300,
+        ),
+        ("", "@pytest.mark.vm\ndef test_a(): pass\n", 1800),
+    ],
+    ids=["ini", "longest-marker", "no-timeout"],
+)
+def test_default_stall_window_follows_the_per_test_timeouts(
+    pytester: pytest.Pytester, fake_vng: Path, ini: str, tests: str, stall: int
+) -> None:
+    pytester.makeini(INI + ini)
+    pytester.makeconftest('pytest_plugins = ["pytest_labvm"]\n')
+    pytester.makepyfile(test_w="import pytest\n" + tests)
+    result = pytester.runpytest_inprocess("-p", "no:randomly")
+    result.assert_outcomes(passed=tests.count("def test_"))
+    result.stdout.fnmatch_lines([f"lab: booting * (stopped if no test reports for {stall}s, *"])
