@@ -3,25 +3,34 @@
 A ``Call`` holds the encoded request, the fds to attach, and how to turn the reply (and
 the fds that came with it) into the caller's result. ``AsyncClient`` and ``Client`` only
 move bytes; every method is written once, here. Error replies become ``IommudError``
-subclasses carrying the server's code, message and details. No sockets, no asyncio.
+subclasses carrying the server's code, message and details. Arguments the protocol
+refuses (a negative offset, a BDF that is not one, a MapSpec without an open fd) raise
+``BadRequestError`` here, with the same ``errors`` details the daemon would reply, and
+nothing is sent. No sockets, no asyncio.
 """
 
 from __future__ import annotations
 
+import fcntl
 import functools
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Generic, TypeVar
 
+from pydantic import ValidationError
+
 from iommud import errors
 from iommud.fds import FdSet, OwnedFd
 from iommud.protocol import messages as m
+from iommud.protocol.codec import describe_errors
 from iommud.protocol.connection import ClientConnection
 from iommud.protocol.limits import PROTOCOL_VERSION
 from iommud.protocol.v2 import AnyServerMessage, ClaimMode, ClaimReplyV2, ClaimV2, StatusReplyV2
 
 T = TypeVar("T")
 L = TypeVar("L", "ClaimResult", "DelegatedClaim")
+_Req = TypeVar("_Req", bound=m.RequestBase)
 
 DEFAULT_NAME: Final = "iommud-client"
 """The ``hello.client`` name a client sends unless told another."""
@@ -185,6 +194,45 @@ def _expect(reply: AnyServerMessage, cls: type[T]) -> T:
     return reply
 
 
+def _build(conn: ClientConnection, cls: type[_Req], **fields: Any) -> _Req:
+    """``conn.build``, with arguments the protocol refuses raised as ``BadRequestError``."""
+    try:
+        return conn.build(cls, **fields)
+    except ValidationError as exc:
+        op = cls.model_fields["op"].default
+        found = describe_errors(exc)
+        first = found[0] if found else {}
+        assert isinstance(first, dict)
+        where = f"{first.get('loc')}: " if first.get("loc") else ""
+        raise errors.BadRequestError(
+            f"invalid {op} request: {where}{first.get('msg', exc)}", op=op, errors=found
+        ) from None
+
+
+def _fileno(i: int, fd: object) -> int:
+    """A MapSpec's fd as a number, or BadRequestError (nothing is sent).
+
+    An fd number that is not open is caught here (one F_GETFD): sendmsg would fail with
+    EBADF, which the blocking client takes for a broken connection."""
+    if isinstance(fd, OwnedFd):
+        if fd.closed:
+            raise errors.BadRequestError(f"range {i}: its OwnedFd is closed", range=i)
+        return fd.fileno()
+    if not isinstance(fd, int) or isinstance(fd, bool) or fd < 0:
+        raise errors.BadRequestError(
+            f"range {i}: fd must be an open file descriptor (int or OwnedFd), "
+            f"not {type(fd).__name__} {fd!r}"[:200],
+            range=i,
+        )
+    try:
+        fcntl.fcntl(fd, fcntl.F_GETFD)
+    except OSError as exc:
+        raise errors.BadRequestError(
+            f"range {i}: fd {fd} is not open ({os.strerror(exc.errno or 0)})", range=i, fd=fd
+        ) from None
+    return fd
+
+
 def _make(conn: ClientConnection, request: m.Request, fds: Sequence[int], parse: Any) -> Call[Any]:
     data, nfds = conn.send(request)
     if nfds != len(fds):
@@ -207,21 +255,21 @@ def hello(conn: ClientConnection, name: str, version: int = PROTOCOL_VERSION) ->
 
 
 def ping(conn: ClientConnection) -> Call[None]:
-    return _make(conn, conn.build(m.Ping), [], _none(m.PingReply))
+    return _make(conn, _build(conn, m.Ping), [], _none(m.PingReply))
 
 
 def status(conn: ClientConnection) -> Call[m.StatusReply | StatusReplyV2]:
     """v1's reply, or on a version 2 connection v2's (leases with mode, state, pinned
     bytes)."""
     cls = StatusReplyV2 if conn.version == 2 else m.StatusReply
-    return _make(conn, conn.build(m.Status), [], lambda r, _f: _expect(r, cls))
+    return _make(conn, _build(conn, m.Status), [], lambda r, _f: _expect(r, cls))
 
 
 def list_devices_page(
     conn: ClientConnection, offset: int = 0, limit: int | None = None
 ) -> Call[m.ListDevicesReply]:
     """One page of devices (see ``Pager`` for reading them all)."""
-    req = conn.build(m.ListDevices, offset=offset, limit=limit)
+    req = _build(conn, m.ListDevices, offset=offset, limit=limit)
     return _make(conn, req, [], lambda r, _f: _expect(r, m.ListDevicesReply))
 
 
@@ -229,7 +277,7 @@ def list_groups_page(
     conn: ClientConnection, offset: int = 0, limit: int | None = None
 ) -> Call[m.ListGroupsReply]:
     """One page of groups (see ``Pager`` for reading them all)."""
-    req = conn.build(m.ListGroups, offset=offset, limit=limit)
+    req = _build(conn, m.ListGroups, offset=offset, limit=limit)
     return _make(conn, req, [], lambda r, _f: _expect(r, m.ListGroupsReply))
 
 
@@ -327,7 +375,7 @@ def claim(
             )
         return result
 
-    req = conn.build(m.Claim, devices=tuple(devices), backend=m.Backend(backend), ioas_id=ioas_id)
+    req = _build(conn, m.Claim, devices=tuple(devices), backend=backend, ioas_id=ioas_id)
     return _make(conn, req, [], parse)
 
 
@@ -353,63 +401,64 @@ def claim_delegated(
             )
         return result
 
-    req = conn.build(
-        ClaimV2, devices=tuple(devices), mode=ClaimMode.DELEGATED, iommufd_id=iommufd_id
+    req = _build(
+        conn, ClaimV2, devices=tuple(devices), mode=ClaimMode.DELEGATED, iommufd_id=iommufd_id
     )
     return _make(conn, req, [], parse)
 
 
 def release(conn: ClientConnection, lease_id: int) -> Call[None]:
-    return _make(conn, conn.build(m.Release, lease_id=lease_id), [], _none(m.ReleaseReply))
+    return _make(conn, _build(conn, m.Release, lease_id=lease_id), [], _none(m.ReleaseReply))
 
 
 def ioas_create(conn: ClientConnection) -> Call[int]:
     return _make(
-        conn, conn.build(m.IoasCreate), [], lambda r, _f: _expect(r, m.IoasCreateReply).ioas_id
+        conn, _build(conn, m.IoasCreate), [], lambda r, _f: _expect(r, m.IoasCreateReply).ioas_id
     )
 
 
 def ioas_destroy(conn: ClientConnection, ioas_id: int) -> Call[None]:
-    req = conn.build(m.IoasDestroy, ioas_id=ioas_id)
+    req = _build(conn, m.IoasDestroy, ioas_id=ioas_id)
     return _make(conn, req, [], _none(m.IoasDestroyReply))
 
 
 def ioas_map(
     conn: ClientConnection, ioas_id: int, ranges: Sequence[MapSpec]
 ) -> Call[tuple[m.MappedRange, ...]]:
-    """Each distinct fd is attached once; ranges name it by position (``fd_index``)."""
-    fds: list[int] = []
-    wire: list[m.MapRange] = []
-    for spec in ranges:
-        fd = spec.fd.fileno() if isinstance(spec.fd, OwnedFd) else spec.fd
-        if fd not in fds:
-            fds.append(fd)
+    """Each distinct fd is attached once; ranges name it by position (``fd_index``).
+
+    The ranges go to pydantic as plain dicts: the request is validated in one call of its
+    core (as the daemon validates it off the wire), not model by model."""
+    index: dict[int, int] = {}
+    wire: list[dict[str, Any]] = []
+    for i, spec in enumerate(ranges):
+        fd = _fileno(i, spec.fd)
         wire.append(
-            m.MapRange(
-                fd_index=fds.index(fd),
-                offset=spec.offset,
-                length=spec.length,
-                iova=spec.iova,
-                read=spec.read,
-                write=spec.write,
-            )
+            {
+                "fd_index": index.setdefault(fd, len(index)),
+                "offset": spec.offset,
+                "length": spec.length,
+                "iova": spec.iova,
+                "read": spec.read,
+                "write": spec.write,
+            }
         )
-    req = conn.build(m.IoasMap, ioas_id=ioas_id, ranges=tuple(wire), fds=len(fds))
-    return _make(conn, req, fds, lambda r, _f: _expect(r, m.IoasMapReply).mappings)
+    req = _build(conn, m.IoasMap, ioas_id=ioas_id, ranges=wire)  # fds: one per distinct fd
+    return _make(conn, req, list(index), lambda r, _f: _expect(r, m.IoasMapReply).mappings)
 
 
 def ioas_unmap(conn: ClientConnection, ioas_id: int, iova: int, length: int) -> Call[int]:
-    req = conn.build(m.IoasUnmap, ioas_id=ioas_id, iova=iova, length=length)
+    req = _build(conn, m.IoasUnmap, ioas_id=ioas_id, iova=iova, length=length)
     return _make(conn, req, [], lambda r, _f: _expect(r, m.IoasUnmapReply).unmapped)
 
 
 def iova_ranges(conn: ClientConnection, ioas_id: int) -> Call[m.IovaRangesReply]:
-    req = conn.build(m.IovaRanges, ioas_id=ioas_id)
+    req = _build(conn, m.IovaRanges, ioas_id=ioas_id)
     return _make(conn, req, [], lambda r, _f: _expect(r, m.IovaRangesReply))
 
 
 def device_reset(conn: ClientConnection, bdf: str) -> Call[None]:
-    return _make(conn, conn.build(m.DeviceReset, bdf=bdf), [], _none(m.DeviceResetReply))
+    return _make(conn, _build(conn, m.DeviceReset, bdf=bdf), [], _none(m.DeviceResetReply))
 
 
 def subscribe(
@@ -417,14 +466,15 @@ def subscribe(
     events: Sequence[m.EventName | str] | None = None,
     groups: Sequence[int] | None = None,
 ) -> Call[None]:
-    req = conn.build(
+    req = _build(
+        conn,
         m.Subscribe,
-        events=None if events is None else tuple(m.EventName(e) for e in events),
+        events=None if events is None else tuple(events),
         groups=None if groups is None else tuple(groups),
     )
     return _make(conn, req, [], _none(m.SubscribeReply))
 
 
 def revoke(conn: ClientConnection, group_id: int, reason: str) -> Call[tuple[int, ...]]:
-    req = conn.build(m.Revoke, group_id=group_id, reason=reason)
+    req = _build(conn, m.Revoke, group_id=group_id, reason=reason)
     return _make(conn, req, [], lambda r, _f: _expect(r, m.RevokeReply).revoked_leases)

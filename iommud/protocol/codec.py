@@ -302,7 +302,13 @@ def _id_of(msg: Message) -> int | None:
 
 def _describe(exc: ValidationError, op: str) -> list[JsonValue]:
     # loc starts with the union tags (the op, and for events the event name): drop them.
-    skip = 2 if op == "event" else 1
+    return describe_errors(exc, skip=2 if op == "event" else 1)
+
+
+def describe_errors(exc: ValidationError, *, skip: int = 0) -> list[JsonValue]:
+    """A ValidationError as the ``errors`` list of a ``bad_request``'s details: up to a
+    few ``{loc, type, msg}`` entries, ``loc`` dotted (``ranges.0.offset``) without its
+    first ``skip`` parts, no input echoed."""
     out: list[JsonValue] = []
     for err in exc.errors(include_url=False, include_input=False, include_context=False):
         loc = err["loc"][skip:]

@@ -95,3 +95,24 @@ async def test_unsealed_fd_is_bad_request_that_never_closes_the_connection(
                 await client.release(lease.lease_id)
     finally:
         os.close(ram)
+
+
+async def test_over_the_socket_a_bad_map_is_refused_and_the_client_goes_on(
+    served: tuple[str, Broker],
+) -> None:
+    """End to end: the refused map never reaches the daemon; the lease and the
+    connection are fine, and a good map of the same memfd works after it."""
+    ram = memfd(4 * PAGE)
+    try:
+        async with await AsyncClient.connect(served[0], "vmm") as client:
+            with await client.claim([EDU]) as lease:
+                with pytest.raises(BadRequestError, match=r"ranges\.0\.offset"):
+                    await client.ioas_map(lease.ioas_id, [MapSpec(ram, -PAGE, PAGE)])
+                bad = MapSpec(str(ram), 0, PAGE)  # type: ignore[arg-type]
+                with pytest.raises(BadRequestError, match="range 0: fd must be"):
+                    await client.ioas_map(lease.ioas_id, [bad])
+                mapped = await client.ioas_map(lease.ioas_id, [MapSpec(ram, 0, PAGE)])
+                assert [x.length for x in mapped] == [PAGE]
+                await client.ping()
+    finally:
+        os.close(ram)
