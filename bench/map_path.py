@@ -163,6 +163,78 @@ def map_vs_ping(c: Client, socket_path: str, ram: int, rounds: int) -> None:
     c.ioas_destroy(ioas)
 
 
+def cpu_ns(pid: int) -> int:
+    """CPU time of every thread of ``pid`` so far, in ns (/proc schedstat: not ticks)."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+            total += int(f.read().split()[0])
+    return total
+
+
+def cpu_per_request(c: Client, socket_path: str, daemon: int, ram: int, n: int) -> None:
+    """(b) by CPU instead of wall time: what one ping, map and unmap cost the daemon (all
+    its threads, raw client) and the client library (this process), each over ``n``
+    requests in a row. Round trips on a VM depend on how fast an idle vCPU wakes (on a
+    quiet machine a wake-up can cost more than the request); CPU time does not."""
+    raw = Raw(socket_path)
+    raw.call(messages.Hello(id=raw.next_id(), version=1, client="bench-cpu"))
+    ioas = raw.call(messages.IoasCreate(id=raw.next_id()))["ioas_id"]
+    anchor = messages.MapRange(fd_index=0, offset=2 * PAGE, length=PAGE, iova=ANCHOR)
+    raw.call(messages.IoasMap(id=raw.next_id(), ioas_id=ioas, ranges=(anchor,)), (ram,))
+    rid = raw.next_id()
+    iovas = [(1 << 30) + i * PAGE for i in range(n)]
+    ping, _ = encode(messages.Ping(id=rid))
+    maps = [
+        encode(
+            messages.IoasMap(
+                id=rid,
+                ioas_id=ioas,
+                ranges=(messages.MapRange(fd_index=0, offset=0, length=PAGE, iova=iova),),
+            )
+        )[0]
+        for iova in iovas
+    ]
+    unmaps = [
+        encode(messages.IoasUnmap(id=rid, ioas_id=ioas, iova=iova, length=PAGE))[0]
+        for iova in iovas
+    ]
+    daemon_ns: dict[str, float] = {}
+    for name, datagrams, fds, op in (
+        ("ping", [ping] * n, (), b"ping_reply"),
+        ("map", maps, (ram,), b"ioas_map_reply"),
+        ("unmap", unmaps, (), b"ioas_unmap_reply"),
+    ):
+        before = cpu_ns(daemon)
+        for data in datagrams:
+            timed_raw(raw.sock, data, fds, op)
+        daemon_ns[name] = (cpu_ns(daemon) - before) / n
+    raw.sock.close()
+    lib_ioas = c.ioas_create()
+    c.ioas_map(lib_ioas, [MapSpec(ram, 2 * PAGE, PAGE, iova=ANCHOR)])
+    specs = [[MapSpec(ram, 0, PAGE, iova=iova)] for iova in iovas]
+    lib_ns: dict[str, float] = {}
+    for name, call in (
+        ("ping", lambda _i: c.ping()),
+        ("map", lambda i: c.ioas_map(lib_ioas, specs[i])),
+        ("unmap", lambda i: c.ioas_unmap(lib_ioas, iovas[i], PAGE)),
+    ):
+        before = time.thread_time_ns()
+        for i in range(n):
+            call(i)
+        lib_ns[name] = (time.thread_time_ns() - before) / n
+    c.ioas_destroy(lib_ioas)
+    d, lib = daemon_ns, lib_ns
+    print(f"    CPU per request, {n} in a row (daemon: all threads, raw client; library: caller)")
+    for name in ("ping", "map", "unmap"):
+        print(f"      {name:6} daemon {d[name] / 1e3:7.1f} us   library {lib[name] / 1e3:7.1f} us")
+    both_map, both_ping = d["map"] + lib["map"], d["ping"] + lib["ping"]
+    print(
+        f"    RATIO map / ping by CPU: daemon {d['map'] / d['ping']:5.2f}x, "
+        f"daemon + library {both_map / both_ping:5.2f}x"
+    )
+
+
 def map_at_scale(
     c: Client, ram: int, rounds: int, existing: int
 ) -> tuple[float, float, float, float]:
@@ -226,6 +298,7 @@ def main() -> int:
         try:
             with Client(d.socket, "bench") as c:
                 map_vs_ping(c, d.socket, ram, args.rounds)
+                cpu_per_request(c, d.socket, d.proc.pid, ram, args.rounds)
                 m0, u0, mn, un = map_at_scale(c, ram, args.rounds // 2, args.existing)
             n = args.existing
             print(f"(c) map   at 0 / {n} mappings {us(m0)} / {us(mn)}  RATIO {mn / m0:5.2f}x")
