@@ -68,4 +68,8 @@ def fake_vng(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.delenv("FAKE_VNG", raising=False)
     monkeypatch.delenv("CI", raising=False)
     monkeypatch.delenv("IOMMUD_REQUIRE_LAB", raising=False)
+    # The batch's bounds come from the option defaults: a developer's (or CI's) own
+    # settings must not leak into the pytester sessions that test them.
+    for var in ("IOMMUD_LAB_STALL", "IOMMUD_LAB_TIMEOUT", "PYTEST_TIMEOUT"):
+        monkeypatch.delenv(var, raising=False)
     return log
