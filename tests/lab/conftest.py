@@ -17,6 +17,7 @@ from pathlib import Path
 
 import labvm
 import pytest
+import pytest_labvm
 
 FAKE_VNG = """\
 import json, os, subprocess, sys, threading, time
@@ -70,6 +71,6 @@ def fake_vng(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.delenv("IOMMUD_REQUIRE_LAB", raising=False)
     # The batch's bounds come from the option defaults: a developer's (or CI's) own
     # settings must not leak into the pytester sessions that test them.
-    for var in ("IOMMUD_LAB_STALL", "IOMMUD_LAB_TIMEOUT", "PYTEST_TIMEOUT"):
+    for var in (pytest_labvm.ENV_STALL, pytest_labvm.ENV_TIMEOUT, "PYTEST_TIMEOUT"):
         monkeypatch.delenv(var, raising=False)
     return log
