@@ -283,12 +283,15 @@ class IoasManager:
                 ioas_id=ioas.ioas_id,
             )
         allowed, align = self._allowed(session, ioas)
-        align = max(align, PAGE)
+        if align < PAGE:
+            align = PAGE
         infos: list[FileInfo] = []
+        nfds = len(fds)
+        want = 0
         for i, r in enumerate(ranges):
-            if r.fd_index >= len(fds):
+            if r.fd_index >= nfds:
                 raise BadRequestError(
-                    f"range {i}: no fd {r.fd_index}", range=i, fd_index=r.fd_index, fds=len(fds)
+                    f"range {i}: no fd {r.fd_index}", range=i, fd_index=r.fd_index, fds=nfds
                 )
             infos.append(_check_fd(i, r, fds[r.fd_index].fileno()))
             if r.length % align:
@@ -299,22 +302,28 @@ class IoasManager:
                     length=r.length,
                     alignment=align,
                 )
+            want += r.length
         uid = session.identity.uid
-        want = sum(r.length for r in ranges)
-        self.ledger.check(uid, session.quota, pinned_bytes=want, mappings=len(ranges))
+        count = len(ranges)
+        self.ledger.check(uid, session.quota, pinned_bytes=want, mappings=count)
         taken: list[tuple[int, int]] = []  # this request's own fixed ranges
+        floating = False  # some range lets the kernel (or _pick_iova) choose its IOVA
         for i, r in enumerate(ranges):
-            if r.iova is not None:
+            if r.iova is None:
+                floating = True
+            else:
                 self._check_iova(i, r.iova, r.length, allowed, align, ioas, taken)
                 taken.append((r.iova, r.iova + r.length - 1))
         # Reserved now: another connection of the uid cannot pass the check while this
         # request pins off the loop. Given back below if anything fails.
-        self.ledger.charge(uid, pinned_bytes=want, mappings=len(ranges))
+        self.ledger.charge(uid, pinned_bytes=want, mappings=count)
         # Fixed ranges first so a kernel-chosen IOVA cannot take a spot a later fixed
         # range of the same request asked for.
-        order = sorted(range(len(ranges)), key=lambda i: ranges[i].iova is None)
+        order: Sequence[int] = range(count)
+        if floating:
+            order = sorted(order, key=lambda i: ranges[i].iova is None)
         done: list[IoasMapping] = []
-        results: dict[int, IoasMapping] = {}
+        results: list[IoasMapping | None] = [None] * count
         try:
             for i in order:
                 r = ranges[i]
@@ -327,7 +336,7 @@ class IoasManager:
                 done.append(m)
                 results[i] = m
         except BaseException:
-            self.ledger.refund(uid, pinned_bytes=want, mappings=len(ranges))
+            self.ledger.refund(uid, pinned_bytes=want, mappings=count)
             await asyncio.shield(self._undo(session, ioas, done))
             raise
         for m in done:
@@ -340,9 +349,7 @@ class IoasManager:
             bytes=want,
             via="map_file" if done and done[0].mm is None else "mmap",
         )
-        return [
-            MappedRange(iova=results[i].iova, length=results[i].length) for i in range(len(ranges))
-        ]
+        return [MappedRange(iova=m.iova, length=m.length) for m in results if m is not None]
 
     @staticmethod
     def _check_iova(
@@ -363,7 +370,10 @@ class IoasManager:
                 iova=iova,
                 alignment=align,
             )
-        if not any(a.start <= iova and last <= a.last for a in allowed):
+        for a in allowed:
+            if a.start <= iova and last <= a.last:
+                break
+        else:
             raise InvalidRangeError(
                 f"range {i}: IOVA [{iova:#x}, {last:#x}] is outside the allowed ranges",
                 range=i,
@@ -373,7 +383,8 @@ class IoasManager:
                 allowed=[{"start": a.start, "last": a.last} for a in allowed],
             )
         hits = [(m.iova, m.last) for m in ioas.overlapping(iova, last)[:1]]
-        hits += [(s, e) for s, e in taken if s <= last and iova <= e]
+        if taken:
+            hits += [(s, e) for s, e in taken if s <= last and iova <= e]
         if hits:
             start, end = min(hits)
             raise OverlapError(

@@ -24,6 +24,7 @@ Pure bookkeeping: no I/O, no clocks; the callers charge only what they really to
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from operator import attrgetter
 from typing import Final
 
 from iommud.config import MemoryLimits, Quota
@@ -57,7 +58,10 @@ class Usage:
     memfd_bytes: int = 0
 
     def is_empty(self) -> bool:
-        return not any(getattr(self, f.name) for f in fields(self))
+        return not any(_COUNTERS(self))
+
+
+_COUNTERS: Final = attrgetter(*(f.name for f in fields(Usage)))  # every counter, as a tuple
 
 
 class Ledger:
@@ -75,6 +79,9 @@ class Ledger:
     def refusal(self, uid: int, quota: Quota, **want: int) -> QuotaExceededError | None:
         """The error taking ``want`` (counter -> amount) would meet, or None if it fits:
         the uid's quota first, then the daemon-wide limit."""
+        return self._refusal(uid, quota, want)
+
+    def _refusal(self, uid: int, quota: Quota, want: dict[str, int]) -> QuotaExceededError | None:
         mine = self._by_uid.get(uid)
         for name, amount in want.items():
             if not amount:
@@ -92,7 +99,7 @@ class Ledger:
 
     def check(self, uid: int, quota: Quota, **want: int) -> None:
         """Raise the refusal of ``want``, if any (see :meth:`refusal`)."""
-        error = self.refusal(uid, quota, **want)
+        error = self._refusal(uid, quota, want)
         if error is not None:
             raise error
 
@@ -101,14 +108,20 @@ class Ledger:
         mine = self._by_uid.get(uid)
         if mine is None:
             mine = self._by_uid[uid] = Usage()
+        total = self.total
         for name, amount in amounts.items():
             setattr(mine, name, getattr(mine, name) + amount)
-            setattr(self.total, name, getattr(self.total, name) + amount)
+            setattr(total, name, getattr(total, name) + amount)
 
     def refund(self, uid: int, **amounts: int) -> None:
         """Record resources given back; a uid that holds nothing is forgotten."""
-        self.charge(uid, **{name: -amount for name, amount in amounts.items()})
-        mine = self._by_uid[uid]
+        mine = self._by_uid.get(uid)
+        if mine is None:  # never charged: a caller's bug, kept visible as negative usage
+            mine = self._by_uid[uid] = Usage()
+        total = self.total
+        for name, amount in amounts.items():
+            setattr(mine, name, getattr(mine, name) - amount)
+            setattr(total, name, getattr(total, name) - amount)
         if mine.is_empty():
             del self._by_uid[uid]
 
