@@ -450,6 +450,13 @@ class IoasManager:
         # per map: mincore cost 0.4-0.7 ms in the emulated lab); above it, so a range
         # punched out since never takes the larger resident limit, mincore confirms.
         warm = shared.is_warm(r.offset, r.length, verify=r.length > aio.INLINE_PIN_BYTES)
+        if warm and ioas.backend is ClaimPath.IOMMUFD:  # the common case: straight to the pin
+            kid = ioas.kernel_id
+            assert kid is not None
+            ictx = self.iommufd(session)
+            return await aio.pin_resident(
+                "IOMMU_IOAS_MAP", r.length, ictx.ioas_map, kid, addr, r.length, iova, flags
+            )
         pin = aio.pin_resident if warm else aio.pin
 
         def populate() -> None:
