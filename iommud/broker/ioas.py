@@ -283,8 +283,7 @@ class IoasManager:
                 ioas_id=ioas.ioas_id,
             )
         allowed, align = self._allowed(session, ioas)
-        if align < PAGE:
-            align = PAGE
+        align = max(align, PAGE)
         infos: list[FileInfo] = []
         nfds = len(fds)
         want = 0
@@ -323,7 +322,7 @@ class IoasManager:
         if floating:
             order = sorted(order, key=lambda i: ranges[i].iova is None)
         done: list[IoasMapping] = []
-        results: list[IoasMapping | None] = [None] * count
+        results: dict[int, IoasMapping] = {}
         try:
             for i in order:
                 r = ranges[i]
@@ -349,7 +348,7 @@ class IoasManager:
             bytes=want,
             via="map_file" if done and done[0].mm is None else "mmap",
         )
-        return [MappedRange(iova=m.iova, length=m.length) for m in results if m is not None]
+        return [MappedRange(iova=results[i].iova, length=results[i].length) for i in range(count)]
 
     @staticmethod
     def _check_iova(
@@ -450,13 +449,6 @@ class IoasManager:
         # per map: mincore cost 0.4-0.7 ms in the emulated lab); above it, so a range
         # punched out since never takes the larger resident limit, mincore confirms.
         warm = shared.is_warm(r.offset, r.length, verify=r.length > aio.INLINE_PIN_BYTES)
-        if warm and ioas.backend is ClaimPath.IOMMUFD:  # the common case: straight to the pin
-            kid = ioas.kernel_id
-            assert kid is not None
-            ictx = self.iommufd(session)
-            return await aio.pin_resident(
-                "IOMMU_IOAS_MAP", r.length, ictx.ioas_map, kid, addr, r.length, iova, flags
-            )
         pin = aio.pin_resident if warm else aio.pin
 
         def populate() -> None:
@@ -469,6 +461,10 @@ class IoasManager:
             ictx = self.iommufd(session)
             kid = ioas.kernel_id
             assert kid is not None
+            if warm:  # nothing to fault in: the ioctl itself, without a wrapper per map
+                return await pin(
+                    "IOMMU_IOAS_MAP", r.length, ictx.ioas_map, kid, addr, r.length, iova, flags
+                )
 
             def map_iommufd() -> int:
                 populate()

@@ -105,25 +105,26 @@ class Ledger:
 
     def charge(self, uid: int, **amounts: int) -> None:
         """Record resources taken (after the check, once they are really held)."""
+        self._add(uid, amounts, 1)
+
+    def refund(self, uid: int, **amounts: int) -> None:
+        """Record resources given back; a uid that holds nothing is forgotten."""
+        if self._add(uid, amounts, -1).is_empty():
+            del self._by_uid[uid]
+
+    def _add(self, uid: int, amounts: dict[str, int], sign: int) -> Usage:
+        """Move the uid's and the total counters by ``sign`` times ``amounts``; the uid's
+        record (made on first use: a refund of a uid never charged is a caller's bug, left
+        visible as negative usage)."""
         mine = self._by_uid.get(uid)
         if mine is None:
             mine = self._by_uid[uid] = Usage()
         total = self.total
         for name, amount in amounts.items():
+            amount *= sign
             setattr(mine, name, getattr(mine, name) + amount)
             setattr(total, name, getattr(total, name) + amount)
-
-    def refund(self, uid: int, **amounts: int) -> None:
-        """Record resources given back; a uid that holds nothing is forgotten."""
-        mine = self._by_uid.get(uid)
-        if mine is None:  # never charged: a caller's bug, kept visible as negative usage
-            mine = self._by_uid[uid] = Usage()
-        total = self.total
-        for name, amount in amounts.items():
-            setattr(mine, name, getattr(mine, name) - amount)
-            setattr(total, name, getattr(total, name) - amount)
-        if mine.is_empty():
-            del self._by_uid[uid]
+        return mine
 
 
 def _exceeded(
